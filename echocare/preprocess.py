@@ -1,0 +1,207 @@
+"""The one preprocessing implementation (numpy + Pillow, no torch).
+
+Training, the feature cache, calibration, evaluation and the torch-free edge runtime all call
+:func:`preprocess_image` with a :class:`PreprocessSpec`; the spec travels inside every checkpoint
+and every edge bundle as JSON, so a scanner reproduces exactly what the hospitals trained on.
+
+Steps, in order:
+
+1. grayscale (ITU-R 601 luma, as Pillow's ``"L"``), whatever the input (gray, RGB, RGBA, 16-bit);
+2. crop to the ultrasound image region: the largest bright connected region of a downsampled,
+   morphologically closed foreground mask. Black borders, text and caliper bands outside the
+   imaging sector are dropped;
+3. resize keeping the aspect ratio so the long side is ``size``, pad to ``size x size``;
+4. replicate to 3 channels and normalise with ``mean``/``std``; CHW float32.
+
+Masks follow the same geometry (:func:`apply_geometry_to_mask`, nearest neighbour), and the
+:class:`Geometry` maps pixel sizes back to millimetres (head circumference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the encoder sees. Changing any field changes :meth:`digest` (and invalidates caches)."""
+
+    size: int = 256
+    crop: bool = True
+    # A pixel brighter than this (0..255) counts as part of the image region.
+    crop_threshold: int = 10
+    # The region's bounding box is searched on a copy whose long side is this many pixels.
+    crop_search_px: int = 128
+    # Regions smaller than this fraction of the frame are never taken as the image region.
+    crop_min_fraction: float = 0.05
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    version: int = 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PreprocessSpec":
+        return cls.from_dict(json.loads(text))
+
+    def digest(self) -> str:
+        """Short stable hash of the spec (a feature-cache key component)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the output pixels came from: crop box in the source, scale, padding offsets."""
+
+    src_shape: tuple[int, int]  # (H, W) of the source image
+    crop: tuple[int, int, int, int]  # (y0, y1, x0, x1) in the source, end-exclusive
+    scale: float  # output pixels per source pixel
+    pad: tuple[int, int]  # (top, left) offsets of the resized crop in the output
+    resized: tuple[int, int]  # (h, w) of the resized crop inside the output
+    size: int = 256
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def output_pixel_mm(self, source_pixel_mm: float) -> float:
+        """Pixel size in mm after preprocessing, given the source pixel size."""
+        return source_pixel_mm / self.scale
+
+
+def to_gray_uint8(img: np.ndarray) -> np.ndarray:
+    """Any image array -> 2-D uint8 grayscale (601 luma; 16-bit and float are rescaled)."""
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
+    if a.ndim == 2:
+        return a
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        return np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3])).convert("L"))
+    raise ValueError(f"cannot preprocess an image of shape {a.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """Boolean mask of the largest 4-connected True region (small grids only)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), np.int32)
+    best, best_n, cur = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        cur += 1
+        labels[y0, x0] = cur
+        n, queue = 0, deque([(y0, x0)])
+        while queue:
+            y, x = queue.popleft()
+            n += 1
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
+                    labels[yy, xx] = cur
+                    queue.append((yy, xx))
+        if n > best_n:
+            best, best_n = cur, n
+    return None if best == 0 else labels == best
+
+
+def find_image_region(gray: np.ndarray, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """Bounding box (y0, y1, x0, x1) of the ultrasound image region of a grayscale frame.
+
+    Falls back to the whole frame when no region covers ``crop_min_fraction`` of it.
+    """
+    h, w = gray.shape
+    full = (0, h, 0, w)
+    if not spec.crop:
+        return full
+    f = min(1.0, spec.crop_search_px / max(h, w))
+    sh, sw = max(1, round(h * f)), max(1, round(w * f))
+    small = Image.fromarray(gray).resize((sw, sh), Image.BOX)
+    # Closing (dilate then erode) joins speckle inside the sector; thin text stays apart.
+    small = small.filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.MinFilter(3))
+    fg = np.asarray(small) > spec.crop_threshold
+    region = _largest_component(fg)
+    if region is None or region.sum() < spec.crop_min_fraction * fg.size:
+        return full
+    ys, xs = np.nonzero(region)
+    y0 = max(0, int(np.floor(ys.min() / f)))
+    y1 = min(h, int(np.ceil((ys.max() + 1) / f)))
+    x0 = max(0, int(np.floor(xs.min() / f)))
+    x1 = min(w, int(np.ceil((xs.max() + 1) / f)))
+    return (y0, y1, x0, x1)
+
+
+def compute_geometry(gray: np.ndarray, spec: PreprocessSpec) -> Geometry:
+    y0, y1, x0, x1 = find_image_region(gray, spec)
+    ch, cw = y1 - y0, x1 - x0
+    scale = spec.size / max(ch, cw)
+    rh, rw = max(1, min(spec.size, round(ch * scale))), max(1, min(spec.size, round(cw * scale)))
+    pad = ((spec.size - rh) // 2, (spec.size - rw) // 2)
+    return Geometry(gray.shape, (y0, y1, x0, x1), scale, pad, (rh, rw), spec.size)
+
+
+def _place(arr: np.ndarray, g: Geometry, resample: int) -> np.ndarray:
+    y0, y1, x0, x1 = g.crop
+    crop = Image.fromarray(np.ascontiguousarray(arr[y0:y1, x0:x1]))
+    resized = np.asarray(crop.resize((g.resized[1], g.resized[0]), resample))
+    out = np.zeros((g.size, g.size), arr.dtype)
+    out[g.pad[0] : g.pad[0] + g.resized[0], g.pad[1] : g.pad[1] + g.resized[1]] = resized
+    return out
+
+
+def geometric_image(img: np.ndarray, spec: PreprocessSpec, geometry: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+    """Steps 1-3: grayscale, crop, resize+pad. Returns (uint8 size x size, geometry)."""
+    gray = to_gray_uint8(img)
+    g = geometry or compute_geometry(gray, spec)
+    return _place(gray, g, Image.BILINEAR), g
+
+
+def normalize(gray_sq: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Step 4: uint8 HxW -> float32 3xHxW normalised."""
+    x = gray_sq.astype(np.float32) / 255.0
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    return (np.broadcast_to(x, (3, *x.shape)) - mean) / std
+
+
+def preprocess_image(img: np.ndarray, spec: PreprocessSpec | None = None) -> tuple[np.ndarray, Geometry]:
+    """The full pipeline: any image -> (float32 array 3 x size x size, geometry)."""
+    spec = spec or PreprocessSpec()
+    sq, g = geometric_image(img, spec)
+    return np.ascontiguousarray(normalize(sq, spec)), g
+
+
+def apply_geometry_to_mask(mask: np.ndarray, g: Geometry) -> np.ndarray:
+    """A source-resolution mask -> uint8 {0,1} size x size in the same geometry as its image."""
+    m = (np.asarray(mask) > 0).astype(np.uint8) * 255
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    if m.shape != tuple(g.src_shape):
+        raise ValueError(f"mask shape {m.shape} does not match its image {tuple(g.src_shape)}")
+    return (_place(m, g, Image.NEAREST) > 127).astype(np.uint8)
+
+
+def preprocess_batch(images: list[np.ndarray], spec: PreprocessSpec | None = None) -> np.ndarray:
+    """Several images -> float32 N x 3 x size x size."""
+    spec = spec or PreprocessSpec()
+    return np.stack([preprocess_image(im, spec)[0] for im in images]) if images else np.zeros((0, 3, spec.size, spec.size), np.float32)
