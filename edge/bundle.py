@@ -1,0 +1,375 @@
+"""Signed edge bundles: write, verify, unpack safely. numpy/torch-free (only ``cryptography``).
+
+A bundle is a directory ``<name>-<version>/`` holding
+
+- ``manifest.json``: what the model is (task, labels, input and preprocessing spec, model card)
+  and, under ``"artifacts"``, every other file with its ``sha256``, ``size``, ``precision`` and
+  ``target``;
+- ``manifest.sig``: the base64 Ed25519 signature of the exact bytes of ``manifest.json``;
+- the artifacts themselves (ONNX / OpenVINO IR / build configs / self-test sample ...).
+
+The same directory is also written as ``<name>-<version>.tar.gz`` for shipping. Verification
+checks the signature first, then every listed artifact's size and hash, and refuses any file the
+manifest does not list, so one flipped byte anywhere makes :func:`verify_bundle` raise
+:class:`BundleError`. :func:`safe_extract` refuses tar members that could write outside the
+destination (absolute paths, ``..``), links and device files before anything is extracted.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+FORMAT = "echofleet-bundle/1"
+# A bundle name and version become a directory name: keep them to a safe alphabet.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+# Unpacking refuses archives that would expand beyond this (a gzip bomb guard); override per call.
+DEFAULT_MAX_UNPACKED_BYTES = 8 * 1024**3
+
+
+class BundleError(Exception):
+    """A bundle (or key) is unusable. ``str(e)`` names the file or artifact and the reason."""
+
+
+# --------------------------------------------------------------------------------------- keys
+def generate_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair: private key (PEM, PKCS8, mode 0600) at ``prefix``, public at ``prefix.pub``.
+
+    Refuses to replace an existing private key unless ``overwrite`` (losing it means no more
+    releases can be signed under the public key the scanners trust).
+    """
+    prefix = Path(prefix)
+    pub_path = prefix.with_name(prefix.name + ".pub")
+    if not overwrite:
+        for p in (prefix, pub_path):
+            if p.exists():
+                raise BundleError(f"{p}: already exists; refusing to overwrite a key (pass overwrite=True / --force)")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    _atomic_write(prefix, private_pem, mode=0o600)
+    _atomic_write(pub_path, public_pem, mode=0o644)
+    return prefix, pub_path
+
+
+def load_private_key(path: Path | str | bytes) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file path or PEM bytes (unencrypted PKCS8)."""
+    data, where = _read_key_material(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"{where}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"{where}: is a {type(key).__name__}, expected an Ed25519 private key")
+    return key
+
+
+def load_public_key(path_or_pem: Path | str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
+    """An Ed25519 public key from a key object, PEM text/bytes, or a path to a PEM file."""
+    if isinstance(path_or_pem, Ed25519PublicKey):
+        return path_or_pem
+    data, where = _read_key_material(path_or_pem)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise BundleError(f"{where}: not a PEM public key ({e})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{where}: is a {type(key).__name__}, expected an Ed25519 public key")
+    return key
+
+
+def _read_key_material(src: Path | str | bytes) -> tuple[bytes, str]:
+    if isinstance(src, bytes):
+        return src, "<PEM bytes>"
+    if isinstance(src, str) and src.lstrip().startswith("-----BEGIN"):
+        return src.encode(), "<PEM text>"
+    p = Path(src)
+    try:
+        return p.read_bytes(), str(p)
+    except OSError as e:
+        raise BundleError(f"{p}: cannot read key ({e.strerror or e})") from None
+
+
+# ------------------------------------------------------------------------------------ hashing
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_rel_path(rel: str, where: str) -> PurePosixPath:
+    """An artifact path must be relative, normalised, inside the bundle, and not a reserved name."""
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or "\\" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise BundleError(f"{where}: artifact path {rel!r} is not a plain relative path inside the bundle")
+    if rel in (MANIFEST, SIGNATURE):
+        raise BundleError(f"{where}: artifact path {rel!r} is reserved for the bundle's own files")
+    return p
+
+
+# -------------------------------------------------------------------------------------- write
+def write_bundle(out_dir: Path, manifest: dict, artifacts: dict[str, Path], private_key: Path | str | bytes) -> Path:
+    """Write ``out_dir/<name>-<version>/`` and ``out_dir/<name>-<version>.tar.gz``; return the tarball.
+
+    ``manifest`` must carry ``name`` and ``version``. ``artifacts`` maps a path inside the bundle
+    (e.g. ``"model/model.xml"``) to the file to copy there. Per-artifact ``precision`` and
+    ``target`` are taken from ``manifest["artifacts"]`` when the caller pre-fills it as a list of
+    ``{"path": ..., "precision": ..., "target": ..., (any other keys)}``; ``sha256`` and
+    ``size`` are always computed here. The manifest is then signed with the Ed25519 private key.
+
+    Both outputs are replaced atomically: a crash mid-write leaves any previous bundle intact.
+    """
+    out_dir = Path(out_dir)
+    key = load_private_key(private_key)
+    name, version = str(manifest.get("name", "")), str(manifest.get("version", ""))
+    for field_name, value in (("name", name), ("version", version)):
+        if not _NAME_RE.match(value):
+            raise BundleError(f"manifest: {field_name} {value!r} must match {_NAME_RE.pattern} (it names the bundle directory)")
+    described = {a["path"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict) and "path" in a}
+    unknown = sorted(set(described) - set(artifacts))
+    if unknown:
+        raise BundleError(f"manifest: artifacts {unknown} are described but no file was given for them")
+
+    entries = []
+    for rel, src in sorted(artifacts.items()):
+        _check_rel_path(rel, "write_bundle")
+        src = Path(src)
+        if not src.is_file():
+            raise BundleError(f"{src}: artifact {rel!r} is not a readable file")
+        info = dict(described.get(rel, {}))
+        info.update(path=rel, sha256=sha256_file(src), size=src.stat().st_size)
+        info.setdefault("precision", None)
+        info.setdefault("target", None)
+        entries.append(info)
+    full = dict(manifest)
+    full.setdefault("format", FORMAT)
+    full["artifacts"] = entries
+    manifest_bytes = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
+    signature = base64.b64encode(key.sign(manifest_bytes)) + b"\n"
+
+    stem = f"{name}-{version}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
+    try:
+        for rel, src in artifacts.items():
+            dst = tmp_dir / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        # Copies are re-hashed: a file that changed while being copied must not be shipped.
+        for e in entries:
+            if sha256_file(tmp_dir / e["path"]) != e["sha256"]:
+                raise BundleError(f"{artifacts[e['path']]}: changed while the bundle was written")
+        (tmp_dir / MANIFEST).write_bytes(manifest_bytes)
+        (tmp_dir / SIGNATURE).write_bytes(signature)
+        tar_tmp = out_dir / f".{stem}.tar.gz.tmp"
+        _write_tar(tmp_dir, stem, tar_tmp)
+        _replace_dir(tmp_dir, out_dir / stem)
+        tar_path = out_dir / f"{stem}.tar.gz"
+        os.replace(tar_tmp, tar_path)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        Path(out_dir / f".{stem}.tar.gz.tmp").unlink(missing_ok=True)
+        raise
+    return tar_path
+
+
+def _write_tar(src_dir: Path, top: str, dest: Path) -> None:
+    """A reproducible tar.gz of ``src_dir`` under the top-level folder ``top`` (regular files only)."""
+
+    def norm(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        ti.mtime = 0
+        ti.mode = 0o755 if ti.isdir() else 0o644
+        return ti
+
+    with open(dest, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(src_dir, arcname=top, recursive=False, filter=norm)
+            for path in sorted(src_dir.rglob("*")):
+                tar.add(path, arcname=f"{top}/{path.relative_to(src_dir).as_posix()}", recursive=False, filter=norm)
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``; an existing ``final`` is swapped out first and removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------- verify
+def verify_bundle(path: Path, public_key: Any) -> dict:
+    """Check a bundle directory or ``.tar.gz``; return its manifest dict.
+
+    Raises :class:`BundleError` when the signature does not match ``manifest.json``, when any
+    artifact is missing or differs in size or sha256, when a file is present that the manifest
+    does not list, when the bundle contains links, or (for a tarball) when it is unsafe to unpack.
+    """
+    path = Path(path)
+    key = load_public_key(public_key)
+    if path.is_file():
+        with tempfile.TemporaryDirectory(prefix="echofleet-verify-") as tmp:
+            bundle_dir = safe_extract(path, Path(tmp))
+            return _verify_dir(bundle_dir, key, label=str(path))
+    if path.is_dir():
+        return _verify_dir(path, key, label=str(path))
+    raise BundleError(f"{path}: no such bundle (expected a bundle directory or a .tar.gz)")
+
+
+def _verify_dir(bundle_dir: Path, key: Ed25519PublicKey, label: str) -> dict:
+    man_path, sig_path = bundle_dir / MANIFEST, bundle_dir / SIGNATURE
+    for p in (man_path, sig_path):
+        if p.is_symlink() or not p.is_file():
+            raise BundleError(f"{label}: {p.name} is missing (not a signed bundle)")
+    manifest_bytes = man_path.read_bytes()
+    try:
+        signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
+    except ValueError:
+        raise BundleError(f"{label}: {SIGNATURE} is not valid base64") from None
+    try:
+        key.verify(signature, manifest_bytes)
+    except InvalidSignature:
+        raise BundleError(f"{label}: {MANIFEST} does not match its signature (modified, or signed with another key)") from None
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as e:  # signed but unparseable: the signer made a broken bundle
+        raise BundleError(f"{label}: {MANIFEST} is signed but not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
+        raise BundleError(f"{label}: {MANIFEST} has no artifact list")
+
+    listed = set()
+    for a in manifest["artifacts"]:
+        rel = str(a.get("path", ""))
+        _check_rel_path(rel, f"{label}: {MANIFEST}")
+        listed.add(rel)
+        f = bundle_dir / rel
+        if f.is_symlink() or not f.is_file():
+            raise BundleError(f"{label}: artifact {rel} is missing")
+        if f.stat().st_size != a.get("size"):
+            raise BundleError(f"{label}: artifact {rel} has {f.stat().st_size} bytes, the manifest says {a.get('size')}")
+        if sha256_file(f) != a.get("sha256"):
+            raise BundleError(f"{label}: artifact {rel} does not match its sha256 in the manifest (modified)")
+    for p in sorted(bundle_dir.rglob("*")):
+        rel = p.relative_to(bundle_dir).as_posix()
+        if p.is_symlink():
+            raise BundleError(f"{label}: {rel} is a link; bundles hold regular files only")
+        if p.is_dir():
+            continue
+        if not p.is_file():
+            raise BundleError(f"{label}: {rel} is not a regular file")
+        if rel not in listed and rel not in (MANIFEST, SIGNATURE):
+            raise BundleError(f"{label}: {rel} is not listed in the manifest (unexpected file)")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------- unpack
+def safe_extract(tar_path: Path, dest: Path, *, max_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> Path:
+    """Unpack a bundle tarball into ``dest``; return the bundle directory inside it.
+
+    Every member is checked before anything is written: only regular files and directories,
+    all under one top-level folder, no absolute paths, no ``..``, no links or devices, and no
+    more than ``max_bytes`` in total. The extraction itself then also runs with Python's
+    ``"data"`` filter as a second guard.
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    try:
+        tar = tarfile.open(tar_path, "r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise BundleError(f"{tar_path}: not a readable tar archive ({e})") from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
+            raise BundleError(f"{tar_path}: corrupt archive ({e})") from None
+        tops, total = set(), 0
+        for m in members:
+            name = m.name
+            if m.issym() or m.islnk():
+                raise BundleError(f"{tar_path}: member {name!r} is a link; refused")
+            if not (m.isreg() or m.isdir()):
+                raise BundleError(f"{tar_path}: member {name!r} is not a regular file or directory (device/fifo); refused")
+            if name.startswith("/") or name.startswith("\\") or re.match(r"^[A-Za-z]:", name):
+                raise BundleError(f"{tar_path}: member {name!r} has an absolute path; refused")
+            parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+            if ".." in parts:
+                raise BundleError(f"{tar_path}: member {name!r} contains '..'; refused")
+            if not parts:
+                raise BundleError(f"{tar_path}: member {name!r} has an empty path; refused")
+            tops.add(parts[0])
+            total += max(0, m.size)
+            if total > max_bytes:
+                raise BundleError(f"{tar_path}: unpacks to more than {max_bytes} bytes; refused")
+        if len(tops) != 1:
+            raise BundleError(f"{tar_path}: expected one top-level bundle folder, found {sorted(tops) or 'none'}")
+        top = tops.pop()
+        if not _NAME_RE.match(top):
+            raise BundleError(f"{tar_path}: top-level folder {top!r} is not a valid bundle name")
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            tar.extractall(dest, members=members, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise BundleError(f"{tar_path}: extraction failed ({e})") from None
+    return dest / top
+
+
+def read_manifest_unverified(bundle_dir: Path) -> dict:
+    """The manifest of an already-verified bundle directory (no checks: call :func:`verify_bundle` first)."""
+    try:
+        return json.loads((Path(bundle_dir) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{bundle_dir}: cannot read {MANIFEST} ({e})") from None
+
+
+def artifact_for(manifest: dict, *, role: str | None = None, path: str | None = None) -> dict | None:
+    """The first artifact entry with the given ``role`` (e.g. ``"model"``) or ``path``."""
+    for a in manifest.get("artifacts", []):
+        if (role is None or a.get("role") == role) and (path is None or a.get("path") == path):
+            return a
+    return None
+
