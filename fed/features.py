@@ -1,0 +1,139 @@
+"""Images -> frozen-encoder features, through the site's feature cache.
+
+This runs wherever the images are (a hospital, or a researcher's simulated hospital). The same
+functions serve training (fed/), calibration and acceptance evaluation at the sites (edge/).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from echocare.data.base import SiteData, UnreadableImage
+from echocare.preprocess import PreprocessSpec, apply_geometry_to_mask, preprocess_image
+from fed.cache import FeatureCache, image_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """Which frozen encoder produced the features (part of every cache key and checkpoint)."""
+
+    config: str
+    checkpoint: str | None = None
+    sha256: str | None = None
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.config}-{self.sha256[:16]}" if self.sha256 else f"{self.config}-seed{self.seed}"
+
+
+@lru_cache(maxsize=1)
+def _encoder(ref: EncoderRef):
+    """Load the frozen encoder once per process (a site process may serve many rounds)."""
+    from echocare.models.encoder import load_encoder
+
+    model, sha = load_encoder(ref.config, ref.checkpoint, seed=ref.seed)
+    if ref.sha256 and sha and sha != ref.sha256:
+        raise RuntimeError(f"encoder checkpoint {ref.checkpoint} has sha256 {sha}, the federation expects {ref.sha256}")
+    return model
+
+
+def _load_all(data: SiteData, with_mask: bool):
+    """Yield (sample, image, mask) for readable samples; record problems for the rest."""
+    for s in data.samples:
+        try:
+            img = s.image()
+            mask = s.mask() if with_mask else None
+        except UnreadableImage as e:
+            data.problems.append(_problem(e))
+            log.warning("skipping unreadable image %s", e)
+            continue
+        yield s, img, mask
+
+
+def _problem(e: UnreadableImage):
+    from echocare.data.base import Problem
+
+    return Problem(e.path, e.reason)
+
+
+def pooled_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_root: Path,
+                    batch_size: int = 16, progress=None) -> tuple[np.ndarray, list]:
+    """Pooled multi-scale features (N, D) float32 for every readable sample, and those samples.
+
+    Computed once per image and cached; later calls read the cache. ``progress(n)`` is called as
+    images are processed.
+    """
+    import torch
+
+    from echocare.models.encoder import encode, pooled_features as pool
+
+    cache = FeatureCache(cache_root, f"{ref.key}-{spec.digest()}-pooled")
+    kept, keys = [], []
+
+    def items():
+        for s, img, _ in _load_all(data, with_mask=False):
+            k = image_hash(img)
+            kept.append(s)
+            keys.append(k)
+            yield k, img
+
+    def compute(images):
+        x = torch.from_numpy(np.stack([preprocess_image(im, spec)[0] for im in images]))
+        with torch.inference_mode():
+            return {"pooled": pool(encode(_encoder(ref), x)).float().numpy()}
+
+    cache.ensure(items(), compute, batch_size=batch_size, on_batch=progress)
+    if not keys:
+        return np.zeros((0, 0), np.float32), []
+    return cache.read(keys)["pooled"].astype(np.float32), kept
+
+
+def map_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_root: Path, needs: tuple[int, ...],
+                 needs_image: bool, batch_size: int = 8, progress=None) -> tuple[dict[str, np.ndarray], list]:
+    """The encoder maps a segmentation decoder consumes (only those), plus the preprocessed mask.
+
+    Returns ({"map{i}": (N, C_i, H_i, W_i), "mask": (N, S, S) uint8, ["image": (N, 3, S, S)]}, samples).
+    """
+    import torch
+
+    from echocare.models.encoder import encode
+
+    kind = "maps" + "-".join(map(str, needs)) + ("-img" if needs_image else "")
+    cache = FeatureCache(cache_root, f"{ref.key}-{spec.digest()}-{kind}", shard_rows=64)
+    kept, keys = [], []
+    masks: dict[str, np.ndarray] = {}
+
+    def items():
+        for s, img, mask in _load_all(data, with_mask=True):
+            k = image_hash(img) + ("" if mask is None else image_hash(mask)[:16])
+            kept.append(s)
+            keys.append(k)
+            yield k, (img, mask)
+
+    def compute(pairs):
+        xs, ms = [], []
+        for img, mask in pairs:
+            x, g = preprocess_image(img, spec)
+            xs.append(x)
+            ms.append(np.zeros((spec.size, spec.size), np.uint8) if mask is None else apply_geometry_to_mask(mask, g))
+        x = torch.from_numpy(np.stack(xs))
+        with torch.inference_mode():
+            maps = encode(_encoder(ref), x)
+        out = {f"map{i}": maps[i].float().numpy() for i in needs}
+        out["mask"] = np.stack(ms)
+        if needs_image:
+            out["image"] = x.numpy()
+        return out
+
+    cache.ensure(items(), compute, batch_size=batch_size, on_batch=progress)
+    if not keys:
+        return {}, []
+    return cache.read(keys), kept

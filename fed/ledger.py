@@ -1,0 +1,110 @@
+"""The site's privacy ledger: every DP-SGD release it made in a run, persisted on its own disk.
+
+Privacy meaning: the ledger is the site's proof of how much privacy it spent. It composes every
+round's DP-SGD steps (Poisson sampling rate ``q``, noise multiplier ``sigma``, ``steps``) with the
+RDP accountant, so the epsilon it reports is **cumulative over the whole run** and survives process
+restarts (unlike the public Flower + Opacus example, which restarts its accountant every round).
+
+A round that is executed again after a coordinator crash with the same seed releases exactly the
+same update, so it replaces its earlier entry instead of being counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ACCOUNTANT = "rdp"
+
+
+@dataclass
+class Release:
+    """One round's DP-SGD: ``steps`` noisy steps of sampling rate ``sample_rate``."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+
+
+@dataclass
+class PrivacyLedger:
+    """Cumulative (epsilon, delta) of one site in one federated run."""
+
+    path: Path
+    delta: float
+    budget_epsilon: float
+    releases: list[Release] = field(default_factory=list)
+    planned_noise_multiplier: float | None = None
+
+    # -- persistence ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, delta: float, budget_epsilon: float) -> "PrivacyLedger":
+        """Load the ledger at ``path`` or start an empty one. ``delta`` is fixed at creation."""
+        path = Path(path)
+        if path.exists():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise RuntimeError(f"privacy ledger {path} is corrupt ({e}); refusing to train without it") from e
+            return cls(path, float(raw["delta"]), budget_epsilon, [Release(**r) for r in raw["releases"]],
+                       raw.get("planned_noise_multiplier"))
+        return cls(path, delta, budget_epsilon)
+
+    def save(self) -> None:
+        """Atomic write: a crash leaves the previous ledger intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"accountant": ACCOUNTANT, "delta": self.delta, "budget_epsilon": self.budget_epsilon,
+                "planned_noise_multiplier": self.planned_noise_multiplier,
+                "releases": [asdict(r) for r in self.releases]}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def _history(self, extra: Release | None = None) -> list[tuple[float, float, int]]:
+        rel = [r for r in self.releases if extra is None or r.round != extra.round]
+        if extra is not None:
+            rel.append(extra)
+        return [(r.noise_multiplier, r.sample_rate, r.steps) for r in rel if r.steps > 0]
+
+    def epsilon(self, extra: Release | None = None) -> float:
+        """Cumulative epsilon at ``self.delta`` (optionally with a prospective release)."""
+        from opacus.accountants import RDPAccountant
+
+        hist = self._history(extra)
+        if not hist:
+            return 0.0
+        acc = RDPAccountant()
+        acc.history = hist
+        return float(acc.get_epsilon(self.delta))
+
+    @property
+    def steps(self) -> int:
+        return sum(r.steps for r in self.releases)
+
+    def would_exceed(self, release: Release) -> bool:
+        return self.epsilon(release) > self.budget_epsilon * (1 + 1e-9)
+
+    def record(self, release: Release) -> None:
+        self.releases = [r for r in self.releases if r.round != release.round] + [release]
+        self.releases.sort(key=lambda r: r.round)
+        self.save()
+
+    def figures(self) -> dict:
+        """The privacy figures a site reports (all numbers, safe to leave the site)."""
+        last = self.releases[-1] if self.releases else None
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": last.noise_multiplier if last else 0.0,
+            "sample_rate": last.sample_rate if last else 0.0,
+            "steps": self.steps,
+        }

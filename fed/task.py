@@ -1,0 +1,219 @@
+"""What a hospital does in a round, as plain functions (the ClientApp only moves messages).
+
+``train_round`` and ``evaluate_round`` take the site's policy, the coordinator's round config and
+the global head weights, and return only what may leave the site: head parameters, the number of
+examples, metrics and privacy figures. Never an image, a feature, a file name or a patient field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from echocare.preprocess import PreprocessSpec
+from fed.dp import DPConfig, calibrate_noise, sample_rate, steps_per_epoch, train_head
+from fed.features import EncoderRef, pooled_features
+from fed.ledger import ACCOUNTANT, PrivacyLedger, Release
+from fed.policy import Instruction, SitePolicy, refusal_reason
+
+log = logging.getLogger(__name__)
+
+STATUS_OK, STATUS_EXHAUSTED, STATUS_REFUSED = "ok", "budget-exhausted", "refused"
+
+
+@dataclass
+class RoundConfig:
+    """The coordinator's instructions for one round (built from the run config, sent every round)."""
+
+    task: str = "classify"
+    labels: list[str] = field(default_factory=lambda: ["benign", "malignant", "normal"])
+    encoder: EncoderRef = field(default_factory=lambda: EncoderRef("echocare-tiny"))
+    head: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0
+    noise_multiplier: float = 0.0  # 0: each site calibrates sigma to target_epsilon over num_rounds
+    num_rounds: int = 3
+    server_round: int = 1
+    seed: int = 0
+    run_key: str = "run"
+    proximal_mu: float = 0.0
+    val_fraction: float = 0.2
+
+    def to_record(self) -> dict:
+        """Flat dict of str/int/float for a Flower ConfigRecord."""
+        return {
+            "task": self.task, "labels": json.dumps(self.labels), "encoder-config": self.encoder.config,
+            "encoder-checkpoint": self.encoder.checkpoint or "", "encoder-sha256": self.encoder.sha256 or "",
+            "encoder-seed": self.encoder.seed, "head": json.dumps(self.head), "preprocess": json.dumps(self.preprocess),
+            "local-epochs": self.local_epochs, "batch-size": self.batch_size, "lr": self.lr,
+            "max-grad-norm": self.max_grad_norm, "target-epsilon": self.target_epsilon,
+            "noise-multiplier": self.noise_multiplier, "num-rounds": self.num_rounds,
+            "server-round": self.server_round, "seed": self.seed, "run-key": self.run_key,
+            "proximal-mu": self.proximal_mu, "val-fraction": self.val_fraction,
+        }
+
+    @classmethod
+    def from_record(cls, r) -> "RoundConfig":
+        g = lambda k, d: r[k] if k in r else d  # noqa: E731
+        return cls(
+            task=str(g("task", "classify")), labels=json.loads(g("labels", "[]")),
+            encoder=EncoderRef(str(g("encoder-config", "echocare-tiny")), str(g("encoder-checkpoint", "")) or None,
+                               str(g("encoder-sha256", "")) or None, int(g("encoder-seed", 0))),
+            head=json.loads(g("head", "{}")), preprocess=json.loads(g("preprocess", "{}")),
+            local_epochs=int(g("local-epochs", 1)), batch_size=int(g("batch-size", 32)), lr=float(g("lr", 0.1)),
+            max_grad_norm=float(g("max-grad-norm", 1.0)), target_epsilon=float(g("target-epsilon", 8.0)),
+            noise_multiplier=float(g("noise-multiplier", 0.0)), num_rounds=int(g("num-rounds", 3)),
+            server_round=int(g("server-round", 1)), seed=int(g("seed", 0)), run_key=str(g("run-key", "run")),
+            proximal_mu=float(g("proximal-mu", 0.0)), val_fraction=float(g("val-fraction", 0.2)),
+        )
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+@lru_cache(maxsize=4)
+def _site_splits(data_spec: str, partition: str | None, index: int, count: int, pseed: int, val_fraction: float, seed: int):
+    from echocare.data import open_data
+    from echocare.data.split import partition as split_sites, split_train_val
+
+    data = open_data(data_spec)
+    if partition:
+        data = split_sites(data, count, partition, seed=pseed)[index]
+    return split_train_val(data, val_fraction=val_fraction, seed=seed)
+
+
+def site_split(policy: SitePolicy, cfg: RoundConfig, which: str):
+    train, val = _site_splits(policy.data, policy.partition, policy.partition_index, policy.partition_count,
+                              policy.partition_seed, cfg.val_fraction, cfg.seed)
+    return train if which == "train" else val
+
+
+def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X float32 (N, D), y int64 (N,)) for the site's train or val split; unlabeled/unknown labels skipped."""
+    data = site_split(policy, cfg, which)
+    spec = PreprocessSpec.from_dict(cfg.preprocess) if cfg.preprocess else PreprocessSpec()
+    x, kept = pooled_features(data, cfg.encoder, spec, policy.features_dir)
+    index = {name: i for i, name in enumerate(cfg.labels)}
+    rows = [i for i, s in enumerate(kept) if s.label in index]
+    if len(rows) < len(kept):
+        log.warning("%d %s images have a label outside the federation's labels %s and are skipped",
+                    len(kept) - len(rows), which, cfg.labels)
+    y = np.array([index[kept[i].label] for i in rows], np.int64)
+    return (x[rows] if len(rows) else np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)), y
+
+
+def _build_head(cfg: RoundConfig, in_dim: int | None = None):
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    return build_head(cfg.task, get_config(cfg.encoder.config), len(cfg.labels), **cfg.head)
+
+
+def _load_arrays(head, arrays: dict[str, np.ndarray]) -> None:
+    import torch
+
+    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
+
+
+@dataclass
+class Reply:
+    """Everything that leaves the site after a round."""
+
+    status: str
+    site: str
+    num_examples: int = 0
+    arrays: dict[str, np.ndarray] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def ledger_for(policy: SitePolicy, cfg: RoundConfig, n_train: int) -> PrivacyLedger:
+    path = Path(policy.state_dir) / "ledger" / f"{cfg.run_key}.json"
+    return PrivacyLedger.open(path, policy.delta_for(n_train), policy.target_epsilon)
+
+
+def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
+    """One round of local DP-SGD on the head, within the site's policy and privacy budget."""
+    import torch
+
+    reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
+    if reason:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=reason)
+    if cfg.task != "classify":
+        return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' training is not available at this site yet")
+    x, y = site_features(policy, cfg, "train")
+    n = len(y)
+    if n == 0:
+        return Reply(STATUS_REFUSED, policy.site_name, reason="no readable, labelled training images at this site")
+
+    ledger = ledger_for(policy, cfg, n)
+    q = sample_rate(n, cfg.batch_size)
+    steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+    if cfg.noise_multiplier > 0:
+        sigma = cfg.noise_multiplier
+    else:
+        if ledger.planned_noise_multiplier is None:
+            # Spread the run's budget over every planned round; the site never plans above its own budget.
+            ledger.planned_noise_multiplier = calibrate_noise(min(cfg.target_epsilon, policy.target_epsilon),
+                                                              ledger.delta, q, steps * cfg.num_rounds)
+        sigma = ledger.planned_noise_multiplier
+    release = Release(cfg.server_round, sigma, q, steps, cfg.max_grad_norm)
+    if ledger.would_exceed(release):
+        figures = ledger.figures()
+        return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=figures,
+                     reason=f"privacy budget exhausted: spent epsilon {figures['epsilon']:.3f} of {policy.target_epsilon}; "
+                            f"this round would reach {ledger.epsilon(release):.3f}")
+
+    torch.manual_seed(_seed(cfg.seed, policy.site_name, cfg.server_round))
+    head = _build_head(cfg)
+    _load_arrays(head, arrays)
+    stats = train_head(head, torch.from_numpy(x), torch.from_numpy(y), DPConfig(
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+        noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, seed=_seed(cfg.seed, policy.site_name, cfg.server_round, "dp")))
+    ledger.record(Release(cfg.server_round, sigma, stats["sample_rate"], stats["steps"], cfg.max_grad_norm))
+    state = {k: v.detach().cpu().numpy() for k, v in _unwrap(head).state_dict().items()}
+    return Reply(STATUS_OK, policy.site_name, n, state, {"train_loss": stats["loss"], **ledger.figures()})
+
+
+def _unwrap(module):
+    return getattr(module, "_module", module)
+
+
+def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
+    """Evaluate the global head on the site's held-out split."""
+    import torch
+
+    from echocare.metrics import auroc_macro_ovr, balanced_accuracy
+
+    if cfg.task not in policy.allowed_tasks:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
+    x, y = site_features(policy, cfg, "val")
+    if len(y) == 0:
+        return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
+    head = _build_head(cfg)
+    _load_arrays(head, arrays)
+    head.eval()
+    with torch.no_grad():
+        logits = head(torch.from_numpy(x))
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))
+        probs = torch.softmax(logits, 1).numpy()
+    return Reply(STATUS_OK, policy.site_name, len(y), metrics={
+        "val_loss": loss,
+        "auroc": float(auroc_macro_ovr(y, probs, len(cfg.labels))),
+        "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(1))),
+    })
+
+
+__all__ = ["RoundConfig", "Reply", "train_round", "evaluate_round", "site_features", "ACCOUNTANT",
+           "STATUS_OK", "STATUS_EXHAUSTED", "STATUS_REFUSED"]
