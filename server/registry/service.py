@@ -159,12 +159,13 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             manifest = self._verify_upload(tmp, context)
             device_class = self._target_class(manifest, header.device_class, context)
             channel = "stable" if header.channel == pb.STABLE else "canary"
+            version = str(manifest["version"])
             with self._status_on_store_errors(context):
-                check_version(str(manifest["version"]))
-                sha256, size = self.store.commit_blob(tmp)
-                rec, already = self.store.add_release(
-                    device_class, str(manifest["version"]), sha256, size, manifest, channel=channel
-                )
+                check_version(version)
+                sha256, size = self.store.digest(tmp)
+                self.store.check_new_release(device_class, version, sha256)  # before any blob is kept
+                self.store.commit_blob(tmp, sha256)
+                rec, already = self.store.add_release(device_class, version, sha256, size, manifest, channel=channel)
             log.info("published %s %s (%s, %d bytes)%s", device_class, rec.version, sha256[:12], size,
                      " [already present]" if already else "")
             return pb.PublishReply(release=_release_pb(rec), already_present=already)

@@ -196,21 +196,38 @@ class RegistryStore:
         fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix="upload-", suffix=".tar.gz")
         return os.fdopen(fd, "wb"), Path(tmp)
 
-    def commit_blob(self, tmp: Path) -> tuple[str, int]:
-        """Move a complete upload to its content address; returns (sha256, size)."""
+    @staticmethod
+    def digest(path: Path) -> tuple[str, int]:
+        """(sha256, size) of a file."""
         h = hashlib.sha256()
         size = 0
-        with open(tmp, "rb") as f:
+        with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
                 size += len(block)
+        return h.hexdigest(), size
+
+    def commit_blob(self, tmp: Path, digest: str) -> None:
+        """Move a complete upload whose sha256 is ``digest`` to its content address."""
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        digest = h.hexdigest()
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)  # same content, same name: replacing an existing blob is harmless
         _fsync_dir(final.parent)
-        return digest, size
+
+    def check_new_release(self, device_class: str, version: str, sha256: str) -> None:
+        """Raise :class:`Conflict` if ``version`` of ``device_class`` exists with other content
+        (checked before the blob is committed, so a refused upload leaves no blob behind)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256 FROM releases WHERE device_class = ? AND version = ?", (device_class, version)
+            ).fetchone()
+        if row is not None and row[0] != sha256:
+            raise Conflict(
+                f"{device_class} {version} is already published with different content "
+                f"(sha256 {row[0][:12]}...); publish a new version instead"
+            )
 
     def open_blob(self, sha256: str) -> BinaryIO:
         path = self.blob_path(sha256)
