@@ -173,6 +173,7 @@ class Agent:
                 ConnectionConfig(
                     address=self.cfg.registry, token=self.cfg.token, ca=self.cfg.ca, insecure=self.cfg.insecure,
                     server_name=self.cfg.server_name, timeout_s=self.cfg.timeout_s,
+                    max_reconnect_backoff_s=self.cfg.backoff_max_s,
                 )
             )
         return self._client

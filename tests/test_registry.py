@@ -202,7 +202,7 @@ def test_malformed_and_oversized_uploads(server, bundles):
     assert upload(H(total_size=10**9), D(data)) == grpc.StatusCode.RESOURCE_EXHAUSTED  # declared too big
     chunks = [D(os.urandom(16 * 1024)) for _ in range(6)]  # 96 KiB > the 64 KiB limit, undeclared
     assert upload(H(), *chunks) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert upload(H(), D(b"\0" * (3 * 1024 * 1024))) == grpc.StatusCode.RESOURCE_EXHAUSTED  # one message too big
+    assert upload(H(), D(b"\0" * (5 * 1024 * 1024))) == grpc.StatusCode.RESOURCE_EXHAUSTED  # one message too big
     with pytest.raises(grpc.RpcError) as e:
         stub.ListReleases(pb.ListReleasesRequest(device_class="cart"), metadata=(("authorization", "Basic x"),))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -60,13 +60,23 @@ class ConnectionConfig:
     server_name: str | None = None  # TLS name to check, when it differs from the host dialled
     timeout_s: float = 30.0  # per unary call
     download_timeout_s: float = 600.0  # per download stream
+    # grpc's own reconnect backoff after a failed connection (its default grows to 120 s, which
+    # would keep an agent away from a registry that is back long after the agent's own backoff).
+    max_reconnect_backoff_s: float = 10.0
 
 
 def open_channel(cfg: ConnectionConfig) -> grpc.Channel:
     """A grpc channel: TLS pinned to ``cfg.ca`` unless ``cfg.insecure``."""
+    max_backoff_ms = max(100, int(cfg.max_reconnect_backoff_s * 1000))
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", 8 * MiB),
         ("grpc.max_send_message_length", 8 * MiB),
+        # Own connection state per channel: by default grpc shares subchannels process-wide, so
+        # one channel's connection backoff would make every other client to that address fail fast.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, max_backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(1000, max_backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", max_backoff_ms),
     ]
     if cfg.insecure:
         return grpc.insecure_channel(cfg.address, options=options)

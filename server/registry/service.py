@@ -71,6 +71,9 @@ class RegistryConfig:
     # Unpacked size limit checked before anything is extracted (a gzip bomb guard).
     max_unpacked_bytes: int = 4 * 1024 * MiB
     chunk_size: int = 1 * MiB  # Download chunk default; requests may ask for less, never more
+    # Largest single gRPC message accepted (upload chunks; clients send 1 MiB). Larger ones are
+    # refused by grpc itself with RESOURCE_EXHAUSTED before any handler code runs.
+    max_message_bytes: int = 4 * MiB
     max_workers: int = 64
     grpc_options: list[tuple[str, int]] = field(default_factory=list)
 
@@ -348,8 +351,7 @@ class RegistryServer:
             self.store.close()
             raise
         options = [
-            # One message is at most one chunk (+ framing): anything larger is refused by grpc itself.
-            ("grpc.max_receive_message_length", cfg.chunk_size + 64 * 1024),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes + 64 * 1024),
             ("grpc.max_send_message_length", cfg.chunk_size + 64 * 1024),
             ("grpc.so_reuseport", 0),
             *cfg.grpc_options,
