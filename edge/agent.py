@@ -293,7 +293,10 @@ class Agent:
         if release is None:
             result = CycleResult("no-release", running, "", "healthy" if running else "unknown",
                                  f"no release on the {self.cfg.channel} channel yet")
-        elif state["current"] and state["current"]["sha256"] == release.sha256 and running:
+        elif running and self.current_folder() == _folder(release):
+            if state["current"]["sha256"] != release.sha256:  # entry rebuilt from the folder name
+                state["current"]["sha256"] = release.sha256
+                self._save_state(state)
             result = CycleResult("up-to-date", running, release.version, "healthy", f"running {running}")
         elif release.sha256 in state["failed"]:
             why = state["failed"][release.sha256]["reason"]
@@ -314,7 +317,7 @@ class Agent:
 
     def _install(self, release) -> CycleResult:
         sha, version = release.sha256, release.version
-        folder = f"{version}-{sha[:12]}"
+        folder = _folder(release)
         tarball, resumed = self._download(release)
         state = self._load_state()
         previous = self.current_folder()
@@ -465,6 +468,11 @@ class Agent:
             if self._stop.is_set():
                 break
             self._sleep(delay)
+
+
+def _folder(release) -> str:
+    """Where a release is installed: ``versions/<version>-<first 12 hex of its sha256>``."""
+    return f"{release.version}-{release.sha256[:12]}"
 
 
 def _entry_from_folder(folder: str) -> dict:

@@ -63,6 +63,7 @@ class Fleet:
                                   trusted_keys=[keys["public"]], admin_token=ADMIN, port=port, chunk_size=64 * 1024)
         self.server = RegistryServer(self.cfg).start()
         self.admin = RegistryClient(ConnectionConfig(self.server.address, ADMIN, insecure=True, timeout_s=10))
+        self.agents: list[Agent] = []
 
     def agent(self, device_id: str, channel: str = "stable", device_class: str = "cart", **kw) -> Agent:
         _, token = self.admin.enroll_device(device_id, device_class)
@@ -74,12 +75,16 @@ class Fleet:
         cfg = AgentConfig(registry=address or self.server.address, device_class=device_class,
                           pubkey=self.keys["public"], dir=self.root / "devices" / device_id, token=token,
                           insecure=True, channel=channel, timeout_s=5, **kw)
-        return Agent(cfg, **agent_kw)
+        agent = Agent(cfg, **agent_kw)
+        self.agents.append(agent)
+        return agent
 
     def device(self, device_id: str):
         return {d.device_id: d for d in self.admin.list_devices()}[device_id]
 
     def close(self) -> None:
+        for agent in self.agents:
+            agent.close()
         self.admin.close()
         self.server.stop(grace=0.5)
 
@@ -278,6 +283,18 @@ def test_crash_between_switch_and_self_test_is_resolved_at_restart(fleet, bundle
     assert _running(restarted) == "1.0.0"  # rolled back during recovery
     assert restarted.run_once().action == "skipped"
     restarted.close()
+
+
+def test_lost_state_file_is_rebuilt_from_current(fleet, bundles):
+    agent = fleet.agent("cart-z", channel="canary")
+    fleet.admin.publish(bundles["1.0.0"])
+    agent.run_once()
+    token = agent.cfg.token
+    agent.close()
+    agent.state_path.unlink()
+    restarted = fleet.agent_with_token("cart-z", token, channel="canary")  # re-tests `current`, keeps it
+    r = restarted.run_once()
+    assert (r.action, r.running_version, _running(restarted)) == ("up-to-date", "1.0.0", "1.0.0")
 
 
 # ------------------------------------------------------------------------------ downloads
