@@ -1,0 +1,208 @@
+"""Latency and throughput of edge models, side by side with PyTorch FP32 eager, in one run.
+
+For every model artifact of a bundle and every installed backend that can run it, and for the
+PyTorch FP32 eager model it came from (the baseline, when torch and the task model are
+available): p50/p95 latency at batch 1, throughput at batch N, achieved GFLOP/s at batch 1
+(FLOPs per image are recorded at export), and that as a fraction of the matmul peak measured in
+the same run at the same precision through the same backend (:mod:`edge.peak`). Ratios are
+only meaningful within one run: never compare numbers from different runs or machines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge.backends import backend_installed, open_session
+from edge.peak import compute_precision, matmul_peak_gflops
+from edge.runtime import FORMAT_BACKENDS, load_bundle
+
+
+@dataclass
+class Candidate:
+    """One model file to time on one backend."""
+
+    label: str
+    path: Path
+    backend: str  # "openvino" | "onnxruntime"
+    graph_precision: str = "fp32"
+    inference_precision: str | None = None  # OpenVINO
+
+
+@dataclass
+class BenchRow:
+    label: str
+    backend: str
+    precision: str  # graph precision
+    compute_precision: str  # what the matmuls run at (peak measured at this)
+    p50_ms: float
+    p95_ms: float
+    batch: int
+    throughput_ips: float  # images / s at `batch`
+    gflops: float | None  # achieved at batch 1
+    peak_gflops: float | None
+    peak_fraction: float | None
+    speedup_vs_torch: float | None = None  # torch p50 / this p50 (batch 1)
+
+
+@dataclass
+class BenchReport:
+    rows: list[BenchRow]
+    flops_per_image: int | None
+    image_size: int
+    machine: dict
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) for r in self.rows], "flops_per_image": self.flops_per_image,
+                "image_size": self.image_size, "machine": self.machine, "notes": self.notes}
+
+
+def time_calls(run: Callable[[np.ndarray], Any], x: np.ndarray, *, warmup: int = 3, iters: int = 20,
+               min_seconds: float = 0.0) -> np.ndarray:
+    """Wall-clock seconds of ``iters`` calls (at least ``min_seconds`` in total) after ``warmup`` calls."""
+    for _ in range(warmup):
+        run(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+    return np.asarray(times)
+
+
+def _row(label: str, backend: str, precision: str, compute: str, t1: np.ndarray, tn: np.ndarray, batch: int,
+         flops: int | None, peak: float | None) -> BenchRow:
+    p50 = float(np.median(t1))
+    gflops = flops / p50 / 1e9 if flops else None
+    return BenchRow(label, backend, precision, compute, p50 * 1e3, float(np.percentile(t1, 95)) * 1e3, batch,
+                    batch / float(np.median(tn)), gflops, peak, (gflops / peak) if gflops and peak else None)
+
+
+class _PeakCache:
+    def __init__(self, enabled: bool, num_threads: int | None):
+        self.enabled, self.num_threads, self._cache = enabled, num_threads, {}
+
+    def get(self, backend: str, precision: str) -> float | None:
+        if not self.enabled:
+            return None
+        key = (backend, precision)
+        if key not in self._cache:
+            try:
+                self._cache[key] = matmul_peak_gflops(backend, precision, num_threads=self.num_threads)
+            except (ImportError, ValueError, RuntimeError):  # e.g. ORT peak without the onnx package
+                self._cache[key] = None
+        return self._cache[key]
+
+
+def bench_torch(model_dir: str | Path, size: int, *, batch: int = 8, warmup: int = 2, iters: int = 10,
+                flops: int | None = None, peak: _PeakCache | None = None) -> BenchRow:
+    """PyTorch FP32 eager (``torch.inference_mode``) on the task model: the baseline row."""
+    import torch
+
+    from echocare.models.task_model import load_task_model
+
+    model, _ = load_task_model(model_dir)
+    model.eval()
+    x1, xn = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
+
+    def run(x):
+        with torch.inference_mode():
+            return model(x)
+
+    t1 = time_calls(run, x1, warmup=warmup, iters=iters)
+    tn = time_calls(run, xn, warmup=1, iters=max(3, iters // 4))
+    # Eager fp32 matmuls: compare against the OpenVINO f32 matmul peak (same MKL-class kernels).
+    pk = peak.get("openvino", "f32") if peak and backend_installed("openvino") else None
+    return _row("pytorch-eager", "torch", "fp32", "f32", t1, tn, batch, flops, pk)
+
+
+def bench_candidates(candidates: list[Candidate], size: int, *, flops: int | None = None, batch: int = 8,
+                     warmup: int = 3, iters: int = 20, torch_model: str | Path | None = None, with_peak: bool = True,
+                     num_threads: int | None = None, progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Time each candidate (and the PyTorch baseline when ``torch_model`` is given) in this one run."""
+    peak = _PeakCache(with_peak, num_threads)
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    xn = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    rows, notes = [], []
+    baseline = None
+    if torch_model is not None:
+        if progress:
+            progress("pytorch-eager")
+        try:
+            baseline = bench_torch(torch_model, size, batch=batch, iters=max(5, iters // 2), flops=flops, peak=peak)
+            rows.append(baseline)
+        except ImportError:
+            notes.append("PyTorch not installed here: no eager baseline (run bench on a machine with torch for the ratio)")
+    for c in candidates:
+        if progress:
+            progress(c.label)
+        session = open_session(c.path, c.backend, inference_precision=c.inference_precision or "f32",
+                               graph_precision=c.graph_precision, num_threads=num_threads)
+        t1 = time_calls(session.run, x1, warmup=warmup, iters=iters)
+        tn = time_calls(session.run, xn, warmup=1, iters=max(3, iters // 4))
+        compute = compute_precision(c.backend, c.graph_precision, c.inference_precision)
+        rows.append(_row(c.label, c.backend, c.graph_precision, compute, t1, tn, batch, flops, peak.get(c.backend, compute)))
+    if baseline is not None:
+        for r in rows:
+            r.speedup_vs_torch = baseline.p50_ms / r.p50_ms
+    return BenchReport(rows, flops, size, machine_info(num_threads), notes)
+
+
+def candidates_from_bundle(bundle_dir: Path, manifest: dict) -> list[Candidate]:
+    """Every (model artifact, installed backend able to run it) pair of a bundle."""
+    out = []
+    for a in manifest.get("artifacts", []):
+        if a.get("role") != "model":
+            continue
+        for b in FORMAT_BACKENDS.get(a.get("format", ""), []):
+            if backend_installed(b):
+                hint = a.get("inference_precision") if b == "openvino" else None
+                label = f"{a['path']} [{b}{'/' + hint if hint else ''}]"
+                out.append(Candidate(label, Path(bundle_dir) / a["path"], b, a.get("precision", "fp32"), hint or ("f32" if b == "openvino" else None)))
+    return out
+
+
+def bench_bundle(bundle: str | Path, *, public_key: Any = None, batch: int = 8, warmup: int = 3, iters: int = 20,
+                 torch_model: str | Path | None = None, with_peak: bool = True, num_threads: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Bench a bundle's models (verified first when ``public_key`` is given) against the PyTorch baseline.
+
+    ``torch_model``: the task-model directory for the baseline; defaults to the one recorded at
+    build time (``manifest["source"]["model_dir"]``) when it exists on this machine.
+    """
+    with load_bundle(bundle, public_key=public_key) as rt:
+        manifest = rt.manifest
+        if torch_model is None:
+            recorded = manifest.get("source", {}).get("model_dir")
+            torch_model = recorded if recorded and Path(recorded, "model.json").is_file() else None
+        report = bench_candidates(candidates_from_bundle(rt.bundle_dir, manifest), rt.preprocess.size,
+                                  flops=manifest.get("flops_per_image"), batch=batch, warmup=warmup, iters=iters,
+                                  torch_model=torch_model, with_peak=with_peak, num_threads=num_threads, progress=progress)
+    if torch_model is None:
+        report.notes.append("no PyTorch baseline: the task model is not on this machine (pass --torch-model DIR)")
+    return report
+
+
+def machine_info(num_threads: int | None = None) -> dict:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count(), "threads": num_threads or "default"}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    for mod in ("openvino", "onnxruntime"):
+        if backend_installed(mod):
+            info[mod] = __import__(mod).__version__
+    return info
