@@ -8,8 +8,8 @@ Steps, in order:
 
 1. grayscale (ITU-R 601 luma, as Pillow's ``"L"``), whatever the input (gray, RGB, RGBA, 16-bit);
 2. crop to the ultrasound image region: the largest bright connected region of a downsampled,
-   morphologically closed foreground mask. Black borders, text and caliper bands outside the
-   imaging sector are dropped;
+   morphologically closed foreground mask, its box then refined to the pixel at full resolution.
+   Black borders, text and caliper bands outside the imaging sector are dropped;
 3. resize keeping the aspect ratio so the long side is ``size``, pad to ``size x size``;
 4. replicate to 3 channels and normalise with ``mean``/``std``; CHW float32.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -52,6 +51,9 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
         d = dict(d)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown PreprocessSpec field(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
@@ -89,11 +91,19 @@ class Geometry:
 def to_gray_uint8(img: np.ndarray) -> np.ndarray:
     """Any image array -> 2-D uint8 grayscale (601 luma; 16-bit and float are rescaled)."""
     a = np.asarray(img)
+    if a.size == 0:
+        raise ValueError(f"cannot preprocess an empty image of shape {a.shape}")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    if a.dtype != np.uint8:
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
         a = a.astype(np.float64)
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        finite = np.isfinite(a)
+        if not finite.any():
+            raise ValueError("cannot preprocess an image with no finite pixel values")
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        a = np.where(finite, a, lo)
         a = np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
     if a.ndim == 2:
         return a
@@ -103,32 +113,57 @@ def to_gray_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray | None:
-    """Boolean mask of the largest 4-connected True region (small grids only)."""
+    """Boolean mask of the largest 4-connected True region, or None when ``mask`` is all False.
+
+    Labels horizontal runs and joins runs that overlap between consecutive rows (union-find), so
+    the Python loop runs over runs, not pixels. Among equally large regions the one whose first
+    pixel comes first in raster order wins.
+    """
     h, w = mask.shape
-    labels = np.zeros((h, w), np.int32)
-    best, best_n, cur = 0, 0, 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        cur += 1
-        labels[y0, x0] = cur
-        n, queue = 0, deque([(y0, x0)])
-        while queue:
-            y, x = queue.popleft()
-            n += 1
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
-                    labels[yy, xx] = cur
-                    queue.append((yy, xx))
-        if n > best_n:
-            best, best_n = cur, n
-    return None if best == 0 else labels == best
+    edges = np.diff(np.pad(mask.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+    run_row, run_start = np.nonzero(edges == 1)
+    run_end = np.nonzero(edges == -1)[1]  # exclusive; rows come out in the same (row-major) order
+    n = len(run_row)
+    if n == 0:
+        return None
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    row_first = np.searchsorted(run_row, np.arange(h + 1))
+    starts, ends = run_start.tolist(), run_end.tolist()
+    for y in range(1, h):
+        i, i_end = int(row_first[y - 1]), int(row_first[y])
+        j, j_end = int(row_first[y]), int(row_first[y + 1])
+        while i < i_end and j < j_end:
+            if starts[i] < ends[j] and starts[j] < ends[i]:
+                a, b = find(i), find(j)
+                if a != b:  # the smaller index stays the root: roots are the earliest runs
+                    parent[max(a, b)] = min(a, b)
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.array([find(i) for i in range(n)])
+    sizes = np.bincount(roots, weights=run_end - run_start, minlength=n)
+    best = int(np.argmax(sizes))
+    out = np.zeros((h, w), bool)
+    for k in np.nonzero(roots == best)[0]:
+        out[run_row[k], run_start[k] : run_end[k]] = True
+    return out
 
 
 def find_image_region(gray: np.ndarray, spec: PreprocessSpec) -> tuple[int, int, int, int]:
-    """Bounding box (y0, y1, x0, x1) of the ultrasound image region of a grayscale frame.
+    """Bounding box (y0, y1, x0, x1), end-exclusive, of the ultrasound image region of a grayscale frame.
 
-    Falls back to the whole frame when no region covers ``crop_min_fraction`` of it.
+    The region is found on a small copy (fast, robust to speckle and thin text), then its box is
+    refined at full resolution to the pixels brighter than ``crop_threshold`` inside the region
+    grown by one small pixel, so black margins are cut to the pixel. Falls back to the whole frame
+    when no region covers ``crop_min_fraction`` of it.
     """
     h, w = gray.shape
     full = (0, h, 0, w)
@@ -143,12 +178,20 @@ def find_image_region(gray: np.ndarray, spec: PreprocessSpec) -> tuple[int, int,
     region = _largest_component(fg)
     if region is None or region.sum() < spec.crop_min_fraction * fg.size:
         return full
-    ys, xs = np.nonzero(region)
-    y0 = max(0, int(np.floor(ys.min() / f)))
-    y1 = min(h, int(np.ceil((ys.max() + 1) / f)))
-    x0 = max(0, int(np.floor(xs.min() / f)))
-    x1 = min(w, int(np.ceil((xs.max() + 1) / f)))
-    return (y0, y1, x0, x1)
+    # Grow by one small pixel and bring back to full resolution (per-axis factors: sh/h != sw/w).
+    grown = Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))
+    near = np.asarray(grown.resize((w, h), Image.NEAREST)) > 0
+    bright = (gray > spec.crop_threshold) & near
+    rows, cols = np.nonzero(bright.any(axis=1))[0], np.nonzero(bright.any(axis=0))[0]
+    if len(rows) == 0:  # cannot happen for a region found above the threshold; keep the coarse box
+        ys, xs = np.nonzero(region)
+        return (
+            int(ys.min() * h // sh),
+            min(h, -(-(int(ys.max()) + 1) * h // sh)),
+            int(xs.min() * w // sw),
+            min(w, -(-(int(xs.max()) + 1) * w // sw)),
+        )
+    return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
 
 
 def compute_geometry(gray: np.ndarray, spec: PreprocessSpec) -> Geometry:
