@@ -38,6 +38,8 @@ class Sample:
     - ``label``: class name, or None for unlabeled / segmentation-only data.
     - ``group``: samples with the same group always land in the same split (clip, patient, near-dup).
     - ``meta``: e.g. ``pixel_size_mm``, ``hc_mm``, ``profile`` (phantom device), ``frame``.
+    - ``cache``: values derived from the pixels (e.g. the near-duplicate fingerprint), filled on
+      demand so that the site check and the split decode each image once. Not part of equality.
     """
 
     key: str
@@ -46,6 +48,7 @@ class Sample:
     load_mask: Callable[[], np.ndarray | None] | None = None
     group: str | None = None
     meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def image(self) -> np.ndarray:
         """uint8 HxW (gray) or HxWx3 (RGB). Raises :class:`UnreadableImage`."""
