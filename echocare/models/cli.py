@@ -18,7 +18,7 @@ model_app = typer.Typer(no_args_is_help=True)
 
 @model_app.command("list")
 def list_configs() -> None:
-    """List the encoder configs (all MONAI SwinTransformer v2, 2-D, patch 2, window 8)."""
+    """List the encoder configs (all MONAI 2-D SwinTransformer v2, patch 2, window 8)."""
     from echocare.models.encoder import ENCODER_CONFIGS
 
     table = Table(
@@ -52,11 +52,12 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys: config, params, sha256, gflops, output_shapes)."),
     seed: int = typer.Option(0, help="Seed of the random init when no checkpoint is given."),
 ) -> None:
-    """Build an encoder (and load a checkpoint strictly), then report its parameter count, the
-    checkpoint's sha256, GFLOP per 256x256 image (1 MAC = 2 FLOP, PyTorch's FLOP counter) and
-    the five feature-map shapes of a forward pass on a zero image (batch 1).
+    """Report an encoder's parameters, checkpoint sha256, GFLOP and feature-map shapes.
 
-    A checkpoint that does not match the config exactly is refused with the mismatching keys.
+    Builds the encoder (loading the checkpoint strictly: any missing, unexpected or mis-shaped
+    key is refused with the mismatches), counts GFLOP per 256x256 image with PyTorch's FLOP
+    counter (1 MAC = 2 FLOP) and lists the five feature-map shapes of a forward pass on a zero
+    image (batch 1).
     """
     from echocare.models.encoder import CheckpointError, count_params, get_config, load_encoder, measure_forward
 

@@ -219,7 +219,9 @@ def read_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch/safetensors raise many types for a damaged file
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated, corrupt, or not a weights-only state dict): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     return obj  # type: ignore[return-value]

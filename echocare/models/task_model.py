@@ -83,8 +83,7 @@ class TaskModelSpec:
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "TaskModelSpec":
         names = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.name in ("encoder_config", "encoder_checkpoint", "encoder_sha256")]
-        missing = [k for k in required if k not in d]
+        missing = [k for k in ("encoder_config", "encoder_checkpoint", "encoder_sha256") if k not in d]
         if missing:
             raise ValueError(f"{source}: task model spec lacks {', '.join(missing)}")
         try:
