@@ -188,8 +188,9 @@ def _no_empty_site(groups: list[_Group], assign: list[int], n_sites: int) -> Non
 def _by_device(data: SiteData, groups: list[_Group], n_sites: int | None) -> list[int]:
     devices_of_group = []
     for g in groups:
-        found = Counter(device_of(data.samples[i].meta) for i in g.indices)
-        if None in found:
+        # copies without device information join the device of the rest of their group
+        found = Counter(d for d in (device_of(data.samples[i].meta) for i in g.indices) if d is not None)
+        if not found:
             key = data.samples[g.indices[0]].key
             raise ValueError(
                 f"partition by-device: sample {key!r} has no device information "
