@@ -29,10 +29,12 @@ def to_content(reply: Reply) -> RecordDict:
     """Only numbers, head parameters and the site's pseudonym leave the site."""
     content = RecordDict({
         "site": ConfigRecord({"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp"}),
-        "metrics": MetricRecord({"num-examples": int(reply.num_examples), "dp-weight": 1.0,
+        "metrics": MetricRecord({"num-examples": int(reply.num_examples),
                                  **{k: float(v) for k, v in reply.metrics.items()}}),
     })
     if reply.arrays is not None:
+        # equal weights for Flower's accounted central-DP FedAvg (it averages updates unweighted)
+        content["metrics"]["dp-weight"] = 1.0
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in reply.arrays.items()})
     return content
 
@@ -41,21 +43,29 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in msg.content["arrays"].items()}
 
 
+def handle_train(msg: Message, context: Context, sites_dir: str | None = None) -> Message:
+    policy = policy_from_context(context, sites_dir)
+    cfg = RoundConfig.from_record(msg.content["config"])
+    return Message(to_content(train_round(policy, cfg, _arrays(msg))), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, sites_dir: str | None = None) -> Message:
+    policy = policy_from_context(context, sites_dir)
+    cfg = RoundConfig.from_record(msg.content["config"])
+    return Message(to_content(evaluate_round(policy, cfg, _arrays(msg))), reply_to=msg)
+
+
 def make_client_app(sites_dir: str | None = None) -> ClientApp:
     """The ClientApp. ``sites_dir``: where a local simulation laid out its virtual hospitals."""
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        policy = policy_from_context(context, sites_dir)
-        cfg = RoundConfig.from_record(msg.content["config"])
-        return Message(to_content(train_round(policy, cfg, _arrays(msg))), reply_to=msg)
+        return handle_train(msg, context, sites_dir)
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        policy = policy_from_context(context, sites_dir)
-        cfg = RoundConfig.from_record(msg.content["config"])
-        return Message(to_content(evaluate_round(policy, cfg, _arrays(msg))), reply_to=msg)
+        return handle_evaluate(msg, context, sites_dir)
 
     return client
 

@@ -68,8 +68,11 @@ def default_labels(data_spec: str) -> str:
     return ",".join(open_data(data_spec).classes)
 
 
-def simulate(cfg: SimulationConfig, progress=None) -> dict:
-    """Run the federation; returns the run report (also written to ``cfg.out``)."""
+def simulate(cfg: SimulationConfig, progress=None, client_app=None) -> dict:
+    """Run the federation; returns the run report (also written to ``cfg.out``).
+
+    ``client_app``: optional factory ``sites_dir -> ClientApp`` (tests wrap the real one to watch
+    or corrupt the messages a site sends)."""
     run_dir = Path(cfg.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["FLWR_HOME"] = str(run_dir / ".flwr")  # Flower's home and state stay in the run dir
@@ -101,7 +104,7 @@ def simulate(cfg: SimulationConfig, progress=None) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server, client_app=make_client_app(str(sites_dir)), num_supernodes=cfg.sites,
+        run_simulation(server_app=server, client_app=(client_app or make_client_app)(str(sites_dir)), num_supernodes=cfg.sites,
                        backend_config={"client_resources": {"num_cpus": cfg.cpus_per_site, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False}})
     if "report" not in out:

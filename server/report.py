@@ -21,11 +21,13 @@ def build_report(run: dict, rounds: dict[int, dict]) -> dict:
         sites = {}
         for site in sorted(set(rl.get("train", {})) | set(rl.get("evaluate", {})) | set(rl.get("rejected", {}))):
             t = rl.get("train", {}).get(site, {})
-            entry = {"status": t.get("status", "ok" if site in rl.get("evaluate", {}) else "absent"),
+            entry = {"status": t.get("status", "not-trained"),
                      "train": {k: v for k, v in t.items() if k not in PRIVACY_KEYS and k not in ("status", "dp-weight")},
                      "evaluate": rl.get("evaluate", {}).get(site, {})}
             if any(k in t for k in PRIVACY_KEYS):
                 entry["privacy"] = {**{k: t.get(k) for k in PRIVACY_KEYS}, "accountant": "rdp"}
+                if entry["privacy"]["steps"] is not None:
+                    entry["privacy"]["steps"] = int(entry["privacy"]["steps"])
             if site in rl.get("rejected", {}):
                 entry["rejected"] = rl["rejected"][site]
             sites[site] = entry
