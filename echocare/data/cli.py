@@ -49,6 +49,11 @@ def check(
     together), unreadable files with the reason, exact and near duplicates, image sizes, mask
     coverage and mask/image size mismatches. Exits with 1 on blocking problems (no readable
     image, an empty class, a mask of the wrong size), 2 on a bad data spec.
+
+    DATA_SPEC is KIND:PATH[?options]. Kinds: busi, hc18, pocus, folder (one sub-folder per
+    class), csv (path,label[,mask] manifest), dicom (file or folder), phantom:N. Options:
+    limit=N, seed=S, frames=K (pocus, dicom), profiles=a,b (phantom).
+    Example: busi:/data/Dataset_BUSI_with_GT?limit=90
     """
     from echocare.data import open_data
     from echocare.data.sitecheck import check_site
