@@ -111,7 +111,10 @@ def default_quantize_config(target: str, precision: str) -> QuantizeConfig | Non
         return QuantizeConfig(method="nncf")
     if target == "onnxruntime-cpu":
         return QuantizeConfig(method="qdq", activations="asymmetric")  # U8S8: ORT's fast x86 path
-    return QuantizeConfig(method="qdq", activations="symmetric")  # S8S8 Q/DQ: TensorRT explicit quantization
+    # S8S8 Q/DQ for TensorRT's explicit quantization. Percentile calibration: on BUSI with the tiny
+    # config, min-max S8S8 lost ~1.9 AUROC points, percentile ~0.7 (symmetric activation ranges
+    # are wasted on outliers).
+    return QuantizeConfig(method="qdq", activations="symmetric", calibrate_method="percentile")
 
 
 def _slug(text: str) -> str:
