@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge.backends import backend_installed, open_session
-from edge.peak import compute_precision, matmul_peak_gflops
+from edge.peak import SHAPES, compute_precision, matmul_peak_gflops
 from edge.runtime import FORMAT_BACKENDS, load_bundle
 
 
@@ -87,8 +87,10 @@ def _row(label: str, backend: str, precision: str, compute: str, t1: np.ndarray,
 
 
 class _PeakCache:
-    def __init__(self, enabled: bool, num_threads: int | None):
-        self.enabled, self.num_threads, self._cache = enabled, num_threads, {}
+    """Matmul peaks measured once per (backend, precision) in this run."""
+
+    def __init__(self, enabled: bool, num_threads: int | None, shapes=SHAPES):
+        self.enabled, self.num_threads, self.shapes, self._cache = enabled, num_threads, shapes, {}
 
     def get(self, backend: str, precision: str) -> float | None:
         if not self.enabled:
@@ -96,13 +98,13 @@ class _PeakCache:
         key = (backend, precision)
         if key not in self._cache:
             try:
-                self._cache[key] = matmul_peak_gflops(backend, precision, num_threads=self.num_threads)
+                self._cache[key] = matmul_peak_gflops(backend, precision, shapes=self.shapes, num_threads=self.num_threads)
             except (ImportError, ValueError, RuntimeError):  # e.g. ORT peak without the onnx package
                 self._cache[key] = None
         return self._cache[key]
 
 
-def bench_torch(model_dir: str | Path, size: int, *, batch: int = 8, warmup: int = 2, iters: int = 10,
+def bench_torch(model_dir: str | Path, size: int, *, batch: int = 8, warmup: int = 1, iters: int = 10,
                 flops: int | None = None, peak: _PeakCache | None = None) -> BenchRow:
     """PyTorch FP32 eager (``torch.inference_mode``) on the task model: the baseline row."""
     import torch
@@ -118,7 +120,7 @@ def bench_torch(model_dir: str | Path, size: int, *, batch: int = 8, warmup: int
             return model(x)
 
     t1 = time_calls(run, x1, warmup=warmup, iters=iters)
-    tn = time_calls(run, xn, warmup=1, iters=max(3, iters // 4))
+    tn = time_calls(run, xn, warmup=1, iters=max(2, iters // 4))
     # Eager fp32 matmuls: compare against the OpenVINO f32 matmul peak (same MKL-class kernels).
     pk = peak.get("openvino", "f32") if peak and backend_installed("openvino") else None
     return _row("pytorch-eager", "torch", "fp32", "f32", t1, tn, batch, flops, pk)
@@ -126,9 +128,10 @@ def bench_torch(model_dir: str | Path, size: int, *, batch: int = 8, warmup: int
 
 def bench_candidates(candidates: list[Candidate], size: int, *, flops: int | None = None, batch: int = 8,
                      warmup: int = 3, iters: int = 20, torch_model: str | Path | None = None, with_peak: bool = True,
-                     num_threads: int | None = None, progress: Callable[[str], None] | None = None) -> BenchReport:
+                     num_threads: int | None = None, progress: Callable[[str], None] | None = None,
+                     peak_shapes=SHAPES) -> BenchReport:
     """Time each candidate (and the PyTorch baseline when ``torch_model`` is given) in this one run."""
-    peak = _PeakCache(with_peak, num_threads)
+    peak = _PeakCache(with_peak, num_threads, peak_shapes)
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
     xn = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -138,7 +141,7 @@ def bench_candidates(candidates: list[Candidate], size: int, *, flops: int | Non
         if progress:
             progress("pytorch-eager")
         try:
-            baseline = bench_torch(torch_model, size, batch=batch, iters=max(5, iters // 2), flops=flops, peak=peak)
+            baseline = bench_torch(torch_model, size, batch=batch, iters=max(3, iters // 2), flops=flops, peak=peak)
             rows.append(baseline)
         except ImportError:
             notes.append("PyTorch not installed here: no eager baseline (run bench on a machine with torch for the ratio)")
@@ -165,15 +168,15 @@ def candidates_from_bundle(bundle_dir: Path, manifest: dict) -> list[Candidate]:
             continue
         for b in FORMAT_BACKENDS.get(a.get("format", ""), []):
             if backend_installed(b):
-                hint = a.get("inference_precision") if b == "openvino" else None
+                hint = (a.get("inference_precision") or "f32") if b == "openvino" else None
                 label = f"{a['path']} [{b}{'/' + hint if hint else ''}]"
-                out.append(Candidate(label, Path(bundle_dir) / a["path"], b, a.get("precision", "fp32"), hint or ("f32" if b == "openvino" else None)))
+                out.append(Candidate(label, Path(bundle_dir) / a["path"], b, a.get("precision", "fp32"), hint))
     return out
 
 
 def bench_bundle(bundle: str | Path, *, public_key: Any = None, batch: int = 8, warmup: int = 3, iters: int = 20,
                  torch_model: str | Path | None = None, with_peak: bool = True, num_threads: int | None = None,
-                 progress: Callable[[str], None] | None = None) -> BenchReport:
+                 progress: Callable[[str], None] | None = None, peak_shapes=SHAPES) -> BenchReport:
     """Bench a bundle's models (verified first when ``public_key`` is given) against the PyTorch baseline.
 
     ``torch_model``: the task-model directory for the baseline; defaults to the one recorded at
@@ -186,7 +189,8 @@ def bench_bundle(bundle: str | Path, *, public_key: Any = None, batch: int = 8, 
             torch_model = recorded if recorded and Path(recorded, "model.json").is_file() else None
         report = bench_candidates(candidates_from_bundle(rt.bundle_dir, manifest), rt.preprocess.size,
                                   flops=manifest.get("flops_per_image"), batch=batch, warmup=warmup, iters=iters,
-                                  torch_model=torch_model, with_peak=with_peak, num_threads=num_threads, progress=progress)
+                                  torch_model=torch_model, with_peak=with_peak, num_threads=num_threads, progress=progress,
+                                  peak_shapes=peak_shapes)
     if torch_model is None:
         report.notes.append("no PyTorch baseline: the task model is not on this machine (pass --torch-model DIR)")
     return report

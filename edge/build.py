@@ -259,6 +259,7 @@ def assemble_bundle(out: Path, key: str | Path, *, info: dict, target: str, prec
         "head": info.get("head"),
         "flops_per_image": info.get("flops_per_image"),
         "export": {"opset": info.get("opset"), "parity": info.get("parity")},
+        "source": {"model_dir": info.get("source")},  # for `edge bench`'s PyTorch baseline on the build machine
         "model_card": card,
         "selftest": {"input": "selftest/input.npy", "outputs": expected, "tolerance": SELFTEST_TOLERANCE[target]},
         "artifacts": desc,
