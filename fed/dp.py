@@ -33,10 +33,11 @@ class DPConfig:
     epochs: int = 1
     batch_size: int = 32  # expected batch size under Poisson sampling
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.0  # momentum accumulates DP noise over the few steps of a round
     max_grad_norm: float = 1.0
     noise_multiplier: float = 1.0  # 0 disables DP (plain SGD; for benchmarks and baselines only)
     proximal_mu: float = 0.0  # FedProx: pull towards the global weights (data-independent step)
+    optimizer: str = "sgd"  # sgd | adam (DP-Adam: noise is added before Adam's update, post-processing)
     grad_sample_mode: str = "ghost"
     seed: int = 0
 
@@ -72,7 +73,12 @@ def train_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig,
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
-    optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adam")
     model, criterion = head, loss_fn
     if cfg.noise_multiplier > 0:
         from opacus import PrivacyEngine

@@ -40,7 +40,9 @@ def evaluate_model(model, spec, data: SiteData, batch_size: int = 16, progress=N
                 if spec.task == "hc" and "pixel_size_mm" in s.meta:
                     from echocare.hc import head_circumference_mm
 
-                    pred_hc.append(head_circumference_mm(p, g.output_pixel_mm(float(s.meta["pixel_size_mm"]))))
+                    # an empty prediction measures 0 mm: the error counts in full, it is not skipped
+                    hc = head_circumference_mm(p, g.output_pixel_mm(float(s.meta["pixel_size_mm"]))) if p.any() else 0.0
+                    pred_hc.append(hc)
                     true_hc.append(float(s.meta["hc_mm"]))
         batch.clear(), geoms.clear(), samples.clear()
 

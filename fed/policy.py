@@ -19,7 +19,7 @@ A policy is a small TOML file whose path the SuperNode receives through its node
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TASKS = ("classify", "segment", "hc")
@@ -29,7 +29,7 @@ class PolicyError(ValueError):
     """The policy file is missing or invalid (message names the file and the field)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SitePolicy:
     """A hospital's limits for federated training.
 
@@ -46,7 +46,7 @@ class SitePolicy:
     data: str
     site_name: str = "site"
     state_dir: str = "echofleet-site-state"
-    allowed_tasks: list[str] = field(default_factory=lambda: ["classify"])
+    allowed_tasks: tuple[str, ...] = ("classify",)
     target_epsilon: float = 8.0
     delta: float | None = None
     max_local_epochs: int = 5
@@ -59,6 +59,7 @@ class SitePolicy:
     cache_dir: str | None = None  # default: <state_dir>/features
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_tasks", tuple(self.allowed_tasks))
         bad = [t for t in self.allowed_tasks if t not in TASKS]
         if bad:
             raise PolicyError(f"allowed_tasks has unknown task(s) {bad}; known: {list(TASKS)}")
@@ -78,7 +79,7 @@ class SitePolicy:
         return self.delta if self.delta is not None else min(1e-5, 0.1 / max(1, n_train))
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
 
 
 def load_policy(path: str | Path) -> SitePolicy:
@@ -131,7 +132,7 @@ class Instruction:
 def refusal_reason(policy: SitePolicy, ins: Instruction) -> str | None:
     """Why the site refuses ``ins``, or None when it is within the policy."""
     if ins.task not in policy.allowed_tasks:
-        return f"task '{ins.task}' is not allowed by this site's policy (allowed: {policy.allowed_tasks})"
+        return f"task '{ins.task}' is not allowed by this site's policy (allowed: {list(policy.allowed_tasks)})"
     if ins.local_epochs > policy.max_local_epochs:
         return f"local_epochs={ins.local_epochs} exceeds this site's max_local_epochs={policy.max_local_epochs}"
     return None

@@ -89,7 +89,8 @@ def simulate(cfg: SimulationConfig, progress=None, client_app=None) -> dict:
         "encoder-checkpoint": cfg.checkpoint or "", "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
         "lr": cfg.lr, "max-grad-norm": cfg.max_grad_norm, "target-epsilon": cfg.epsilon,
         "noise-multiplier": cfg.noise_multiplier, "seed": cfg.seed, "run-dir": str(run_dir), "resume": cfg.resume,
-        "num-sites": cfg.sites, "sim-sites-dir": str(sites_dir), **cfg.extra,
+        "num-sites": cfg.sites, "sim-sites-dir": str(sites_dir),
+        **({"public-cache-dir": cfg.cache_dir} if cfg.cache_dir else {}), **cfg.extra,
     }
     server_cfg = ServerConfig.from_run_config(run_config)
     if server_cfg.extra:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -82,35 +83,66 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-@lru_cache(maxsize=4)
-def _site_splits(data_spec: str, partition: str | None, index: int, count: int, pseed: int, val_fraction: float, seed: int):
+@lru_cache(maxsize=8)
+def _open(data_spec: str):
     from echocare.data import open_data
-    from echocare.data.split import partition as split_sites, split_train_val
 
-    data = open_data(data_spec)
-    if partition:
-        data = split_sites(data, count, partition, seed=pseed)[index]
-    return split_train_val(data, val_fraction=val_fraction, seed=seed)
+    return open_data(data_spec)
+
+
+def _split_file(policy: SitePolicy, cfg: RoundConfig) -> Path:
+    ident = json.dumps([policy.data, policy.partition, policy.partition_index, policy.partition_count,
+                        policy.partition_seed, cfg.val_fraction, cfg.seed])
+    return Path(policy.state_dir) / "splits" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
 
 
 def site_split(policy: SitePolicy, cfg: RoundConfig, which: str):
-    train, val = _site_splits(policy.data, policy.partition, policy.partition_index, policy.partition_count,
-                              policy.partition_seed, cfg.val_fraction, cfg.seed)
+    """The site's train or val split, computed once (leak-free, near-duplicates kept together) and
+    remembered in its state directory so every later round and restart uses the same images."""
+    from echocare.data.split import partition as split_sites, split_train_val
+
+    data = _open(policy.data)
+    path = _split_file(policy, cfg)
+    if path.exists():
+        keys = json.loads(path.read_text())
+        by_key = {s.key: i for i, s in enumerate(data.samples)}
+        if all(k in by_key for k in keys["train"] + keys["val"]):
+            return data.subset([by_key[k] for k in keys[which]])
+        log.warning("site data changed since the split in %s was made; splitting again", path)
+    part = split_sites(data, policy.partition_count, policy.partition, seed=policy.partition_seed)[policy.partition_index] \
+        if policy.partition else data
+    train, val = split_train_val(part, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"train": [s.key for s in train.samples], "val": [s.key for s in val.samples]}))
+    os.replace(tmp, path)
     return train if which == "train" else val
+
+
+@lru_cache(maxsize=256)
+def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: tuple[str, ...], val_fraction: float,
+              seed: int, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-process memo over the on-disk cache: a site process serving many rounds reads its
+    features once (the data of a running federation is assumed not to change under it)."""
+    cfg = RoundConfig(labels=list(labels), encoder=encoder, preprocess=json.loads(preprocess),
+                      val_fraction=val_fraction, seed=seed)
+    data = site_split(policy, cfg, which)
+    spec = PreprocessSpec.from_json(preprocess) if preprocess != "{}" else PreprocessSpec()
+    x, kept = pooled_features(data, encoder, spec, policy.features_dir)
+    index = {name: i for i, name in enumerate(labels)}
+    rows = [i for i, s in enumerate(kept) if s.label in index]
+    if len(rows) < len(kept):
+        log.warning("%d %s images have a label outside the federation's labels %s and are skipped",
+                    len(kept) - len(rows), which, list(labels))
+    y = np.array([index[kept[i].label] for i in rows], np.int64)
+    x = x[rows] if len(rows) else np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)
+    return x, y
 
 
 def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.ndarray, np.ndarray]:
     """(X float32 (N, D), y int64 (N,)) for the site's train or val split; unlabeled/unknown labels skipped."""
-    data = site_split(policy, cfg, which)
-    spec = PreprocessSpec.from_dict(cfg.preprocess) if cfg.preprocess else PreprocessSpec()
-    x, kept = pooled_features(data, cfg.encoder, spec, policy.features_dir)
-    index = {name: i for i, name in enumerate(cfg.labels)}
-    rows = [i for i, s in enumerate(kept) if s.label in index]
-    if len(rows) < len(kept):
-        log.warning("%d %s images have a label outside the federation's labels %s and are skipped",
-                    len(kept) - len(rows), which, cfg.labels)
-    y = np.array([index[kept[i].label] for i in rows], np.int64)
-    return (x[rows] if len(rows) else np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)), y
+    return _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+                     cfg.val_fraction, cfg.seed, which)
 
 
 def _build_head(cfg: RoundConfig, in_dim: int | None = None):
@@ -182,7 +214,8 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
         noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, seed=_seed(cfg.seed, policy.site_name, cfg.server_round, "dp")))
     ledger.record(Release(cfg.server_round, sigma, stats["sample_rate"], stats["steps"], cfg.max_grad_norm))
-    state = {k: v.detach().cpu().numpy() for k, v in _unwrap(head).state_dict().items()}
+    # Only trainable parameters leave the site (fixed buffers such as the public projection stay).
+    state = {k: v.detach().cpu().numpy() for k, v in _unwrap(head).named_parameters()}
     return Reply(STATUS_OK, policy.site_name, n, state, {"train_loss": stats["loss"], **ledger.figures()})
 
 

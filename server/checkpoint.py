@@ -26,7 +26,7 @@ import numpy as np
 
 def config_hash(config: dict) -> str:
     """Hash of the run config fields that change the result (resume refuses a different one)."""
-    ignored = {"resume", "run-dir", "sim-sites-dir"}
+    ignored = {"resume", "run-dir", "sim-sites-dir", "public-cache-dir"}
     return hashlib.sha256(json.dumps({k: config[k] for k in sorted(config) if k not in ignored},
                                      sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -43,6 +43,9 @@ class ServerConfig:
     encoder_sha256: str = ""
     encoder_seed: int = 0
     head_hidden: int = 0
+    feature_projection: int = 64  # classify: fixed whitening projection from public phantoms (0: off)
+    projection_reference: str = ""  # data spec of the public reference images (default: phantoms)
+    public_cache_dir: str = ""  # where the coordinator caches public reference features
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.1
@@ -93,7 +96,9 @@ class ServerConfig:
         from echocare.preprocess import PreprocessSpec
 
         return RoundConfig(task=self.task, labels=[s.strip() for s in self.labels.split(",") if s.strip()],
-                           encoder=self.encoder_ref(), head={"hidden": self.head_hidden} if self.task == "classify" else {},
+                           encoder=self.encoder_ref(),
+                           head={"hidden": self.head_hidden, **({"proj_dim": self.feature_projection} if self.feature_projection > 0 else {})}
+                           if self.task == "classify" else {},
                            preprocess=PreprocessSpec().to_dict(), local_epochs=self.local_epochs,
                            batch_size=self.batch_size, lr=self.lr, max_grad_norm=self.max_grad_norm,
                            target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier,
@@ -102,8 +107,8 @@ class ServerConfig:
                            val_fraction=self.val_fraction)
 
 
-def initial_head(rc: RoundConfig) -> dict[str, np.ndarray]:
-    """Deterministic initial head weights (seeded), as numpy arrays."""
+def initial_head(rc: RoundConfig, cfg: "ServerConfig | None" = None) -> dict[str, np.ndarray]:
+    """Deterministic initial head weights (seeded), as numpy arrays; with the public projection set."""
     import torch
 
     from echocare.models.encoder import get_config
@@ -111,6 +116,20 @@ def initial_head(rc: RoundConfig) -> dict[str, np.ndarray]:
 
     torch.manual_seed(rc.seed)
     head = build_head(rc.task, get_config(rc.encoder.config), len(rc.labels), **rc.head)
+    if rc.task == "classify":
+        # Zero output layer: the federation starts from "no opinion" (uniform probabilities) instead of
+        # a random direction that DP noise would then have to undo.
+        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        if getattr(head, "proj_dim", 0) > 0:
+            from echocare.preprocess import PreprocessSpec
+            from server.public_features import DEFAULT_REFERENCE, public_projection
+
+            cache = Path(cfg.public_cache_dir) if cfg and cfg.public_cache_dir else Path(cfg.run_dir if cfg else ".") / "public-features"
+            mean, matrix = public_projection(rc.encoder, PreprocessSpec.from_dict(rc.preprocess), head.proj_dim, cache,
+                                             (cfg.projection_reference if cfg else "") or DEFAULT_REFERENCE)
+            head.set_projection(torch.from_numpy(mean), torch.from_numpy(matrix))
     return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
 
 
@@ -132,7 +151,7 @@ def run_federation(grid: Grid, cfg: ServerConfig, progress=None) -> dict:
                            central_dp_clip=cfg.central_dp_clip, num_sites=max(1, num_sites))
     guard = SiteGuard(inner, min_sites=cfg.min_sites, max_update_norm=cfg.max_update_norm, outlier_factor=cfg.outlier_factor)
 
-    weights, done = initial_head(rc), 0
+    weights, done = initial_head(rc, cfg), 0
     latest = store.latest() if cfg.resume else None
     if latest is not None:
         if latest.state.get("config_hash") != chash:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
@@ -160,10 +160,14 @@ class SiteGuard(Strategy):
                 rl.rejected[site] = "non-finite update (NaN or Inf)"
                 log.warning("round %d: rejected site %s: non-finite update (NaN or Inf)", rnd, site)
                 continue
-            if set(arrays) != set(self._global):
-                rl.rejected[site] = "update has different parameter names than the global model"
-                log.warning("round %d: rejected site %s: parameter names differ", rnd, site)
+            if not arrays or not set(arrays) <= set(self._global) or any(arrays[k].shape != self._global[k].shape for k in arrays):
+                rl.rejected[site] = "update does not match the global head's parameter names and shapes"
+                log.warning("round %d: rejected site %s: parameter names or shapes differ", rnd, site)
                 continue
+            if set(arrays) != set(self._global):
+                # Sites send trainable parameters only; fixed buffers (e.g. the public projection) come from the global.
+                msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(arrays[k] if k in arrays else self._global[k]))
+                                                     for k in self._global})
             norm = float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - self._global[k]) ** 2)) for k in arrays)))
             rl.train[site]["update_norm"] = norm
             kept.append((site, msg, norm))

@@ -45,6 +45,12 @@ class ClassifyHead(nn.Module):
 
     ``stages`` records which encoder maps were pooled (None = all five) so the task model feeds
     the head what it was trained on; ``in_dim`` must equal the pooled width.
+
+    ``proj_dim > 0`` puts a fixed (non-trainable) whitening projection in front: buffers
+    ``proj_mean`` (in_dim) and ``proj_matrix`` (in_dim x proj_dim), set by the coordinator from
+    *public* reference images (see :mod:`server.public_features`). Privacy meaning: it costs no
+    privacy budget (no site data is used), and it makes DP-SGD work far better — the noise is
+    spread over ``proj_dim`` well-conditioned inputs instead of thousands of raw, mean-dominated ones.
     """
 
     def __init__(
@@ -55,26 +61,41 @@ class ClassifyHead(nn.Module):
         dropout: float = 0.0,
         *,
         stages: Sequence[int] | None = None,
+        proj_dim: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a classification head needs at least 2 classes, got {num_classes}")
         self.in_dim, self.num_classes, self.hidden, self.dropout = int(in_dim), int(num_classes), int(hidden), float(dropout)
+        self.proj_dim = int(proj_dim)
+        if self.proj_dim > 0:
+            self.register_buffer("proj_mean", torch.zeros(self.in_dim))
+            self.register_buffer("proj_matrix", torch.eye(self.in_dim, self.proj_dim))
+        width = self.proj_dim if self.proj_dim > 0 else self.in_dim
         self.stages: tuple[int, ...] | None = tuple(int(s) for s in stages) if stages is not None else None
         self.needs: tuple[int, ...] = self.stages if self.stages is not None else tuple(range(5))
         self.needs_image = False
         layers: list[nn.Module] = [nn.Dropout(self.dropout)] if self.dropout > 0 else []
         if self.hidden > 0:
-            layers += [nn.Linear(self.in_dim, self.hidden), nn.GELU()]
+            layers += [nn.Linear(width, self.hidden), nn.GELU()]
             if self.dropout > 0:
                 layers.append(nn.Dropout(self.dropout))
             layers.append(nn.Linear(self.hidden, self.num_classes))
         else:
-            layers.append(nn.Linear(self.in_dim, self.num_classes))
+            layers.append(nn.Linear(width, self.num_classes))
         self.net = nn.Sequential(*layers)
+
+    def set_projection(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        if self.proj_dim <= 0 or tuple(matrix.shape) != (self.in_dim, self.proj_dim) or tuple(mean.shape) != (self.in_dim,):
+            raise ValueError(f"projection shapes {tuple(mean.shape)}, {tuple(matrix.shape)} do not fit a head with "
+                             f"in_dim={self.in_dim}, proj_dim={self.proj_dim}")
+        self.proj_mean.copy_(mean)
+        self.proj_matrix.copy_(matrix)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(N, in_dim) -> (N, num_classes) logits."""
+        if self.proj_dim > 0:
+            pooled = (pooled - self.proj_mean) @ self.proj_matrix
         return self.net(pooled)
 
 
@@ -214,9 +235,9 @@ def build_head(task: str, encoder_config: str | EncoderConfig, num_classes: int,
 
     cfg = get_config(encoder_config)
     if task == "classify":
-        unknown = set(head_kwargs) - {"hidden", "dropout", "stages"}
+        unknown = set(head_kwargs) - {"hidden", "dropout", "stages", "proj_dim"}
         if unknown:
-            raise ValueError(f"unknown classify head options {sorted(unknown)}; allowed: hidden, dropout, stages")
+            raise ValueError(f"unknown classify head options {sorted(unknown)}; allowed: hidden, dropout, stages, proj_dim")
         stages = head_kwargs.get("stages")
         return ClassifyHead(
             pooled_dim(cfg, stages),
@@ -224,6 +245,7 @@ def build_head(task: str, encoder_config: str | EncoderConfig, num_classes: int,
             hidden=int(head_kwargs.get("hidden", 0)),
             dropout=float(head_kwargs.get("dropout", 0.0)),
             stages=stages,
+            proj_dim=int(head_kwargs.get("proj_dim", 0)),
         )
     if task in ("segment", "hc"):
         unknown = set(head_kwargs) - {"variant", "feature_size"}
@@ -241,7 +263,10 @@ def head_kwargs_of(head: nn.Module) -> dict:
     """The JSON-able ``**head_kwargs`` that rebuild ``head`` with :func:`build_head`
     (``num_classes`` is not included: it is ``len(labels)``)."""
     if isinstance(head, ClassifyHead):
-        return {"hidden": head.hidden, "dropout": head.dropout, "stages": list(head.stages) if head.stages is not None else None}
+        kw = {"hidden": head.hidden, "dropout": head.dropout, "stages": list(head.stages) if head.stages is not None else None}
+        if head.proj_dim > 0:
+            kw["proj_dim"] = head.proj_dim
+        return kw
     if isinstance(head, SegmentHead):
         return {"variant": head.variant, "feature_size": head.feature_size}
     raise TypeError(f"not an echocare head: {type(head).__name__}")
