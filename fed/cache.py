@@ -142,7 +142,8 @@ class FeatureCache:
     def ensure(self, items: Iterable[tuple[str, np.ndarray]], compute: Callable[[list[np.ndarray]], dict[str, np.ndarray]],
                batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> None:
         """Compute and store what is missing. ``items`` yields (key, image); ``compute`` maps a list
-        of images to {name: array with one row per image} (stored as float16 unless integer)."""
+        of images to {name: array with one row per image} (stored as float16 unless integer or the
+        name starts with ``f32_``)."""
         pending_keys: list[str] = []
         pending_imgs: list[np.ndarray] = []
         buf_keys: list[str] = []
@@ -154,7 +155,7 @@ class FeatureCache:
             out = compute(pending_imgs)
             for name, arr in out.items():
                 arr = np.asarray(arr)
-                if arr.dtype.kind == "f":
+                if arr.dtype.kind == "f" and not name.startswith("f32_"):
                     arr = arr.astype(np.float16)
                 buf.setdefault(name, []).append(arr)
             buf_keys.extend(pending_keys)

@@ -59,18 +59,23 @@ def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int) -
                                       steps=steps, accountant="rdp", epsilon_tolerance=0.01))
 
 
-def train_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig,
+def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, cfg: DPConfig,
                loss_fn: nn.Module | None = None) -> dict:
     """Train ``head`` in place on (x, y) for ``cfg.epochs``; DP-SGD when ``cfg.noise_multiplier > 0``.
+
+    ``x`` may be a tuple of tensors (e.g. several encoder maps): ``head(*x_batch)`` is called.
+    ``loss_fn`` must return one loss per example when its ``reduction`` is ``"none"`` (Opacus'
+    ghost clipping sets it so); default: cross-entropy.
 
     Returns {"loss": mean training loss, "steps": optimizer steps, "sample_rate": q}.
     Deterministic for a given ``cfg.seed`` (sampling and noise both come from seeded generators).
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    n = len(x)
+    xs = x if isinstance(x, tuple) else (x,)
+    n = len(y)
     q = sample_rate(n, cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    loader = DataLoader(TensorDataset(*xs, y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
     if cfg.optimizer == "adam":
@@ -100,18 +105,52 @@ def train_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig,
                     noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
     steps, total, count = 0, 0.0, 0
     for _ in range(cfg.epochs):
-        for xb, yb in loader:
+        for *xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             steps += 1  # counted even when Poisson sampling draws an empty batch (conservative)
-            if len(xb) == 0:
+            if len(yb) == 0:
                 continue
-            loss = criterion(model(xb), yb)
+            loss = criterion(model(*xb), yb)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(xb)
-            count += len(xb)
+            total += float(loss.detach().mean()) * len(yb)
+            count += len(yb)
             if global_weights is not None:
                 with torch.no_grad():
                     for p, g in zip(head.parameters(), global_weights):
                         p.sub_(cfg.lr * cfg.proximal_mu * (p - g))
     return {"loss": total / max(1, count), "steps": steps, "sample_rate": q}
+
+
+class PerImageSegLoss(nn.Module):
+    """Cross-entropy + Dice (MONAI) per image: (N, C, H, W) logits, (N, H, W) labels.
+
+    ``reduction="none"`` returns one loss per image (what per-sample clipping needs);
+    ``"mean"`` their mean.
+    """
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.reduction = reduction
+        self.dice = DiceLoss(softmax=True, to_onehot_y=True, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(logits, target.long(), reduction="none").mean(dim=(1, 2))
+        dice = self.dice(logits, target.long().unsqueeze(1)).flatten(1).mean(1)
+        per_image = ce + dice
+        return per_image if self.reduction == "none" else per_image.mean()
+
+
+class MapsHead(nn.Module):
+    """Adapter: ``forward(*maps)`` -> ``head(list(maps), None)`` (one tensor argument per cached map)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, *maps: torch.Tensor) -> torch.Tensor:
+        if getattr(self.head, "needs_image", False):
+            return self.head(list(maps[:-1]), maps[-1])
+        return self.head(list(maps), None)

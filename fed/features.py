@@ -100,7 +100,8 @@ def map_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_ro
                  needs_image: bool, batch_size: int = 8, progress=None) -> tuple[dict[str, np.ndarray], list]:
     """The encoder maps a segmentation decoder consumes (only those), plus the preprocessed mask.
 
-    Returns ({"map{i}": (N, C_i, H_i, W_i), "mask": (N, S, S) uint8, ["image": (N, 3, S, S)]}, samples).
+    Returns ({"map{i}": (N, C_i, H_i, W_i), "mask": (N, S, S) uint8, "f32_scale": (N,),
+    ["image": (N, 3, S, S)]}, samples).
     """
     import torch
 
@@ -119,16 +120,18 @@ def map_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_ro
             yield k, (img, mask)
 
     def compute(pairs):
-        xs, ms = [], []
+        xs, ms, scales = [], [], []
         for img, mask in pairs:
             x, g = preprocess_image(img, spec)
             xs.append(x)
+            scales.append(g.scale)
             ms.append(np.zeros((spec.size, spec.size), np.uint8) if mask is None else apply_geometry_to_mask(mask, g))
         x = torch.from_numpy(np.stack(xs))
         with torch.inference_mode():
             maps = encode(_encoder(ref), x)
         out = {f"map{i}": maps[i].float().numpy() for i in needs}
         out["mask"] = np.stack(ms)
+        out["f32_scale"] = np.asarray(scales, np.float32)  # output pixels per source pixel (mm conversion)
         if needs_image:
             out["image"] = x.numpy()
         return out

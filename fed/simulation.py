@@ -85,7 +85,7 @@ def simulate(cfg: SimulationConfig, progress=None, client_app=None) -> dict:
     sites_dir = layout_sites(cfg, run_dir)
     run_config = {
         "num-server-rounds": cfg.rounds, "strategy": cfg.strategy, "task": cfg.task,
-        "labels": cfg.labels or default_labels(cfg.data), "encoder-config": cfg.encoder,
+        "labels": cfg.labels or (default_labels(cfg.data) if cfg.task == "classify" else ""), "encoder-config": cfg.encoder,
         "encoder-checkpoint": cfg.checkpoint or "", "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
         "lr": cfg.lr, "max-grad-norm": cfg.max_grad_norm, "target-epsilon": cfg.epsilon,
         "noise-multiplier": cfg.noise_multiplier, "seed": cfg.seed, "run-dir": str(run_dir), "resume": cfg.resume,

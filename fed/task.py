@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from echocare.preprocess import PreprocessSpec
-from fed.dp import DPConfig, calibrate_noise, sample_rate, steps_per_epoch, train_head
-from fed.features import EncoderRef, pooled_features
+from fed.dp import DPConfig, MapsHead, PerImageSegLoss, calibrate_noise, sample_rate, steps_per_epoch, train_head
+from fed.features import EncoderRef, map_features, pooled_features
 from fed.ledger import ACCOUNTANT, PrivacyLedger, Release
 from fed.policy import Instruction, SitePolicy, refusal_reason
 
@@ -145,6 +145,29 @@ def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.
                      cfg.val_fraction, cfg.seed, which)
 
 
+@lru_cache(maxsize=6)
+def _maps(policy: SitePolicy, encoder: EncoderRef, preprocess: str, val_fraction: float, seed: int, which: str,
+          needs: tuple[int, ...], needs_image: bool):
+    cfg = RoundConfig(encoder=encoder, preprocess=json.loads(preprocess), val_fraction=val_fraction, seed=seed)
+    data = site_split(policy, cfg, which)
+    spec = PreprocessSpec.from_json(preprocess) if preprocess != "{}" else PreprocessSpec()
+    arrays, kept = map_features(data, encoder, spec, policy.features_dir, needs, needs_image)
+    if not kept:
+        return (), np.zeros((0, spec.size, spec.size), np.int64), []
+    inputs = tuple(np.asarray(arrays[f"map{i}"], np.float32) for i in needs)
+    if needs_image:
+        inputs += (np.asarray(arrays["image"], np.float32),)
+    meta = [(s.meta.get("pixel_size_mm"), s.meta.get("hc_mm"), float(sc)) for s, sc in zip(kept, arrays["f32_scale"])]
+    return inputs, arrays["mask"].astype(np.int64), meta
+
+
+def site_maps(policy: SitePolicy, cfg: RoundConfig, which: str, head):
+    """(inputs: tuple of (N, ...) float32 arrays for the head, masks (N, S, S) int64, per-image
+    (pixel_size_mm, hc_mm, scale)) for a segmentation/HC head; only the maps it needs are cached."""
+    return _maps(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), cfg.val_fraction, cfg.seed, which,
+                 tuple(head.needs), bool(head.needs_image))
+
+
 def _build_head(cfg: RoundConfig, in_dim: int | None = None):
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
@@ -182,9 +205,14 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
     if reason:
         return Reply(STATUS_REFUSED, policy.site_name, reason=reason)
-    if cfg.task != "classify":
-        return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' training is not available at this site yet")
-    x, y = site_features(policy, cfg, "train")
+    head = _build_head(cfg)
+    _load_arrays(head, arrays)
+    if cfg.task == "classify":
+        x, y = site_features(policy, cfg, "train")
+        inputs, model, loss_fn = (torch.from_numpy(x),), head, None
+    else:
+        xs, y, _ = site_maps(policy, cfg, "train", head)
+        inputs, model, loss_fn = tuple(torch.from_numpy(a) for a in xs), MapsHead(head), PerImageSegLoss()
     n = len(y)
     if n == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no readable, labelled training images at this site")
@@ -208,14 +236,13 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
                             f"this round would reach {ledger.epsilon(release):.3f}")
 
     torch.manual_seed(_seed(cfg.seed, policy.site_name, cfg.server_round))
-    head = _build_head(cfg)
-    _load_arrays(head, arrays)
-    stats = train_head(head, torch.from_numpy(x), torch.from_numpy(y), DPConfig(
+    stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
-        noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, seed=_seed(cfg.seed, policy.site_name, cfg.server_round, "dp")))
+        noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, seed=_seed(cfg.seed, policy.site_name, cfg.server_round, "dp")),
+        loss_fn=loss_fn)
     ledger.record(Release(cfg.server_round, sigma, stats["sample_rate"], stats["steps"], cfg.max_grad_norm))
     # Only trainable parameters leave the site (fixed buffers such as the public projection stay).
-    state = {k: v.detach().cpu().numpy() for k, v in _unwrap(head).named_parameters()}
+    state = {k: v.detach().cpu().numpy() for k, v in head.named_parameters()}
     return Reply(STATUS_OK, policy.site_name, n, state, {"train_loss": stats["loss"], **ledger.figures()})
 
 
@@ -231,12 +258,14 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
 
     if cfg.task not in policy.allowed_tasks:
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
-    x, y = site_features(policy, cfg, "val")
-    if len(y) == 0:
-        return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
     head = _build_head(cfg)
     _load_arrays(head, arrays)
     head.eval()
+    if cfg.task != "classify":
+        return _evaluate_segmentation(policy, cfg, head)
+    x, y = site_features(policy, cfg, "val")
+    if len(y) == 0:
+        return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
     with torch.no_grad():
         logits = head(torch.from_numpy(x))
         loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))
@@ -246,6 +275,32 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         "auroc": float(auroc_macro_ovr(y, probs, len(cfg.labels))),
         "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(1))),
     })
+
+
+def _evaluate_segmentation(policy: SitePolicy, cfg: RoundConfig, head) -> Reply:
+    import torch
+
+    from echocare.hc import head_circumference_mm
+    from echocare.metrics import dice, hc_mae_mm
+
+    xs, y, meta = site_maps(policy, cfg, "val", head)
+    if len(y) == 0:
+        return Reply(STATUS_REFUSED, policy.site_name, reason="no readable validation images at this site")
+    preds, losses = [], []
+    loss_fn = PerImageSegLoss(reduction="none")
+    with torch.no_grad():
+        for i in range(0, len(y), 16):
+            logits = MapsHead(head)(*(torch.from_numpy(a[i:i + 16]) for a in xs))
+            losses.append(loss_fn(logits, torch.from_numpy(y[i:i + 16])).numpy())
+            preds.append(logits.argmax(1).numpy().astype(np.uint8))
+    pred = np.concatenate(preds)
+    metrics = {"val_loss": float(np.concatenate(losses).mean()), "dice": float(dice(pred > 0, y > 0))}
+    if cfg.task == "hc":
+        rows = [(p, m) for p, m in zip(pred, meta) if m[0] is not None and m[1] is not None]
+        if rows:
+            est = [head_circumference_mm(p, px / scale) if p.any() else 0.0 for p, (px, _, scale) in rows]
+            metrics["hc_mae_mm"] = float(hc_mae_mm(np.array(est), np.array([m[1] for _, m in rows])))
+    return Reply(STATUS_OK, policy.site_name, len(y), metrics=metrics)
 
 
 __all__ = ["RoundConfig", "Reply", "train_round", "evaluate_round", "site_features", "ACCOUNTANT",

@@ -92,13 +92,20 @@ class ServerConfig:
             sha = sha256_file(self.encoder_checkpoint)
         return EncoderRef(self.encoder_config, self.encoder_checkpoint or None, sha, self.encoder_seed)
 
+    def task_labels(self) -> list[str]:
+        labels = [s.strip() for s in self.labels.split(",") if s.strip()]
+        if self.task == "classify":
+            return labels
+        default = ["background", "head"] if self.task == "hc" else ["background", "lesion"]
+        return labels if self.labels != ServerConfig.labels and len(labels) >= 2 else default
+
     def round_config(self, run_key: str) -> RoundConfig:
         from echocare.preprocess import PreprocessSpec
 
-        return RoundConfig(task=self.task, labels=[s.strip() for s in self.labels.split(",") if s.strip()],
+        return RoundConfig(task=self.task, labels=self.task_labels(),
                            encoder=self.encoder_ref(),
                            head={"hidden": self.head_hidden, **({"proj_dim": self.feature_projection} if self.feature_projection > 0 else {})}
-                           if self.task == "classify" else {},
+                           if self.task == "classify" else {"variant": "light"},
                            preprocess=PreprocessSpec().to_dict(), local_epochs=self.local_epochs,
                            batch_size=self.batch_size, lr=self.lr, max_grad_norm=self.max_grad_norm,
                            target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier,

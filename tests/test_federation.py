@@ -188,3 +188,18 @@ def test_busi_subset_federation(tmp_path, busi_root):
     report = simulate(cfg)
     _check_report(report, Path(cfg.out))
     assert report["labels"] == ["benign", "malignant", "normal"]
+
+
+def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
+    """Fetal head circumference: a light segmentation head over cached encoder maps, DP-SGD with a
+    per-image loss (ghost clipping), HC in mm from the fitted ellipse at each site."""
+    cfg = _cfg(tmp_path, "hc", data=f"hc18:{hc18_root}?limit=40&seed=0", task="hc", sites=2, local_epochs=2,
+               batch_size=16, lr=0.05)
+    report = simulate(cfg)
+    assert report["labels"] == ["background", "head"] and report["metric"] == "hc_mae_mm"
+    agg = {r["round"]: r["aggregated"]["evaluate"] for r in report["rounds"]}
+    assert {"dice", "hc_mae_mm"} <= set(agg[2])
+    assert agg[2]["val_loss"] < agg[0]["val_loss"], agg
+    assert (Path(cfg.out) / "hc_mae_mm_per_round.png").exists()
+    for site, e in report["rounds"][2]["sites"].items():
+        assert e["privacy"]["epsilon"] <= 8.0 * 1.01 and e["privacy"]["steps"] > 0
