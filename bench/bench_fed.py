@@ -1,0 +1,254 @@
+"""Federation benchmarks (issue: hospitals fine-tune EchoCare heads with DP in Flower).
+
+Prints ratios measured side by side in one run (this machine is noisy), never asserts timings:
+
+  cache    round time at a site with the feature cache vs recomputing features every round
+  dp       DP-SGD epoch time vs non-DP on the same head and features (target <= 1.5x)
+  bytes    bytes a site sends per round vs the bytes of the full encoder + head
+  scale    N simulated hospitals x R rounds (default 100 x 10), DP on, cached: wall time, peak memory
+           (target <= 5 min and 4 GB on 2 cores)
+  quality  BUSI 3-class, 3 sites, Dirichlet 0.5, epsilon 8: macro AUROC of the federated DP head vs a
+           centralised non-DP head on the same features and encoder
+
+Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|all] [--encoder echocare-tiny] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+import logging  # noqa: E402
+
+logging.disable(logging.WARNING)
+
+REPO = Path(__file__).resolve().parents[1]
+BUSI = Path(os.environ.get("ECHOFLEET_SHARED_DATA", REPO.parent / "shared" / "data")) / "busi" / "Dataset_BUSI_with_GT"
+
+
+def _policy(tmp: Path, data: str, **kw):
+    from fed.policy import SitePolicy
+
+    return SitePolicy(data=data, site_name="bench-site", state_dir=str(tmp / "state"), **kw)
+
+
+def bench_cache(encoder: str, n: int) -> dict:
+    """One site, one round: (features + DP training) recomputing features vs reading the cache."""
+    from fed import task
+    from fed.features import EncoderRef
+    from fed.task import RoundConfig, train_round
+    from server.server_app import ServerConfig, initial_head
+
+    tmp = Path(tempfile.mkdtemp())
+    data = f"phantom:{n}?seed=3"
+    cfg = ServerConfig(encoder_config=encoder, run_dir=str(tmp / "run"), labels="benign,malignant,normal",
+                       public_cache_dir=str(tmp / "public"))
+    rc = cfg.round_config("bench")
+    weights = initial_head(rc, cfg)
+
+    def one_round(fresh_cache: bool) -> float:
+        if fresh_cache:
+            shutil.rmtree(tmp / "state" / "features", ignore_errors=True)
+        task._features.cache_clear()  # no in-process memo: measure the disk cache itself
+        t = time.perf_counter()
+        rep = train_round(_policy(tmp, data), rc, weights)
+        assert rep.status == "ok", rep.reason
+        return time.perf_counter() - t
+
+    one_round(True)  # warm imports and the split
+    recompute = [one_round(True) for _ in range(2)]
+    cached = [one_round(False) for _ in range(3)]
+    r = {"images": int(n * 0.8), "encoder": encoder, "recompute_s": min(recompute), "cached_s": min(cached)}
+    r["speedup"] = r["recompute_s"] / r["cached_s"]
+    shutil.rmtree(tmp, ignore_errors=True)
+    return r
+
+
+def bench_dp(dim: int, n: int, proj: int) -> dict:
+    """Same head, same features, one epoch: Opacus DP-SGD (ghost clipping) vs plain SGD."""
+    import torch
+
+    from echocare.models.heads import ClassifyHead
+    from fed.dp import DPConfig, train_head
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dim, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    out = {}
+    for mode, nm in (("plain", 0.0), ("dp", 1.0), ("dp_hooks", 1.0)):
+        times = []
+        for rep in range(4):
+            head = ClassifyHead(dim, 3, proj_dim=proj)
+            t = time.perf_counter()
+            train_head(head, x, y, DPConfig(epochs=1, batch_size=64, noise_multiplier=nm,
+                                            grad_sample_mode="hooks" if mode == "dp_hooks" else "ghost"))
+            times.append(time.perf_counter() - t)
+        out[mode] = min(times[1:])
+    return {"n": n, "dim": dim, "proj_dim": proj, "plain_s": out["plain"], "dp_ghost_s": out["dp"],
+            "dp_hooks_s": out["dp_hooks"], "ratio_ghost": out["dp"] / out["plain"], "ratio_hooks": out["dp_hooks"] / out["plain"]}
+
+
+def bench_bytes(encoder: str) -> dict:
+    """What leaves a site per round (the reply's arrays + metrics) vs shipping encoder + head."""
+    from echocare.models.encoder import build_encoder, get_config
+    from echocare.models.heads import build_head
+
+    enc = build_encoder(encoder)
+    head = build_head("classify", get_config(encoder), 3, proj_dim=64)
+    sent = sum(p.numel() * p.element_size() for p in head.parameters()) + 12 * 8  # + ~12 float metrics
+    full = sum(t.numel() * t.element_size() for t in enc.state_dict().values()) + \
+        sum(t.numel() * t.element_size() for t in head.state_dict().values())
+    return {"encoder": encoder, "sent_bytes": sent, "encoder_plus_head_bytes": full, "fraction": sent / full}
+
+
+def _peak_rss(stop: threading.Event, out: dict) -> None:
+    import psutil
+
+    me = psutil.Process()
+    peak = 0
+    while not stop.is_set():
+        total = 0
+        procs = [me] + me.children(recursive=True)
+        seen = {p.pid for p in procs}
+        for p in psutil.process_iter(["pid", "cmdline"]):  # Ray workers are not always our children
+            try:
+                if p.pid not in seen and any("ray" in c for c in (p.info["cmdline"] or [])[:2]):
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak = max(peak, total)
+        time.sleep(0.5)
+    out["peak_rss_gb"] = peak / 2**30
+
+
+def bench_scale(sites: int, rounds: int, encoder: str, per_site: int) -> dict:
+    from fed.simulation import SimulationConfig, simulate
+
+    tmp = Path(tempfile.mkdtemp())
+    cache = tmp / "cache"
+    data = f"phantom:{sites * per_site}?seed=5"
+    warm = SimulationConfig(data=data, sites=sites, rounds=1, encoder=encoder, out=str(tmp / "warm"), cache_dir=str(cache),
+                            batch_size=8, local_epochs=1)
+    t = time.perf_counter()
+    simulate(warm)  # fills every site's feature cache (first round of a real run)
+    warm_s = time.perf_counter() - t
+    stop, mem = threading.Event(), {}
+    th = threading.Thread(target=_peak_rss, args=(stop, mem), daemon=True)
+    th.start()
+    t = time.perf_counter()
+    report = simulate(SimulationConfig(**{**warm.__dict__, "rounds": rounds, "out": str(tmp / "run")}))
+    wall = time.perf_counter() - t
+    stop.set()
+    th.join()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"sites": sites, "rounds": rounds, "images_per_site": per_site, "feature_warmup_s": warm_s,
+            "wall_s_cached": wall, "peak_rss_gb": mem.get("peak_rss_gb"), "rounds_completed": report["rounds_completed"],
+            "target": "<= 300 s and <= 4 GB"}
+
+
+def bench_quality(encoder: str, limit: int | None) -> dict:
+    """Federated DP (3 sites, Dirichlet 0.5, eps 8) vs centralised non-DP head on the same features."""
+    import torch
+
+    from echocare.metrics import auroc_macro_ovr
+    from fed import task
+    from fed.dp import DPConfig, train_head
+    from fed.policy import SitePolicy
+    from fed.simulation import SimulationConfig, simulate
+    from fed.task import RoundConfig, site_features
+    from server.server_app import ServerConfig, initial_head
+
+    if not BUSI.exists():
+        return {"skipped": f"BUSI not found at {BUSI}"}
+    tmp = Path(tempfile.mkdtemp())
+    data = f"busi:{BUSI}" + (f"?limit={limit}&seed=0" if limit else "")
+    cfg = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=5, epsilon=8.0, encoder=encoder,
+                           out=str(tmp / "fed"), cache_dir=str(tmp / "cache"), local_epochs=5, batch_size=64, lr=0.5)
+    report = simulate(cfg)
+    fed_auroc = report["rounds"][-1]["aggregated"]["evaluate"]["auroc"]
+    # centralised, non-DP: the union of the same sites' train splits, evaluated on the union of their val splits
+    scfg = ServerConfig(encoder_config=encoder, run_dir=str(tmp / "central"), public_cache_dir=str(tmp / "cache"))
+    rc = RoundConfig.from_record(json.loads(json.dumps(scfg.round_config("c").to_record())))
+    xs, ys, xv, yv = [], [], [], []
+    for k in range(3):
+        pol = SitePolicy.__new__(SitePolicy)
+        pol = SitePolicy(data=data, site_name=f"site-{k}", state_dir=str(tmp / "fed" / "sites" / f"site-{k}" / "state"),
+                         partition="dirichlet:0.5", partition_index=k, partition_count=3, partition_seed=0,
+                         cache_dir=str(tmp / "cache"))
+        a, b = site_features(pol, rc, "train")
+        c, d = site_features(pol, rc, "val")
+        xs.append(a), ys.append(b), xv.append(c), yv.append(d)
+    head = task._build_head(rc)
+    task._load_arrays(head, initial_head(rc, scfg))
+    train_head(head, torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+               DPConfig(epochs=200, batch_size=64, lr=0.1, momentum=0.9, noise_multiplier=0.0))
+    with torch.no_grad():
+        p = torch.softmax(head(torch.from_numpy(np.concatenate(xv))), 1).numpy()
+    central = float(auroc_macro_ovr(np.concatenate(yv), p, 3))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"encoder": encoder, "encoder_weights": "seeded random init (no released EchoCare weights offline)",
+            "images": "all 618" if not limit else limit, "federated_dp_eps8_auroc": fed_auroc,
+            "centralised_non_dp_auroc": central, "cost_of_federation_and_privacy": central - fed_auroc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", nargs="?", default="all", choices=["cache", "dp", "bytes", "scale", "quality", "all"])
+    ap.add_argument("--encoder", default="echocare-tiny")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (scale: 20 sites x 3 rounds; quality: 150 images)")
+    ap.add_argument("--sites", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    a = ap.parse_args()
+    todo = ["cache", "dp", "bytes", "scale", "quality"] if a.which == "all" else [a.which]
+    results = {}
+    for name in todo:
+        t = time.perf_counter()
+        if name == "cache":
+            r = bench_cache(a.encoder, 60 if a.quick else 150)
+            line = f"round with cache vs recompute: {r['recompute_s']:.2f}s -> {r['cached_s']:.2f}s  ({r['speedup']:.1f}x faster)"
+        elif name == "dp":
+            r = bench_dp(744, 2000, 64)
+            line = (f"DP-SGD / plain epoch time: ghost {r['ratio_ghost']:.2f}x, default hooks {r['ratio_hooks']:.2f}x "
+                    "(target <= 1.5x)")
+        elif name == "bytes":
+            r = bench_bytes(a.encoder)
+            r2 = bench_bytes("echocare")
+            results["bytes_echocare"] = r2
+            line = (f"bytes sent per site per round / encoder+head: {a.encoder} {r['fraction']:.2e} "
+                    f"({r['sent_bytes']} B), echocare {r2['fraction']:.2e} ({r2['sent_bytes']} B of {r2['encoder_plus_head_bytes'] / 1e6:.0f} MB)")
+        elif name == "scale":
+            sites = a.sites or (20 if a.quick else 100)
+            rounds = a.rounds or (3 if a.quick else 10)
+            r = bench_scale(sites, rounds, a.encoder, 20)
+            line = (f"{sites} hospitals x {rounds} rounds, DP on, cached: {r['wall_s_cached']:.0f}s wall "
+                    f"(+{r['feature_warmup_s']:.0f}s first-round feature extraction), peak RSS {r['peak_rss_gb']:.2f} GB "
+                    "(target <= 300 s, <= 4 GB)")
+        else:
+            r = bench_quality(a.encoder, 150 if a.quick else None)
+            line = ("skipped: " + r["skipped"]) if "skipped" in r else (
+                f"BUSI macro AUROC: federated DP eps=8 {r['federated_dp_eps8_auroc']:.3f} vs centralised non-DP "
+                f"{r['centralised_non_dp_auroc']:.3f} (encoder {r['encoder']}, {r['encoder_weights']})")
+        results[name] = r
+        print(f"[{name}] {line}   ({time.perf_counter() - t:.0f}s)", flush=True)
+    print(json.dumps(results, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
