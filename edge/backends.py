@@ -44,10 +44,18 @@ class SessionInfo:
 
 
 class OpenVINOSession:
-    """An OpenVINO compiled model (IR ``.xml`` or ``.onnx``) with an explicit inference precision."""
+    """An OpenVINO model (IR ``.xml`` or ``.onnx``) with an explicit inference precision.
+
+    With ``static_batch`` (default) the model is reshaped to the exact batch size of each call and
+    compiled once per size (kept in a small cache): OpenVINO's CPU plugin runs static shapes
+    markedly faster than the dynamic batch axis (about 1.5x at batch 1 on the full encoder here).
+    """
+
+    MAX_COMPILED = 4
 
     def __init__(self, model_path: Path, inference_precision: str = "f32", *, device: str = "CPU",
-                 num_threads: int | None = None, performance_hint: str = "LATENCY", graph_precision: str = "fp32"):
+                 num_threads: int | None = None, performance_hint: str = "LATENCY", graph_precision: str = "fp32",
+                 static_batch: bool = True):
         if not backend_installed("openvino"):
             raise BackendUnavailable("OpenVINO is not installed: pip install 'echofleet[edge]' (or openvino)")
         if inference_precision not in OV_PRECISIONS:
@@ -55,24 +63,42 @@ class OpenVINOSession:
         import openvino as ov
 
         self.model_path = Path(model_path)
-        core = ov.Core()
-        config: dict = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": performance_hint}
+        self._core = ov.Core()
+        self._device, self._static = device, static_batch
+        self._config: dict = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": performance_hint}
         if num_threads:
-            config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            self._config["INFERENCE_NUM_THREADS"] = int(num_threads)
         try:
-            model = core.read_model(str(self.model_path))
+            self._model = self._core.read_model(str(self.model_path))
         except RuntimeError as e:
             raise RuntimeError(f"{self.model_path}: OpenVINO cannot read the model ({str(e).splitlines()[0]})") from None
-        self._compiled = core.compile_model(model, device, config)
-        self._request = self._compiled.create_infer_request()
-        effective = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self._requests: dict[int | None, object] = {}
+        compiled = self._request_for(1 if static_batch else None)
+        effective = str(compiled.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
         self.info = SessionInfo("openvino", device, graph_precision,
                                 {"inference_precision": _ov_type_name(effective), "requested": inference_precision,
-                                 "performance_hint": performance_hint})
+                                 "performance_hint": performance_hint, "static_batch": static_batch})
+
+    def _request_for(self, batch: int | None):
+        """An infer request for this batch size (None: the model's own, dynamic, shape)."""
+        req = self._requests.get(batch)
+        if req is None:
+            model = self._model
+            if batch is not None:
+                model = self._model.clone()
+                shape = list(model.input(0).get_partial_shape())
+                shape[0] = batch
+                model.reshape({model.input(0): shape})
+            if len(self._requests) >= self.MAX_COMPILED:
+                self._requests.pop(next(iter(self._requests)))
+            req = self._core.compile_model(model, self._device, self._config).create_infer_request()
+            self._requests[batch] = req
+        return req
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        self._request.infer({0: np.ascontiguousarray(x, np.float32)})
-        return np.array(self._request.get_output_tensor(0).data, copy=True)
+        req = self._request_for(len(x) if self._static else None)
+        req.infer({0: np.ascontiguousarray(x, np.float32)})
+        return np.array(req.get_output_tensor(0).data, copy=True)
 
 
 class OnnxRuntimeSession:

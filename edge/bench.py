@@ -64,20 +64,6 @@ class BenchReport:
                 "image_size": self.image_size, "machine": self.machine, "notes": self.notes}
 
 
-def time_calls(run: Callable[[np.ndarray], Any], x: np.ndarray, *, warmup: int = 3, iters: int = 20,
-               min_seconds: float = 0.0) -> np.ndarray:
-    """Wall-clock seconds of ``iters`` calls (at least ``min_seconds`` in total) after ``warmup`` calls."""
-    for _ in range(warmup):
-        run(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    return np.asarray(times)
-
-
 def _row(label: str, backend: str, precision: str, compute: str, t1: np.ndarray, tn: np.ndarray, batch: int,
          flops: int | None, peak: float | None) -> BenchRow:
     p50 = float(np.median(t1))
@@ -104,59 +90,93 @@ class _PeakCache:
         return self._cache[key]
 
 
-def bench_torch(model_dir: str | Path, size: int, *, batch: int = 8, warmup: int = 1, iters: int = 10,
-                flops: int | None = None, peak: _PeakCache | None = None) -> BenchRow:
-    """PyTorch FP32 eager (``torch.inference_mode``) on the task model: the baseline row."""
+@dataclass
+class _Runner:
+    label: str
+    backend: str
+    precision: str
+    compute: str
+    run: Callable[[np.ndarray], Any]
+    t1: list[float] = field(default_factory=list)
+    tn: list[float] = field(default_factory=list)
+
+
+def torch_runner(model_dir: str | Path) -> Callable[[np.ndarray], Any]:
+    """PyTorch FP32 eager (``torch.inference_mode``) on the task model: the baseline."""
     import torch
 
     from echocare.models.task_model import load_task_model
 
     model, _ = load_task_model(model_dir)
     model.eval()
-    x1, xn = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
 
-    def run(x):
+    def run(x: np.ndarray):
         with torch.inference_mode():
-            return model(x)
+            return model(torch.from_numpy(x))
 
-    t1 = time_calls(run, x1, warmup=warmup, iters=iters)
-    tn = time_calls(run, xn, warmup=1, iters=max(2, iters // 4))
-    # Eager fp32 matmuls: compare against the OpenVINO f32 matmul peak (same MKL-class kernels).
-    pk = peak.get("openvino", "f32") if peak and backend_installed("openvino") else None
-    return _row("pytorch-eager", "torch", "fp32", "f32", t1, tn, batch, flops, pk)
+    return run
+
+
+def _timed(run: Callable[[np.ndarray], Any], x: np.ndarray) -> float:
+    t = time.perf_counter()
+    run(x)
+    return time.perf_counter() - t
 
 
 def bench_candidates(candidates: list[Candidate], size: int, *, flops: int | None = None, batch: int = 8,
                      warmup: int = 3, iters: int = 20, torch_model: str | Path | None = None, with_peak: bool = True,
                      num_threads: int | None = None, progress: Callable[[str], None] | None = None,
                      peak_shapes=SHAPES) -> BenchReport:
-    """Time each candidate (and the PyTorch baseline when ``torch_model`` is given) in this one run."""
+    """Time each candidate (and the PyTorch baseline when ``torch_model`` is given) in this one run.
+
+    Timing is round-robin: iteration *i* runs every model once before iteration *i+1* starts, so
+    on a shared machine every model sees the same background load (sequential blocks would hand
+    whichever model ran during a quiet minute an unfair ratio). ``iters`` batch-1 calls per model
+    give p50/p95; ``max(2, iters // 4)`` batch-N calls give the throughput.
+    """
     peak = _PeakCache(with_peak, num_threads, peak_shapes)
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
     xn = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    rows, notes = [], []
-    baseline = None
+    runners: list[_Runner] = []
+    notes: list[str] = []
     if torch_model is not None:
-        if progress:
-            progress("pytorch-eager")
         try:
-            baseline = bench_torch(torch_model, size, batch=batch, iters=max(3, iters // 2), flops=flops, peak=peak)
-            rows.append(baseline)
+            runners.append(_Runner("pytorch-eager", "torch", "fp32", "f32", torch_runner(torch_model)))
         except ImportError:
             notes.append("PyTorch not installed here: no eager baseline (run bench on a machine with torch for the ratio)")
     for c in candidates:
-        if progress:
-            progress(c.label)
         session = open_session(c.path, c.backend, inference_precision=c.inference_precision or "f32",
                                graph_precision=c.graph_precision, num_threads=num_threads)
-        t1 = time_calls(session.run, x1, warmup=warmup, iters=iters)
-        tn = time_calls(session.run, xn, warmup=1, iters=max(3, iters // 4))
-        compute = compute_precision(c.backend, c.graph_precision, c.inference_precision)
-        rows.append(_row(c.label, c.backend, c.graph_precision, compute, t1, tn, batch, flops, peak.get(c.backend, compute)))
-    if baseline is not None:
-        for r in rows:
-            r.speedup_vs_torch = baseline.p50_ms / r.p50_ms
+        runners.append(_Runner(c.label, c.backend, c.graph_precision,
+                               compute_precision(c.backend, c.graph_precision, c.inference_precision), session.run))
+    for r in runners:  # warm-up (and OpenVINO's per-batch-size compilation) outside the timed loop
+        if progress:
+            progress(f"warm-up {r.label}")
+        for _ in range(max(1, warmup)):
+            r.run(x1)
+        r.run(xn)
+    for i in range(iters):
+        if progress:
+            progress(f"batch 1, round {i + 1}/{iters}")
+        for r in runners:
+            r.t1.append(_timed(r.run, x1))
+    rounds = max(2, iters // 4)
+    for i in range(rounds):
+        if progress:
+            progress(f"batch {batch}, round {i + 1}/{rounds}")
+        for r in runners:
+            r.tn.append(_timed(r.run, xn))
+    rows = []
+    for r in runners:
+        if progress:
+            progress(f"matmul peak {r.backend} {r.compute}")
+        # PyTorch eager fp32 matmuls are compared with the OpenVINO f32 matmul peak (oneDNN/MKL-class kernels).
+        pk = peak.get("openvino" if r.backend == "torch" else r.backend, r.compute) if (r.backend != "torch" or backend_installed("openvino")) else None
+        rows.append(_row(r.label, r.backend, r.precision, r.compute, np.asarray(r.t1), np.asarray(r.tn), batch, flops, pk))
+    if runners and runners[0].backend == "torch":
+        for row in rows:
+            row.speedup_vs_torch = rows[0].p50_ms / row.p50_ms
     return BenchReport(rows, flops, size, machine_info(num_threads), notes)
 
 

@@ -123,6 +123,9 @@ def torch_to_onnx(model: "nn.Module", out_path: Path, size: int, opset: int = 17
     # warnings about constants are expected for a fixed-size export.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # MONAI's InstanceNorm (affine=False, no running stats) always normalises with the input's
+        # own statistics; the exporter's "train=True" note about it is expected (parity checks it).
+        warnings.filterwarnings("ignore", message=".*instance_norm.*", category=UserWarning)
         torch.onnx.export(
             model, (x,), str(out_path), dynamo=False, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

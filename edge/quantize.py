@@ -194,9 +194,13 @@ def quantize_qdq(onnx_path: Path, calib: np.ndarray, out_path: Path, config: Qua
         prepped = Path(tmp) / "prepped.onnx"
         try:
             quant_pre_process(str(onnx_path), str(prepped), skip_symbolic_shape=False)
-        except Exception as e:  # symbolic shape inference can fail on exotic graphs: quantize unprepared
-            log.warning("%s: quant_pre_process failed (%s); quantizing the model as exported", onnx_path, e)
-            shutil.copyfile(onnx_path, prepped)
+        except Exception as e:  # symbolic shape inference fails on the full Swin's padded window shapes
+            log.info("%s: symbolic shape inference failed (%s); pre-processing with ONNX shape inference only", onnx_path, e)
+            try:
+                quant_pre_process(str(onnx_path), str(prepped), skip_symbolic_shape=True)
+            except Exception as e2:
+                log.warning("%s: quant_pre_process failed (%s); quantizing the model as exported", onnx_path, e2)
+                shutil.copyfile(onnx_path, prepped)
         staged = Path(tmp) / out_path.name
         try:
             quantize_static(

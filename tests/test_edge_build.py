@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge.build import BuildConfig, build
-from edge.bundle import BundleError, generate_keypair, verify_bundle
+from edge.bundle import BundleError, generate_keypair
 from edge.gate import GateBounds, GateFailed
 from edge.runtime import load_bundle
 from edge_helpers import LABELS, busi_spec, fake_run_dir, fresh_model, run_py, torch_free_env, trained_classifier
