@@ -38,6 +38,10 @@ class DPConfig:
     noise_multiplier: float = 1.0  # 0 disables DP (plain SGD; for benchmarks and baselines only)
     proximal_mu: float = 0.0  # FedProx: pull towards the global weights (data-independent step)
     optimizer: str = "sgd"  # sgd | adam (DP-Adam: noise is added before Adam's update, post-processing)
+    # A head whose only trainable layer is one nn.Linear gets exact per-example gradient norms in
+    # closed form (|dL/dz| * sqrt(|x|^2 + 1), what ghost clipping computes) without Opacus' hooks;
+    # same Poisson sampler, same Gaussian mechanism, same accounting.
+    fast_linear: bool = True
     grad_sample_mode: str = "ghost"
     seed: int = 0
 
@@ -70,6 +74,10 @@ def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: t
     Returns {"loss": mean training loss, "steps": optimizer steps, "sample_rate": q}.
     Deterministic for a given ``cfg.seed`` (sampling and noise both come from seeded generators).
     """
+    lin = _single_linear(head) if (cfg.fast_linear and loss_fn is None and not isinstance(x, tuple)
+                                    and cfg.noise_multiplier > 0 and cfg.proximal_mu == 0) else None
+    if lin is not None:
+        return _train_linear_dp(head, lin, x, y, cfg)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     xs = x if isinstance(x, tuple) else (x,)
     n = len(y)
@@ -154,3 +162,65 @@ class MapsHead(nn.Module):
         if getattr(self.head, "needs_image", False):
             return self.head(list(maps[:-1]), maps[-1])
         return self.head(list(maps), None)
+
+
+def _single_linear(head: nn.Module) -> nn.Linear | None:
+    """The head's only trainable layer when it is one nn.Linear (and nothing else trains), else None."""
+    trainable = [m for m in head.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    if len(trainable) == 1 and isinstance(trainable[0], nn.Linear) and trainable[0].bias is not None:
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in head.modules()):
+            return trainable[0]
+    return None
+
+
+def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig) -> dict:
+    """DP-SGD for a head that is a fixed input transform followed by one trainable nn.Linear.
+
+    Per example i with softmax cross-entropy, dL_i/dW = d_i x_i^T and dL_i/db = d_i, where
+    d_i = softmax(z_i) - onehot(y_i); so the per-example gradient norm is |d_i| sqrt(|x_i|^2 + 1),
+    exactly. Clipping, the Gaussian noise (std sigma*C on the summed clipped gradient), the division
+    by the expected batch size and Poisson sampling (Opacus' UniformWithReplacementSampler) are those
+    of Opacus' DPOptimizer, so the RDP accounting of the ledger applies unchanged.
+    """
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    n = len(y)
+    q = sample_rate(n, cfg.batch_size)
+    feats: list[torch.Tensor] = []
+    hook = lin.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach()))
+    with torch.no_grad():
+        head.eval()
+        head(x)
+    hook.remove()
+    xt = feats[0]  # the Linear's inputs (after any fixed projection)
+    sq = xt.pow(2).sum(1).add(1.0).sqrt()
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(cfg.seed),
+                                            steps=steps_per_epoch(n, cfg.batch_size))
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    optimizer = (torch.optim.Adam(lin.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
+                 else torch.optim.SGD(lin.parameters(), lr=cfg.lr, momentum=cfg.momentum))
+    expected_batch = q * n
+    steps, total, count = 0, 0.0, 0
+    k = lin.out_features
+    for _ in range(cfg.epochs):
+        for idx in sampler:
+            steps += 1
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            gw = torch.zeros_like(lin.weight)
+            gb = torch.zeros_like(lin.bias)
+            if len(idx):
+                xb, yb = xt[idx], y[idx]
+                with torch.no_grad():
+                    z = xb @ lin.weight.T + lin.bias
+                    d = torch.softmax(z, 1) - nn.functional.one_hot(yb, k).to(z.dtype)
+                    factor = (cfg.max_grad_norm / (d.norm(dim=1) * sq[idx] + 1e-6)).clamp(max=1.0)
+                    dc = d * factor[:, None]
+                    gw, gb = dc.T @ xb, dc.sum(0)
+                    total += float(nn.functional.cross_entropy(z, yb, reduction="sum"))
+                    count += len(idx)
+            std = cfg.noise_multiplier * cfg.max_grad_norm
+            lin.weight.grad = (gw + torch.normal(0.0, std, gw.shape, generator=noise_gen)) / expected_batch
+            lin.bias.grad = (gb + torch.normal(0.0, std, gb.shape, generator=noise_gen)) / expected_batch
+            optimizer.step()
+    head.train()
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q}

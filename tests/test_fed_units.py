@@ -177,3 +177,39 @@ def test_policy_errors_name_the_file(tmp_path):
         load_policy(bad)
     with pytest.raises(PolicyError, match="not found"):
         load_policy(tmp_path / "missing.toml")
+
+
+def test_fast_linear_dp_clips_exactly_like_opacus_per_sample_gradients():
+    """The closed-form per-example norms of the linear fast path equal Opacus' own per-sample
+    gradients (GradSampleModule) on the same batch: same clipped sum."""
+    from opacus import GradSampleModule
+
+    x, y = _toy(n=40, d=16)
+    lin = torch.nn.Linear(16, 3)
+    gsm = GradSampleModule(torch.nn.Linear(16, 3), loss_reduction="sum")
+    gsm._module.load_state_dict(lin.state_dict())
+    torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    per = torch.cat([gsm._module.weight.grad_sample.flatten(1), gsm._module.bias.grad_sample], 1)
+    clip = (0.5 / (per.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    want = (per * clip[:, None]).sum(0)
+    with torch.no_grad():
+        d = torch.softmax(lin(x), 1) - torch.nn.functional.one_hot(y, 3).float()
+        norms = d.norm(dim=1) * (x.pow(2).sum(1) + 1).sqrt()
+    torch.testing.assert_close(norms, per.norm(dim=1), rtol=1e-4, atol=1e-5)
+    f = (0.5 / (norms + 1e-6)).clamp(max=1.0)
+    got = torch.cat([((d * f[:, None]).T @ x).flatten(), (d * f[:, None]).sum(0)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_linear_path_learns_like_the_opacus_path():
+    from echocare.models.heads import ClassifyHead
+
+    x, y = _toy(n=600)
+    accs = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        head = ClassifyHead(32, 3)
+        torch.nn.init.zeros_(head.net[0].weight)
+        train_head(head, x, y, DPConfig(epochs=5, lr=0.5, noise_multiplier=1.0, seed=2, fast_linear=fast))
+        accs[fast] = (head(x).argmax(1) == y).float().mean().item()
+    assert accs[True] > 0.7 and accs[False] > 0.7 and abs(accs[True] - accs[False]) < 0.1, accs
