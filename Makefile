@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  := train,dicom,edge,dev
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean proto
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# Regenerate the registry's gRPC modules from server/registry/proto/registry.proto
+proto: $(STAMP)
+	$(BIN)/python -m server.registry.proto.regenerate
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -35,6 +35,7 @@ def simulate(
     cache_dir: Optional[str] = typer.Option(None, help="Shared feature cache (default: each site's state dir)."),
     central_dp_noise: float = typer.Option(0.0, help="Central (user-level) DP noise multiplier on the server (0: off)."),
     max_update_norm: float = typer.Option(0.0, help="Reject site updates farther than this from the global head (0: off)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and the virtual sites' log lines."),
 ) -> None:
     """Run a local federation through Flower's simulation engine and write the run report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -50,7 +51,8 @@ def simulate(
                            site_epsilons=[float(x) for x in site_epsilons.split(",")] if site_epsilons else [],
                            encoder=encoder, checkpoint=checkpoint, out=str(out), strategy=strategy,
                            local_epochs=local_epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
-                           noise_multiplier=noise_multiplier, seed=seed, resume=resume, cache_dir=cache_dir, extra=extra)
+                           noise_multiplier=noise_multiplier, seed=seed, resume=resume, cache_dir=cache_dir, extra=extra,
+                           quiet=not verbose)
     with Progress(TextColumn("[bold]federation"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         t = bar.add_task("", total=rounds)

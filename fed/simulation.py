@@ -43,6 +43,7 @@ class SimulationConfig:
     resume: bool = False
     cache_dir: str | None = None
     cpus_per_site: float = 1.0
+    quiet: bool = False  # hide Flower's and the virtual sites' own log lines (progress comes from `progress`)
     extra: dict = field(default_factory=dict)  # further run-config keys (dashes), e.g. {"max-update-norm": 5}
 
 
@@ -103,11 +104,18 @@ def simulate(cfg: SimulationConfig, progress=None, client_app=None) -> dict:
     def _main(grid, context) -> None:
         out["report"] = run_federation(grid, server_cfg, progress=progress)
 
+    init_args = {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False}
+    flwr_log = logging.getLogger("flwr")
+    old_level = flwr_log.level
+    if cfg.quiet:
+        init_args["log_to_driver"] = False
+        flwr_log.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server, client_app=(client_app or make_client_app)(str(sites_dir)), num_supernodes=cfg.sites,
                        backend_config={"client_resources": {"num_cpus": cfg.cpus_per_site, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False}})
+                                       "init_args": init_args})
+    flwr_log.setLevel(old_level)
     if "report" not in out:
         raise RuntimeError(f"the federation in {run_dir} did not complete; see the log above")
     return out["report"]
