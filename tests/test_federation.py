@@ -115,6 +115,18 @@ def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, shared_ca
     for site in report["rounds"][1]["sites"]:
         assert report["rounds"][2]["sites"][site]["privacy"]["epsilon"] > report["rounds"][1]["sites"][site]["privacy"]["epsilon"]
 
+    # `echofleet evaluate` on held-out phantoms (another seed) through the CLI, JSON out
+    from typer.testing import CliRunner
+
+    from echocare.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", "phantom:45?seed=77", "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output.strip().splitlines()[-1])
+    assert ev["n"] == 45 and 0.5 < ev["auroc"] <= 1.0 and 0.0 <= ev["balanced_accuracy"] <= 1.0
+    bad = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), "--data", "phantom:5"])
+    assert bad.exit_code == 2 and "no global model" in bad.output
+
     # What actually left the sites: head parameters of the head's shapes, whitelisted numbers, the pseudonym.
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
