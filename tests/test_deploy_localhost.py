@@ -7,8 +7,9 @@
    (the Flower CLI and a SuperNode), each next to the same call that works (registered key / TLS), so
    the refusals cannot pass by accident.
 
-Every process runs in its own process group inside a temp run dir and is stopped on failure too; a
-watchdog kills whatever ``processes.json`` lists that is still alive.
+Every process runs in its own process group inside a temp run dir and is stopped on failure too; the
+tests then look for any process left whose command line or environment names the run dir (there must
+be none) and kill it.
 """
 
 from __future__ import annotations
@@ -41,26 +42,29 @@ def _example():
     return module
 
 
-def _alive_leftovers(run_dir: Path) -> list[dict]:
-    """Processes the example recorded that still run (checked by pid AND a command line naming run_dir)."""
-    listed = run_dir / "processes.json"
-    if not listed.exists():
-        return []
+def _alive_leftovers(run_dir: Path) -> list[tuple[int, str]]:
+    """Live processes whose command line or environment names ``run_dir``, other than this test's own:
+    the example's SuperLink and SuperNodes and every helper Flower starts for them (flower-superexec,
+    flwr-serverapp, flwr-clientapp inherit ``FLWR_HOME`` inside the run dir)."""
     alive = []
-    for p in json.loads(listed.read_text()):
-        try:
-            cmdline = Path(f"/proc/{p['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
-        if str(run_dir) in cmdline and Path(f"/proc/{p['pid']}/stat").read_text().split()[2] != "Z":
-            alive.append(p)
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if (str(run_dir) in cmdline or str(run_dir) in environ) and state != "Z":
+            alive.append((int(proc.name), cmdline[:200]))
     return alive
 
 
 def _kill_leftovers(run_dir: Path) -> None:
-    for p in _alive_leftovers(run_dir):
+    for pid, _ in _alive_leftovers(run_dir):
         try:
-            os.killpg(p["pid"], signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -138,11 +142,17 @@ def test_superlink_refuses_unregistered_and_plaintext_and_keeps_registrations(tm
             d.start_supernode(registered)
             d.wait_online([registered.name])
 
-            # (a) an unregistered SuperNode is refused by the SuperLink and gives up
+            # (a) an unregistered SuperNode is refused by the SuperLink and gives up ...
             refused = d.start_supernode(stranger, max_wait=20)
             assert refused.popen.wait(timeout=120) != 0
             assert "Failed to activate SuperNode" in refused.log.read_text()
             assert "No SuperNode found with the given public key" in (d.run_dir / "logs" / "superlink.log").read_text()
+            # ... and so is one that presents no key at all (what --enable-supernode-auth adds: without
+            # the flag such a SuperNode is let in; measured with Flower 1.42)
+            keyless = d.start(f"supernode-{stranger.name}-keyless", d.supernode_command(stranger, key=False, max_wait=20),
+                              stranger.root, stranger.flwr_home)
+            assert keyless.popen.wait(timeout=120) != 0
+            assert "SuperNode authentication is enabled" in keyless.log.read_text()
             assert d.nodes() == {d.node_ids[registered.name]: "online"}
 
             # (b) plaintext: the CLI over an insecure connection fails where the TLS one works ...
@@ -150,18 +160,15 @@ def test_superlink_refuses_unregistered_and_plaintext_and_keeps_registrations(tm
             plain = d.flwr("supernode", "list", connection="plaintext", check=False, timeout=120)
             assert not plain.ok and "unavailable" in plain.reason.lower(), plain
             assert d.flwr("supernode", "list").ok
-            # ... and a SuperNode dialing plaintext HTTP cannot even reach the Fleet API
-            stranger.port = example.free_port()
+            # ... a SuperNode dialing plaintext HTTP cannot even reach the Fleet API ...
             plain_node = d.start(f"supernode-{stranger.name}-plaintext",
-                                 d.supernode_command(stranger, insecure=True, max_wait=15),
+                                 d.supernode_command(stranger, tls=False, key=False, max_wait=15),
                                  stranger.root, stranger.flwr_home)
             assert plain_node.popen.wait(timeout=120) != 0
             assert "Failed to initialize the connection to the SuperLink" in plain_node.log.read_text()
             # ... and a SuperNode asked to authenticate over plaintext refuses by itself (auth needs TLS)
-            keyed = d.start(f"supernode-{registered.name}-plaintext",
-                            d.supernode_command(stranger, insecure=True, max_wait=15)
-                            + ["--auth-supernode-private-key", str(registered.private_key)],
-                            stranger.root, stranger.flwr_home)
+            keyed = d.start(f"supernode-{stranger.name}-plaintext-keyed",
+                            d.supernode_command(stranger, tls=False, max_wait=15), stranger.root, stranger.flwr_home)
             assert keyed.popen.wait(timeout=120) != 0
             assert "TLS is not enabled" in keyed.log.read_text()
             assert d.nodes() == {d.node_ids[registered.name]: "online"}

@@ -136,6 +136,35 @@ class FlwrReply:
         return str(self.data.get("error-message") or self.stderr.strip() or self.stdout.strip())
 
 
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Live descendants of ``pid`` as (pid, start time), read from Linux's /proc (empty elsewhere).
+
+    Needed because ``flower-superlink`` starts ``flower-superexec`` in a session of its own (and it
+    the ``flwr-serverapp``): signalling the SuperLink's process group does not reach them."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), fields[19]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _same_process(pid: int, start: str) -> bool:
+    """``pid`` still runs and is the process seen before (not a new one that reused the number)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -217,6 +246,7 @@ class Deployment:
                           for k in range(cfg.sites)]
         self.processes: list[Started] = []
         self.node_ids: dict[str, str] = {}
+        self.active_run: str | None = None  # a run submitted and not yet finished
 
     # -- paths the coordinator owns
     @property
@@ -296,11 +326,15 @@ class Deployment:
         os.replace(tmp, path)
 
     def stop(self, proc: Started, grace: float = 10.0) -> int | None:
-        """Stop one process and its children: SIGINT (Flower's graceful shutdown), SIGTERM, SIGKILL."""
+        """Stop one process and everything it started: SIGINT (Flower's graceful shutdown), a second SIGINT
+        (the SuperLink's web server waits for open connections, e.g. a ServerApp mid-run, until a second
+        Ctrl-C), SIGTERM, SIGKILL to its process group; then any descendant in a session of its own."""
         if proc.stopped:
             return proc.popen.returncode
         proc.stopped = True
-        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        family = descendants(proc.popen.pid) if proc.alive() else []
+        steps = ((signal.SIGINT, grace), (signal.SIGINT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+        for sig, wait in steps:
             if proc.popen.poll() is not None:
                 break
             try:
@@ -315,10 +349,26 @@ class Deployment:
             os.killpg(proc.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+            left = [(pid, start) for pid, start in family if _same_process(pid, start)]
+            for pid, _ in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while left and time.monotonic() < deadline and any(_same_process(*p) for p in left):
+                time.sleep(0.2)
         return proc.popen.returncode
 
     def close(self) -> None:
-        """Stop everything: SuperNodes first, the SuperLink last."""
+        """Stop everything: a run still going first (``flwr stop``), then SuperNodes, the SuperLink last."""
+        if self.active_run is not None and (link := self.latest("superlink")) is not None and link.alive():
+            try:
+                self.flwr("stop", self.active_run, check=False, timeout=60)
+            except DeployError:
+                pass  # the processes are stopped below anyway
+            self.active_run = None
         for proc in reversed(self.processes):
             self.stop(proc)
 
@@ -390,14 +440,15 @@ class Deployment:
         return {str(n["node-id"]): n["status"] for n in reply.get("nodes", [])}
 
     # -- 4. hospital: SuperNode
-    def supernode_command(self, h: Hospital, *, insecure: bool = False, max_wait: float | None = None) -> list[str]:
+    def supernode_command(self, h: Hospital, *, tls: bool = True, key: bool = True,
+                          max_wait: float | None = None) -> list[str]:
+        """The hospital's ``flower-supernode`` command. ``tls``/``key`` False: the refusals the tests show."""
         cmd = [find_tool("flower-supernode"), "--superlink", self.address]
-        if insecure:
-            cmd += ["--insecure"]
-        else:
-            cmd += ["--root-certificates", str(h.ca_cert), "--auth-supernode-private-key", str(h.private_key)]
+        cmd += ["--root-certificates", str(h.ca_cert)] if tls else ["--insecure"]
+        if key:
+            cmd += ["--auth-supernode-private-key", str(h.private_key)]
         cmd += ["--node-config", f"policy={json.dumps(str(h.policy))}", "--host", "127.0.0.1", "--port", str(h.port)]
-        if max_wait is not None:  # give up instead of retrying forever (used to show refusals)
+        if max_wait is not None:  # give up instead of retrying forever
             cmd += ["--max-retries", "3", "--max-wait-time", str(max_wait)]
         return cmd
 
@@ -439,6 +490,7 @@ class Deployment:
         overrides.write_text(toml_dumps(self.run_config()))
         reply = self.flwr("run", str(self.cfg.app), "--run-config", str(overrides), timeout=300).data
         run_id = str(reply["run-id"])
+        self.active_run = run_id
         progress(f"run {run_id} submitted (app {reply.get('fab-id')} {reply.get('fab-version')}, FAB {reply.get('fab-hash')})")
         report_path = self.federation_dir / "report.json"
         deadline, last, asked = time.monotonic() + self.cfg.timeout, "", 0.0
@@ -454,9 +506,11 @@ class Deployment:
                     progress(f"run {run_id}: {status}")
                     last = status
                 if status.startswith("finished"):
+                    self.active_run = None
                     break
             if time.monotonic() > deadline:
                 self.flwr("stop", run_id, check=False, timeout=60)
+                self.active_run = None
                 self.save_run_log(run_id)
                 raise DeployError(f"run {run_id} still '{last}' after {self.cfg.timeout:.0f} s (stopped); "
                                   f"ServerApp log: {self.coordinator / 'serverapp.log'}")
