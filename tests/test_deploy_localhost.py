@@ -70,16 +70,16 @@ def _kill_leftovers(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1300)
 def test_example_runs_a_two_round_federation_and_stops_everything(tmp_path):
     run_dir = tmp_path / "deploy"
     overrides = [f"{k}={json.dumps(v)}" for k, v in CHEAP_OVERRIDES.items() if k in APP_CONFIG]
     cmd = [sys.executable, str(EXAMPLE), "--run-dir", str(run_dir), "--sites", "3", "--rounds", "2",
-           "--timeout", "600", *[a for o in overrides for a in ("-c", o)]]
+           "--timeout", "900", *[a for o in overrides for a in ("-c", o)]]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=780)
+        out, _ = proc.communicate(timeout=1100)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGINT)  # the example stops its processes on SIGINT
         out, _ = proc.communicate(timeout=90)
@@ -124,7 +124,7 @@ def test_example_runs_a_two_round_federation_and_stops_everything(tmp_path):
     assert "epsilon" in out and "report:" in out  # the printed summary
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_superlink_refuses_unregistered_and_plaintext_and_keeps_registrations(tmp_path):
     example = _example()
     cfg = example.DeployConfig(run_dir=tmp_path / "refusals", sites=2, startup_timeout=90)
