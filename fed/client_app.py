@@ -29,12 +29,11 @@ def to_content(reply: Reply) -> RecordDict:
     """Only numbers, head parameters and the site's pseudonym leave the site."""
     content = RecordDict({
         "site": ConfigRecord({"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp"}),
-        "metrics": MetricRecord({"num-examples": int(reply.num_examples),
+        # "dp-weight": equal weights for Flower's accounted central-DP FedAvg (it averages unweighted)
+        "metrics": MetricRecord({"num-examples": int(reply.num_examples), "dp-weight": 1.0,
                                  **{k: float(v) for k, v in reply.metrics.items()}}),
     })
     if reply.arrays is not None:
-        # equal weights for Flower's accounted central-DP FedAvg (it averages updates unweighted)
-        content["metrics"]["dp-weight"] = 1.0
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in reply.arrays.items()})
     return content
 

@@ -88,7 +88,7 @@ def _site_info(msg: Message) -> tuple[str, str, str]:
 
 def _metrics(msg: Message) -> dict[str, float]:
     recs = list(msg.content.metric_records.values())
-    return {k: float(v) for k, v in recs[0].items()} if recs else {}
+    return {k: float(v) for k, v in recs[0].items() if k != "dp-weight"} if recs else {}
 
 
 @dataclass
@@ -197,7 +197,7 @@ class SiteGuard(Strategy):
             return None, None
         arrays, metrics = self.inner.aggregate_train(rnd, good)
         if metrics is not None:
-            self._log(rnd).aggregated_train = {k: float(v) for k, v in metrics.items()}
+            self._log(rnd).aggregated_train = {k: float(v) for k, v in metrics.items() if k != "dp-weight"}
         if hasattr(self.inner, "privacy_spent") and self.inner.privacy_spent() is not None:
             spent = self.inner.privacy_spent()
             self._log(rnd).central_dp = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
@@ -227,7 +227,7 @@ class SiteGuard(Strategy):
             return None
         metrics = self.inner.aggregate_evaluate(rnd, [m for _, m in good])
         if metrics is not None:
-            rl.aggregated_evaluate = {k: float(v) for k, v in metrics.items()}
+            rl.aggregated_evaluate = {k: float(v) for k, v in metrics.items() if k != "dp-weight"}
         return metrics
 
     # -- state for checkpoints -------------------------------------------------------------------

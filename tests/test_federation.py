@@ -215,3 +215,12 @@ def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
     assert (Path(cfg.out) / "hc_mae_mm_per_round.png").exists()
     for site, e in report["rounds"][2]["sites"].items():
         assert e["privacy"]["epsilon"] <= 8.0 * 1.01 and e["privacy"]["steps"] > 0
+
+
+def test_central_user_level_dp_through_flowers_fixed_clipping_wrapper(tmp_path, shared_cache):
+    cfg = _cfg(tmp_path, "cdp", shared_cache, data="phantom:90?seed=4", extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0})
+    report = simulate(cfg)
+    cdp = {r["round"]: r.get("central_dp") for r in report["rounds"]}
+    assert cdp[1]["releases"] == 1 and cdp[2]["releases"] == 2
+    assert 0 < cdp[1]["epsilon"] < cdp[2]["epsilon"]  # user-level epsilon grows with each noisy release
+    assert report["central_dp"] == {"noise_multiplier": 1.0, "clip": 1.0}
