@@ -49,6 +49,7 @@ from typing import Callable
 
 import grpc
 
+from echocare.atomic import fsync_dir
 from edge.bundle import BundleError, load_public_key, safe_extract, sha256_file, verify_bundle
 from server.registry.client import ConnectionConfig, RegistryClient, RegistryError
 
@@ -481,11 +482,6 @@ def _entry_from_folder(folder: str) -> dict:
     return {"folder": folder, "version": version, "sha256": sha12}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from echocare.atomic import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -229,18 +230,7 @@ def _replace_dir(new: Path, final: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode)
 
 
 # ------------------------------------------------------------------------------------- verify

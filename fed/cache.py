@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from echocare.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -41,12 +43,8 @@ def image_hash(img: np.ndarray) -> str:
 
 def _fsync_dir(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
+        fsync_dir(path)
+    except OSError:  # some filesystems cannot fsync a folder; the rename itself is still atomic
         pass
 
 

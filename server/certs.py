@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from echocare.atomic import atomic_write_bytes
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
@@ -81,17 +80,7 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644, overwrite: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise CertError(f"{path}: already exists (pass overwrite/--force to replace it)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

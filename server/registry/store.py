@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from echocare.atomic import fsync_dir
+
 CHANNELS = ("canary", "stable")
 HEALTH = ("unknown", "healthy", "unhealthy")
 # Device ids and class names appear in tokens ("<id>.<secret>"), paths and tables: keep them plain.
@@ -454,9 +456,4 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
