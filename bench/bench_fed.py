@@ -47,8 +47,7 @@ def _policy(tmp: Path, data: str, **kw):
 def bench_cache(encoder: str, n: int) -> dict:
     """One site, one round: (features + DP training) recomputing features vs reading the cache."""
     from fed import task
-    from fed.features import EncoderRef
-    from fed.task import RoundConfig, train_round
+    from fed.task import train_round
     from server.server_app import ServerConfig, initial_head
 
     tmp = Path(tempfile.mkdtemp())
@@ -190,7 +189,6 @@ def bench_quality(encoder: str, limit: int | None) -> dict:
     rc = RoundConfig.from_record(json.loads(json.dumps(scfg.round_config("c").to_record())))
     xs, ys, xv, yv = [], [], [], []
     for k in range(3):
-        pol = SitePolicy.__new__(SitePolicy)
         pol = SitePolicy(data=data, site_name=f"site-{k}", state_dir=str(tmp / "fed" / "sites" / f"site-{k}" / "state"),
                          partition="dirichlet:0.5", partition_index=k, partition_count=3, partition_seed=0,
                          cache_dir=str(tmp / "cache"))

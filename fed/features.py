@@ -110,7 +110,6 @@ def map_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_ro
     kind = "maps" + "-".join(map(str, needs)) + ("-img" if needs_image else "")
     cache = FeatureCache(cache_root, f"{ref.key}-{spec.digest()}-{kind}", shard_rows=64)
     kept, keys = [], []
-    masks: dict[str, np.ndarray] = {}
 
     def items():
         for s, img, mask in _load_all(data, with_mask=True):

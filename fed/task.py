@@ -246,10 +246,6 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     return Reply(STATUS_OK, policy.site_name, n, state, {"train_loss": stats["loss"], **ledger.figures()})
 
 
-def _unwrap(module):
-    return getattr(module, "_module", module)
-
-
 def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
     """Evaluate the global head on the site's held-out split."""
     import torch
