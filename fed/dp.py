@@ -55,14 +55,6 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int) -> float:
-    """The smallest noise multiplier that keeps ``steps`` steps at rate ``q`` within (eps, delta)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
-                                      steps=steps, accountant="rdp", epsilon_tolerance=0.01))
-
-
 def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, cfg: DPConfig,
                loss_fn: nn.Module | None = None) -> dict:
     """Train ``head`` in place on (x, y) for ``cfg.epochs``; DP-SGD when ``cfg.noise_multiplier > 0``.

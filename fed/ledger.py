@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,54 @@ def _rdp_per_step(q: float, sigma: float):
     from opacus.accountants.rdp import RDPAccountant
 
     return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of composed DP-SGD runs ``(sigma, q, steps)`` — Opacus' RDP accountant
+    (same orders): RDP adds up over steps and runs, then converts to (epsilon, delta) once."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
+
+    if not history:
+        return 0.0
+    rdp = sum(_rdp_per_step(q, sigma) * steps for sigma, q, steps in history)
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha": the bound is then looser than it could be (a higher
+        # epsilon is reported), never optimistic; not worth a warning per site and round.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=64)
+def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int, tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier (to ``tolerance`` in epsilon) that keeps ``steps`` DP-SGD steps at
+    sampling rate ``q`` within (``target_epsilon``, ``delta``).
+
+    Privacy meaning: the returned sigma never overshoots the target (the search keeps the upper end
+    of its bracket). Same search as Opacus' ``get_noise_multiplier``, but on the memoised per-step
+    RDP, so each candidate sigma costs one RDP evaluation whatever ``steps`` is, and the ledger's later
+    epsilon checks at the chosen sigma are free. Memoised: virtual sites of a simulation that share a
+    process and the same (q, steps, delta) calibrate once.
+    """
+    if not (target_epsilon > 0 and 0 < delta < 1 and 0 < q <= 1 and steps > 0):
+        raise ValueError(f"cannot calibrate noise for epsilon={target_epsilon}, delta={delta}, q={q}, steps={steps}")
+    eps = lambda sigma: epsilon_of([(sigma, q, steps)], delta)  # noqa: E731
+    low, high = 0.0, 10.0
+    eps_high = eps(high)
+    while eps_high > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"epsilon {target_epsilon} at delta {delta} is out of reach for q={q}, steps={steps}")
+        eps_high = eps(high)
+    while target_epsilon - eps_high > tolerance:
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid < target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
 
 
 @dataclass
@@ -88,19 +137,9 @@ class PrivacyLedger:
     def epsilon(self, extra: Release | None = None) -> float:
         """Cumulative epsilon at ``self.delta`` (optionally with a prospective release).
 
-        Same computation as Opacus' ``RDPAccountant`` (same orders): RDP adds up over steps and
-        releases, then converts to (epsilon, delta) once. The per-step RDP of each (sigma, q) is
-        memoised, which keeps a site's check cheap even for large sampling rates.
-        """
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-        from opacus.accountants.rdp import RDPAccountant
-
-        hist = self._history(extra)
-        if not hist:
-            return 0.0
-        rdp = sum(_rdp_per_step(q, sigma) * steps for sigma, q, steps in hist)
-        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=self.delta)
-        return float(eps)
+        The per-step RDP of each (sigma, q) is memoised, which keeps a site's check cheap even for
+        large sampling rates."""
+        return epsilon_of(self._history(extra), self.delta)
 
     @property
     def steps(self) -> int:

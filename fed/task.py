@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from echocare.preprocess import PreprocessSpec
-from fed.dp import DPConfig, MapsHead, PerImageSegLoss, calibrate_noise, sample_rate, steps_per_epoch, train_head
+from fed.dp import DPConfig, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
 from fed.features import EncoderRef, map_features, pooled_features
-from fed.ledger import ACCOUNTANT, PrivacyLedger, Release
+from fed.ledger import ACCOUNTANT, PrivacyLedger, Release, calibrate_noise
 from fed.policy import Instruction, SitePolicy, refusal_reason
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fed.cache import FeatureCache, image_hash
-from fed.dp import DPConfig, calibrate_noise, train_head
-from fed.ledger import PrivacyLedger, Release
+from fed.dp import DPConfig, train_head
+from fed.ledger import PrivacyLedger, Release, calibrate_noise
 from fed.policy import Instruction, PolicyError, SitePolicy, load_policy, refusal_reason, write_policy
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -65,6 +65,19 @@ def test_noise_calibration_hits_the_target():
     sigma = calibrate_noise(4.0, 1e-5, 0.05, 200)
     eps = independent_epsilon([(sigma, 0.05, 200)], 1e-5)
     assert 3.8 < eps <= 4.05
+
+
+def test_noise_calibration_agrees_with_opacus_and_is_memoised():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    calibrate_noise.cache_clear()
+    ours = calibrate_noise(8.0, 1e-4, 0.25, 40)
+    assert ours == get_noise_multiplier(target_epsilon=8.0, target_delta=1e-4, sample_rate=0.25, steps=40,
+                                        epsilon_tolerance=0.01)
+    calibrate_noise(8.0, 1e-4, 0.25, 40)
+    assert calibrate_noise.cache_info().hits == 1
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        calibrate_noise(8.0, 1e-4, 0.0, 40)
 
 
 # -- DP-SGD ------------------------------------------------------------------------------------------
