@@ -17,6 +17,7 @@ shifts round numbers when a run resumes (``round_offset``).
 
 from __future__ import annotations
 
+import math
 import logging
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -31,13 +32,33 @@ log = logging.getLogger("echofleet.server")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 
 
+def aggregate_defined_metrics(records: list, weighting_metric_name: str) -> MetricRecord:
+    """Example-weighted mean of each evaluation metric over the sites where it is defined.
+
+    A site whose held-out split lacks a class has no AUROC (NaN); Flower's default average would
+    turn the federation's figure into NaN. Here each metric averages over the sites that have it
+    finite, weighted by their number of examples (a metric no site defines is left out)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        for mr in record.metric_records.values():
+            w = float(mr[weighting_metric_name])
+            for key, value in mr.items():
+                if key == weighting_metric_name or isinstance(value, list) or not math.isfinite(float(value)):
+                    continue
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = weights.get(key, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+
+
 def build_strategy(name: str, *, min_sites: int = 1, proximal_mu: float = 0.01, server_lr: float = 0.1,
                    trim_beta: float = 0.2, central_dp_noise: float = 0.0, central_dp_clip: float = 1.0,
                    num_sites: int = 1, central_dp_delta: float = 1e-5) -> Strategy:
     """A Flower strategy by name. ``central_dp_noise > 0`` wraps it in server-side fixed clipping
     with Flower's RDP accountant (user-level DP: neighbouring federations differ in one site)."""
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
-                  min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+                  min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
+                  evaluate_metrics_aggr_fn=aggregate_defined_metrics)
     name = name.lower()
     if central_dp_noise > 0:
         if name != "fedavg":

@@ -40,6 +40,23 @@ def test_every_strategy_aggregates_through_the_guard(name):
     assert arrays is not None and np.all(np.isfinite(arrays["w"].numpy()))
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_site_without_a_defined_auroc_does_not_make_the_federation_figure_nan(name):
+    # e.g. a small site whose validation split has a single class: its AUROC is undefined
+    def ev(node: int, site: str, n: int, auroc: float) -> Message:
+        content = RecordDict({"site": ConfigRecord({"site": site, "status": "ok", "reason": "", "accountant": "rdp"}),
+                              "metrics": MetricRecord({"num-examples": n, "auroc": auroc, "val_loss": 1.0 + node})})
+        m = Message(content, dst_node_id=0, message_type="evaluate")
+        m.metadata.__dict__["_src_node_id"] = node
+        return m
+
+    guard = SiteGuard(build_strategy(name, min_sites=1), min_sites=1)
+    metrics = guard.aggregate_evaluate(1, [ev(0, "site-0", 10, 0.6), ev(1, "site-1", 3, float("nan")), ev(2, "site-2", 30, 0.8)])
+    assert metrics["auroc"] == pytest.approx((10 * 0.6 + 30 * 0.8) / 40)
+    assert metrics["val_loss"] == pytest.approx((10 * 1.0 + 3 * 2.0 + 30 * 3.0) / 43)
+    assert guard._log(1).evaluate["site-1"]["auroc"] != guard._log(1).evaluate["site-1"]["auroc"]  # still reported as NaN
+
+
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="fedavg"):
         build_strategy("fedsgdx")
