@@ -12,7 +12,10 @@ What it does (all on this machine, in this process, so the ratios are comparable
    matmul peak measured now at the same precision, and the speed-up over PyTorch FP32 eager.
 
 Targets from issue 4 (checked and printed at the end): best CPU build >= 6x PyTorch FP32 eager at
-batch 1; >= 60 % of the INT8 matmul peak; INT8 AUROC drop <= 1 point. Expect 15-25 minutes on 2
+batch 1; >= 60 % of the INT8 matmul peak (at batch 1 and at batch N; OpenVINO's per-node counters
+of the best INT8 build then show how much of the time the matmul kernels take and how fast they
+run); INT8 AUROC drop <= 1 point. Train, calibration and validation images are disjoint parts of
+one BUSI pool (by image and near-duplicate group). Expect 15-25 minutes on 2
 cores (NNCF alone takes 3-5)::
 
     .venv/bin/python bench/bench_edge.py                      # full echocare config
@@ -56,7 +59,26 @@ def _features_model(config: str):
     return Pooled().eval()
 
 
-def fit_task_model(config: str, train_spec: str, out: Path, work: Path) -> Path:
+def split_pool(pool_spec: str, train: int, calib: int, val: int):
+    """(train, calib, val) parts of one BUSI pool: disjoint by image and near-duplicate group (checked),
+    so no accuracy figure is measured on an image the head was fitted or calibrated on."""
+    from echocare.data import open_data
+    from echocare.data.split import split_train_val
+
+    site = open_data(pool_spec)
+    total = train + calib + val
+    rest, val_d = split_train_val(site, val_fraction=val / total, seed=0)
+    train_d, cal_d = split_train_val(rest, val_fraction=calib / (train + calib), seed=1)
+    parts = {"train": train_d, "calib": cal_d, "val": val_d}
+    for a, b in (("train", "calib"), ("train", "val"), ("calib", "val")):
+        ka, kb = ({s.key for s in parts[x].samples} for x in (a, b))
+        ga, gb = ({s.group or s.key for s in parts[x].samples} for x in (a, b))
+        if ka & kb or ga & gb:
+            raise RuntimeError(f"{a} and {b} overlap: {sorted((ka & kb) | (ga & gb))[:5]}")
+    return parts
+
+
+def fit_task_model(config: str, train_data, out: Path, work: Path) -> Path:
     """Task model with a linear head fitted on BUSI pooled features (features via OpenVINO bf16, for speed)."""
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -68,7 +90,7 @@ def fit_task_model(config: str, train_spec: str, out: Path, work: Path) -> Path:
     from edge.evaluate import load_eval_set
     from edge.export import torch_to_onnx
 
-    ev = load_eval_set(train_spec, "classify", LABELS, PreprocessSpec())
+    ev = load_eval_set(train_data, "classify", LABELS, PreprocessSpec())
     torch_to_onnx(_features_model(config), work / "features.onnx", 256)
     feats = run_batched(open_session(work / "features.onnx", "openvino", inference_precision="bf16"), ev.inputs, 4).astype(np.float64)
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
@@ -78,7 +100,7 @@ def fit_task_model(config: str, train_spec: str, out: Path, work: Path) -> Path:
     linear.weight.data = torch.tensor(clf.coef_ / sd, dtype=torch.float32)
     linear.bias.data = torch.tensor(clf.intercept_ - (clf.coef_ * mu / sd).sum(1), dtype=torch.float32)
     spec = TaskModelSpec(config, None, None, 0, "classify", LABELS, head_kwargs_of(head),
-                         provenance={"bench": f"linear head fitted on {len(ev)} BUSI images ({train_spec.split('?')[-1]})"})
+                         provenance={"bench": f"linear head fitted on {len(ev)} BUSI images"})
     save_task_model(out, spec, head.state_dict())
     return out
 
@@ -120,9 +142,13 @@ def main(
         return out
 
     pre = PreprocessSpec()
-    model_dir = timed("fit head on BUSI features", lambda: fit_task_model(config, f"busi:{BUSI}?limit={train}&seed=7", work / "model", work))
-    ev = load_eval_set(f"busi:{BUSI}?limit={val}&seed=11", "classify", LABELS, pre)
-    cal = load_calibration(f"busi:{BUSI}?limit={calib}&seed=5", pre, limit=calib)
+    pool = f"busi:{BUSI}?limit={train + calib + val}&seed=7"
+    parts = split_pool(pool, train, calib, val)
+    console.print(f"{pool}: train {len(parts['train'].samples)}, calibration {len(parts['calib'].samples)}, validation "
+                  f"{len(parts['val'].samples)} images, disjoint by image and near-duplicate group (checked)")
+    model_dir = timed("fit head on BUSI features", lambda: fit_task_model(config, parts["train"], work / "model", work))
+    ev = load_eval_set(parts["val"], "classify", LABELS, pre)
+    cal = load_calibration(parts["calib"], pre, limit=None)
     exp = timed("export + parity", lambda: export_task_model(model_dir, work / "export", samples=ev.inputs[:2]))
     console.print(exp.parity.describe())
 
@@ -167,21 +193,44 @@ def main(
     best = max(rows, key=lambda r: r.speedup_vs_torch or 0)
     int8 = [r for r in rows if r.compute_precision == "int8"]
     best_int8 = max(int8, key=lambda r: r.peak_fraction or 0)
+    best_int8_n = max(int8, key=lambda r: r.throughput_peak_fraction or 0)
+
+    # Why the fraction is what it is: OpenVINO's per-node counters for the best INT8 build at batch 1.
+    from edge.opprofile import profile_openvino
+
+    cand = next(c for c in cands if c.label == best_int8.label)
+    prof = timed("op profile (best INT8 build, batch 1)", lambda: profile_openvino(
+        cand.path, pre.size, inference_precision=cand.inference_precision or "f32", batch=1))
+    flops = exp.info["flops_per_image"]
+    kernel = prof.kernel_gflops(flops)
+    ceiling = prof.ceiling_fraction(flops, best_int8.peak_gflops)
+    t = Table(title=f"where the time goes: {best_int8.label}, batch 1 ({prof.latency_ms:.0f} ms; OpenVINO per-node counters)")
+    for col in ("node type", "ms", "share"):
+        t.add_column(col, justify="left" if col == "node type" else "right")
+    for name, ms in prof.top(10):
+        t.add_row(name, f"{ms:.1f}", f"{100 * ms / prof.total_ms:.0f}%")
+    console.print(t)
+    console.print(f"matmul-class kernels (FullyConnected/MatMul/Convolution): {100 * prof.matmul_share:.0f}% of the time, running at "
+                  f"{kernel:.0f} GFLOP/s = {100 * kernel / best_int8.peak_gflops:.0f}% of the INT8 matmul peak; with every matmul "
+                  f"exactly at the peak and the other ops unchanged the model would reach {100 * ceiling:.0f}% of the peak")
     checks = [
         (f"best CPU build >= 6x PyTorch FP32 eager (batch 1): {best.label} {best.speedup_vs_torch:.2f}x", (best.speedup_vs_torch or 0) >= 6),
-        (f">= 60% of the INT8 matmul peak: {best_int8.label} {100 * (best_int8.peak_fraction or 0):.0f}% "
+        (f">= 60% of the INT8 matmul peak at batch 1: {best_int8.label} {100 * (best_int8.peak_fraction or 0):.0f}% "
          f"({best_int8.gflops:.0f} of {best_int8.peak_gflops:.0f} GFLOP/s)", (best_int8.peak_fraction or 0) >= 0.6),
+        (f">= 60% of the INT8 matmul peak at batch {batch}: {best_int8_n.label} {100 * (best_int8_n.throughput_peak_fraction or 0):.0f}% "
+         f"({best_int8_n.throughput_gflops:.0f} of {best_int8_n.peak_gflops:.0f} GFLOP/s)", (best_int8_n.throughput_peak_fraction or 0) >= 0.6),
         (f"NNCF INT8 AUROC drop <= 1 point: {gates['nncf'].drop:+.2f}", gates["nncf"].passed),
     ]
     for text, ok in checks:
         console.print(f"[{'green' if ok else 'red'}]{'MET ' if ok else 'MISSED'}[/] {text}")
-    console.print("Dice drop target (segment): not measured here (needs a trained segmentation head).")
+    console.print("Dice drop target (segment): measured by bench/bench_edge_segment.py (HC18).")
     console.print(f"total {time.perf_counter() - t_all:.0f} s; work files in {work}")
     if json_out:
         json_out.write_text(json.dumps({"config": config, "bench": report.to_dict(), "accuracy": acc,
                                         "gates": {k: g.to_dict() for k, g in gates.items()},
                                         "quantize_seconds": {k: q.seconds for k, q in qs.items()}, "timings": timings,
                                         "checks": [{"check": c, "met": ok} for c, ok in checks],
+                                        "op_profile": {**prof.to_dict(), "kernel_gflops": kernel, "ceiling_fraction": ceiling},
                                         "parity": asdict(exp.parity)}, indent=2, default=str))
 
 

@@ -3,8 +3,8 @@
 For every model artifact of a bundle and every installed backend that can run it, and for the
 PyTorch FP32 eager model it came from (the baseline, when torch and the task model are
 available): p50/p95 latency at batch 1, throughput at batch N, achieved GFLOP/s at batch 1
-(FLOPs per image are recorded at export), and that as a fraction of the matmul peak measured in
-the same run at the same precision through the same backend (:mod:`edge.peak`). Ratios are
+and at batch N (FLOPs per image are recorded at export), and those as fractions of the matmul
+peak measured in the same run at the same precision through the same backend (:mod:`edge.peak`). Ratios are
 only meaningful within one run: never compare numbers from different runs or machines.
 """
 
@@ -49,6 +49,8 @@ class BenchRow:
     peak_gflops: float | None
     peak_fraction: float | None
     speedup_vs_torch: float | None = None  # torch p50 / this p50 (batch 1)
+    throughput_gflops: float | None = None  # achieved at `batch`
+    throughput_peak_fraction: float | None = None
 
 
 @dataclass
@@ -68,8 +70,11 @@ def _row(label: str, backend: str, precision: str, compute: str, t1: np.ndarray,
          flops: int | None, peak: float | None) -> BenchRow:
     p50 = float(np.median(t1))
     gflops = flops / p50 / 1e9 if flops else None
+    ips = batch / float(np.median(tn))
+    tput = flops * ips / 1e9 if flops else None
     return BenchRow(label, backend, precision, compute, p50 * 1e3, float(np.percentile(t1, 95)) * 1e3, batch,
-                    batch / float(np.median(tn)), gflops, peak, (gflops / peak) if gflops and peak else None)
+                    ips, gflops, peak, (gflops / peak) if gflops and peak else None,
+                    throughput_gflops=tput, throughput_peak_fraction=(tput / peak) if tput and peak else None)
 
 
 class _PeakCache:

@@ -527,13 +527,14 @@ def print_bench(console: Console, report) -> None:
     gf = f"{report.flops_per_image / 1e9:.2f} GFLOP/image" if report.flops_per_image else "FLOPs unknown"
     t = Table(title=f"{report.image_size}² · {gf} · {report.machine.get('cpu', '?')} ({report.machine.get('cpu_count')} CPUs)")
     for col in ("model", "backend", "precision", "p50 ms", "p95 ms", f"img/s @b{report.rows[0].batch if report.rows else ''}",
-                "GFLOP/s", "peak GFLOP/s", "% of peak", "× torch"):
+                "GFLOP/s", "peak GFLOP/s", "% of peak", f"% of peak @b{report.rows[0].batch if report.rows else ''}", "× torch"):
         t.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right", overflow="fold")
     for r in report.rows:
         t.add_row(r.label, r.backend, r.precision if r.precision == r.compute_precision else f"{r.precision} ({r.compute_precision})",
                   f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.throughput_ips:.2f}",
                   f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_gflops:.0f}" if r.peak_gflops else "-",
                   f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
+                  f"{100 * r.throughput_peak_fraction:.0f}%" if r.throughput_peak_fraction else "-",
                   f"{r.speedup_vs_torch:.2f}" if r.speedup_vs_torch else "-")
     console.print(t)
     for n in report.notes:

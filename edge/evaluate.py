@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from echocare.data.base import Problem
+from echocare.data.base import Problem, SiteData
 from echocare.preprocess import PreprocessSpec, apply_geometry_to_mask, preprocess_image
 from edge import postprocess as post
 
@@ -52,18 +52,21 @@ class EvalSet:
         return len(self.inputs)
 
 
-def _open(data_spec: str):
+def _open(data_spec: "str | SiteData") -> "SiteData":
     from echocare.data import open_data
 
+    if isinstance(data_spec, SiteData):  # already opened (e.g. one part of a split made by the caller)
+        return data_spec
     try:
         return open_data(data_spec)
     except Exception as e:  # readers raise FileNotFoundError / ValueError ... with the reason
         raise EvalDataError(f"{data_spec}: cannot open data ({e})") from e
 
 
-def load_calibration(data_spec: str, preprocess: PreprocessSpec, limit: int | None = 64) -> np.ndarray:
+def load_calibration(data_spec: "str | SiteData", preprocess: PreprocessSpec, limit: int | None = 64) -> np.ndarray:
     """Up to ``limit`` preprocessed images ``(N, 3, S, S)`` (labels are not needed); unreadable files are skipped."""
     site = _open(data_spec)
+    data_spec = site.spec
     xs = []
     for _, image in site.iter_images():
         try:
@@ -78,7 +81,7 @@ def load_calibration(data_spec: str, preprocess: PreprocessSpec, limit: int | No
     return np.stack(xs).astype(np.float32)
 
 
-def load_eval_set(data_spec: str, task: str, labels: list[str], preprocess: PreprocessSpec, limit: int | None = None) -> EvalSet:
+def load_eval_set(data_spec: "str | SiteData", task: str, labels: list[str], preprocess: PreprocessSpec, limit: int | None = None) -> EvalSet:
     """A labelled validation set for ``task`` from a data spec.
 
     classify needs each sample's label among ``labels``; segment needs masks; hc needs
@@ -86,6 +89,7 @@ def load_eval_set(data_spec: str, task: str, labels: list[str], preprocess: Prep
     recorded in ``problems`` and skipped; an empty result raises :class:`EvalDataError`.
     """
     site = _open(data_spec)
+    data_spec = site.spec
     index = {name: i for i, name in enumerate(labels)}
     xs, ys, ms, hcs, pms = [], [], [], [], []
     problems = site.problems

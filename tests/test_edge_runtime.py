@@ -111,10 +111,26 @@ def test_bench_reports_ratios_against_torch(cli_bundle) -> None:
         assert r.gflops == pytest.approx(rep.flops_per_image / (r.p50_ms / 1e3) / 1e9)
         assert r.speedup_vs_torch == pytest.approx(base.p50_ms / r.p50_ms)
         assert r.peak_gflops and r.peak_gflops > 0 and r.peak_fraction == pytest.approx(r.gflops / r.peak_gflops)
+        assert r.throughput_gflops == pytest.approx(rep.flops_per_image * r.throughput_ips / 1e9)
+        assert r.throughput_peak_fraction == pytest.approx(r.throughput_gflops / r.peak_gflops)
     # The CLI finds the PyTorch model by itself (recorded in the manifest at build time).
     out = _ok(["bench", str(tar), "--pubkey", str(pub), "--iters", "2", "--batch", "2", "--no-peak", "--json"])
     data = json.loads(out[out.index("{"):])
     assert data["rows"][0]["label"] == "pytorch-eager" and data["flops_per_image"] == rep.flops_per_image
+
+
+def test_op_profile_splits_the_time_between_matmuls_and_the_rest(cli_bundle) -> None:
+    from edge.opprofile import MATMUL_TYPES, profile_openvino
+
+    tmp = cli_bundle[0]
+    flops = json.loads((tmp / "export" / "export.json").read_text())["flops_per_image"]
+    prof = profile_openvino(tmp / "export" / "model.onnx", 256, batch=1, iters=2)
+    assert prof.latency_ms > 0 and prof.total_ms > 0
+    assert any(k in MATMUL_TYPES for k in prof.by_type_ms) and any(k not in MATMUL_TYPES for k in prof.by_type_ms)
+    assert 0 < prof.matmul_share < 1 and prof.matmul_ms == pytest.approx(prof.matmul_share * prof.total_ms)
+    assert prof.kernel_gflops(flops) == pytest.approx(flops / (prof.matmul_ms / 1e3) / 1e9)
+    # Amdahl: matmuls at an (absurdly) high peak take no time, so the ceiling tends to 0; at a tiny peak, to 1
+    assert prof.ceiling_fraction(flops, 1e9) < 0.01 < 0.99 < prof.ceiling_fraction(flops, 1e-6)
 
 
 def test_openvino_compile_records_the_precision(cli_bundle, tmp_path: Path) -> None:
