@@ -148,7 +148,7 @@ def bench_scale(sites: int, rounds: int, encoder: str, per_site: int, cache_dir:
     warm = SimulationConfig(data=data, sites=sites, rounds=1, encoder=encoder, out=str(tmp / "warm"), cache_dir=str(cache),
                             batch_size=8, local_epochs=1)
     t = time.perf_counter()
-    simulate(warm)  # fills every site's feature cache (first round of a real run)
+    simulate(warm)  # fills every site's feature cache (first round of a real run; kept with --cache-dir)
     warm_s = time.perf_counter() - t
     stop, mem = threading.Event(), {}
     th = threading.Thread(target=_peak_rss, args=(stop, mem), daemon=True)
@@ -290,7 +290,7 @@ def main() -> None:
             rounds = a.rounds or (3 if a.quick else 10)
             r = bench_scale(sites, rounds, a.encoder, 20, a.cache_dir)
             line = (f"{sites} hospitals x {rounds} rounds, DP on, cached: {r['wall_s_cached']:.0f}s wall "
-                    f"(+{r['feature_warmup_s']:.0f}s first-round feature extraction), peak RSS {r['peak_rss_gb']:.2f} GB "
+                    f"(+{r['feature_warmup_s']:.0f}s warm-up run: Ray start, feature extraction unless cached, noise calibration), peak RSS {r['peak_rss_gb']:.2f} GB "
                     f"(target <= 300 s, <= 4 GB); >= {r['sites_trained_per_round_min']} sites trained every round, "
                     f"sigma >= {r['min_noise_multiplier']:.2f}, final epsilon <= {r['final_epsilon_max']:.2f}")
         else:
