@@ -36,6 +36,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common import Steps, split_pool
+
 SHARED = Path(os.environ.get("ECHOFLEET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 BUSI = SHARED / "busi" / "Dataset_BUSI_with_GT"
 LABELS = ["benign", "malignant", "normal"]
@@ -57,25 +59,6 @@ def _features_model(config: str):
             return pooled_features(encode(self.encoder, x))
 
     return Pooled().eval()
-
-
-def split_pool(pool_spec: str, train: int, calib: int, val: int):
-    """(train, calib, val) parts of one BUSI pool: disjoint by image and near-duplicate group (checked),
-    so no accuracy figure is measured on an image the head was fitted or calibrated on."""
-    from echocare.data import open_data
-    from echocare.data.split import split_train_val
-
-    site = open_data(pool_spec)
-    total = train + calib + val
-    rest, val_d = split_train_val(site, val_fraction=val / total, seed=0)
-    train_d, cal_d = split_train_val(rest, val_fraction=calib / (train + calib), seed=1)
-    parts = {"train": train_d, "calib": cal_d, "val": val_d}
-    for a, b in (("train", "calib"), ("train", "val"), ("calib", "val")):
-        ka, kb = ({s.key for s in parts[x].samples} for x in (a, b))
-        ga, gb = ({s.group or s.key for s in parts[x].samples} for x in (a, b))
-        if ka & kb or ga & gb:
-            raise RuntimeError(f"{a} and {b} overlap: {sorted((ka & kb) | (ga & gb))[:5]}")
-    return parts
 
 
 def fit_task_model(config: str, train_data, out: Path, work: Path) -> Path:
@@ -131,19 +114,12 @@ def main(
         raise typer.Exit(2)
     work = Path(tempfile.mkdtemp(prefix="bench-edge-"))
     t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn):
-        t = time.perf_counter()
-        with console.status(name):
-            out = fn()
-        timings[name] = time.perf_counter() - t
-        console.print(f"{name}: {timings[name]:.0f} s")
-        return out
+    timed = Steps(console)
+    timings = timed.timings
 
     pre = PreprocessSpec()
     pool = f"busi:{BUSI}?limit={train + calib + val}&seed=7"
-    parts = split_pool(pool, train, calib, val)
+    _, parts = split_pool(pool, train, calib, val)
     console.print(f"{pool}: train {len(parts['train'].samples)}, calibration {len(parts['calib'].samples)}, validation "
                   f"{len(parts['val'].samples)} images, disjoint by image and near-duplicate group (checked)")
     model_dir = timed("fit head on BUSI features", lambda: fit_task_model(config, parts["train"], work / "model", work))

@@ -48,27 +48,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common import Steps, split_pool
+
 SHARED = Path(os.environ.get("ECHOFLEET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 HC18 = SHARED / "hc18"
 LABELS = ["background", "head"]
 console = Console(highlight=False, width=170)
-
-
-def split_pool(pool_spec: str, train: int, calib: int, val: int, seed: int):
-    """(train, calib, val) SiteData from one HC18 pool, patient- and near-duplicate-disjoint (checked)."""
-    from echocare.data import open_data, split_train_val
-
-    site = open_data(pool_spec)
-    total = train + calib + val
-    rest, val_d = split_train_val(site, val_fraction=val / total, seed=seed)
-    train_d, cal_d = split_train_val(rest, val_fraction=calib / (train + calib), seed=seed + 1)
-    parts = {"train": train_d, "calib": cal_d, "val": val_d}
-    keys = {k: {s.key for s in d.samples} for k, d in parts.items()}
-    groups = {k: {s.group or s.key for s in d.samples} for k, d in parts.items()}
-    for a, b in (("train", "calib"), ("train", "val"), ("calib", "val")):
-        if keys[a] & keys[b] or groups[a] & groups[b]:
-            raise RuntimeError(f"{a} and {b} overlap: keys {sorted(keys[a] & keys[b])[:5]}, patients {sorted(groups[a] & groups[b])[:5]}")
-    return site, parts
 
 
 def encoder_maps(config: str, train_d, work: Path):
@@ -143,15 +128,8 @@ def main(
         raise typer.Exit(2)
     work = Path(tempfile.mkdtemp(prefix="bench-edge-seg-"))
     t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn):
-        t = time.perf_counter()
-        with console.status(name):
-            out = fn()
-        timings[name] = time.perf_counter() - t
-        console.print(f"{name}: {timings[name]:.0f} s")
-        return out
+    timed = Steps(console)
+    timings = timed.timings
 
     console.print(f"config {config}; encoder = seeded random init (load_encoder({config!r}, None, seed=0)): "
                   "no pretrained EchoCare weights offline, so absolute Dice is low; the FP32 -> INT8 drop is the measurement")
