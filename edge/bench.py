@@ -60,10 +60,11 @@ class BenchReport:
     image_size: int
     machine: dict
     notes: list[str] = field(default_factory=list)
+    profiles: dict[str, dict] = field(default_factory=dict)  # label -> OpenVINO per-node-type profile (opt-in)
 
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows], "flops_per_image": self.flops_per_image,
-                "image_size": self.image_size, "machine": self.machine, "notes": self.notes}
+                "image_size": self.image_size, "machine": self.machine, "notes": self.notes, "profiles": self.profiles}
 
 
 def _row(label: str, backend: str, precision: str, compute: str, t1: np.ndarray, tn: np.ndarray, batch: int,
@@ -201,24 +202,53 @@ def candidates_from_bundle(bundle_dir: Path, manifest: dict) -> list[Candidate]:
 
 def bench_bundle(bundle: str | Path, *, public_key: Any = None, batch: int = 8, warmup: int = 3, iters: int = 20,
                  torch_model: str | Path | None = None, with_peak: bool = True, num_threads: int | None = None,
-                 progress: Callable[[str], None] | None = None, peak_shapes=SHAPES) -> BenchReport:
+                 progress: Callable[[str], None] | None = None, peak_shapes=SHAPES, profile: bool = False) -> BenchReport:
     """Bench a bundle's models (verified first when ``public_key`` is given) against the PyTorch baseline.
 
     ``torch_model``: the task-model directory for the baseline; defaults to the one recorded at
     build time (``manifest["source"]["model_dir"]``) when it exists on this machine.
+    ``profile``: also profile each OpenVINO model at batch 1 per node type (:mod:`edge.opprofile`).
     """
     with load_bundle(bundle, public_key=public_key) as rt:
         manifest = rt.manifest
         if torch_model is None:
             recorded = manifest.get("source", {}).get("model_dir")
             torch_model = recorded if recorded and Path(recorded, "model.json").is_file() else None
-        report = bench_candidates(candidates_from_bundle(rt.bundle_dir, manifest), rt.preprocess.size,
+        candidates = candidates_from_bundle(rt.bundle_dir, manifest)
+        report = bench_candidates(candidates, rt.preprocess.size,
                                   flops=manifest.get("flops_per_image"), batch=batch, warmup=warmup, iters=iters,
                                   torch_model=torch_model, with_peak=with_peak, num_threads=num_threads, progress=progress,
                                   peak_shapes=peak_shapes)
+        if profile:
+            report.profiles = profile_candidates(candidates, report, rt.preprocess.size, num_threads, progress)
     if torch_model is None:
         report.notes.append("no PyTorch baseline: the task model is not on this machine (pass --torch-model DIR)")
     return report
+
+
+def profile_candidates(candidates: list[Candidate], report: BenchReport, size: int, num_threads: int | None = None,
+                       progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Per-node-type profile of every OpenVINO candidate at batch 1, with the matmul kernels' own
+    GFLOP/s and the Amdahl ceiling against the peak of its row (when FLOPs and the peak are known)."""
+    from edge.opprofile import profile_openvino
+
+    rows = {r.label: r for r in report.rows}
+    out = {}
+    for c in candidates:
+        if c.backend != "openvino":
+            continue
+        if progress:
+            progress(f"profiling {c.label}")
+        prof = profile_openvino(c.path, size, inference_precision=c.inference_precision or "f32", num_threads=num_threads)
+        entry = prof.to_dict()
+        row = rows.get(c.label)
+        if report.flops_per_image and prof.matmul_ms:
+            entry["kernel_gflops"] = prof.kernel_gflops(report.flops_per_image)
+            if row is not None and row.peak_gflops:
+                entry["kernel_peak_fraction"] = entry["kernel_gflops"] / row.peak_gflops
+                entry["ceiling_fraction"] = prof.ceiling_fraction(report.flops_per_image, row.peak_gflops)
+        out[c.label] = entry
+    return out
 
 
 def machine_info(num_threads: int | None = None) -> dict:

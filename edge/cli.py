@@ -503,6 +503,7 @@ def bench(
     torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Task-model directory for the PyTorch FP32 eager baseline (default: the one the bundle was built from, if present)."),
     no_peak: bool = typer.Option(False, "--no-peak", help="Skip the matmul peak measurement."),
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: the backend's)."),
+    profile: bool = typer.Option(False, "--profile", help="Also show where each OpenVINO model's time goes (per node type, batch 1): the matmul kernels' share and speed."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Latency p50/p95 (batch 1), throughput (batch N), GFLOP/s vs the matmul peak, and speed-up over PyTorch FP32 eager, in one run."""
@@ -513,7 +514,8 @@ def bench(
     try:
         with console.status("benchmarking") as status:
             report = bench_bundle(bundle_path, public_key=pubkey, batch=batch, iters=iters, torch_model=torch_model,
-                                  with_peak=not no_peak, num_threads=threads, progress=lambda s: status.update(f"benchmarking {s}"))
+                                  with_peak=not no_peak, num_threads=threads, profile=profile,
+                                  progress=lambda s: status.update(f"benchmarking {s}"))
     except BundleError as e:
         _fail(console, f"REFUSED: {e}", 1)
     if as_json:
@@ -537,6 +539,14 @@ def print_bench(console: Console, report) -> None:
                   f"{100 * r.throughput_peak_fraction:.0f}%" if r.throughput_peak_fraction else "-",
                   f"{r.speedup_vs_torch:.2f}" if r.speedup_vs_torch else "-")
     console.print(t)
+    for label, p in report.profiles.items():
+        top = sorted(p["by_type_ms"].items(), key=lambda kv: -kv[1])[:6]
+        total = sum(p["by_type_ms"].values()) or 1.0
+        line = f"{label}: matmul kernels {100 * p['matmul_share']:.0f}% of the time"
+        if "kernel_peak_fraction" in p:
+            line += (f" at {100 * p['kernel_peak_fraction']:.0f}% of the peak; ceiling with every matmul at the peak "
+                     f"{100 * p['ceiling_fraction']:.0f}%")
+        console.print(line + "; top: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in top))
     for n in report.notes:
         console.print(f"[yellow]note:[/] {n}")
 

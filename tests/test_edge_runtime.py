@@ -114,9 +114,12 @@ def test_bench_reports_ratios_against_torch(cli_bundle) -> None:
         assert r.throughput_gflops == pytest.approx(rep.flops_per_image * r.throughput_ips / 1e9)
         assert r.throughput_peak_fraction == pytest.approx(r.throughput_gflops / r.peak_gflops)
     # The CLI finds the PyTorch model by itself (recorded in the manifest at build time).
-    out = _ok(["bench", str(tar), "--pubkey", str(pub), "--iters", "2", "--batch", "2", "--no-peak", "--json"])
+    out = _ok(["bench", str(tar), "--pubkey", str(pub), "--iters", "2", "--batch", "2", "--no-peak", "--profile", "--json"])
     data = json.loads(out[out.index("{"):])
     assert data["rows"][0]["label"] == "pytorch-eager" and data["flops_per_image"] == rep.flops_per_image
+    # --profile: where each OpenVINO model's time goes (ONNX Runtime models are not profiled)
+    assert data["profiles"] and all("[openvino" in label for label in data["profiles"])
+    assert all(0 < p["matmul_share"] < 1 and p["kernel_gflops"] > 0 for p in data["profiles"].values())
 
 
 def test_op_profile_splits_the_time_between_matmuls_and_the_rest(cli_bundle) -> None:
