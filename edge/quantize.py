@@ -21,6 +21,8 @@ and node-name regexes (``ignore_names``) are kept in floating point by every met
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import re
@@ -185,22 +187,26 @@ def quantize_qdq(onnx_path: Path, calib: np.ndarray, out_path: Path, config: Qua
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     t0 = time.perf_counter()
-    out_path = Path(out_path)
+    out_path = Path(out_path).resolve()  # absolute: shape inference below runs in another working directory
     keep = _onnx_nodes_to_keep(onnx_path, config)
     input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[config.calibrate_method]
     symmetric = config.activations == "symmetric"
     with tempfile.TemporaryDirectory(prefix="echofleet-qdq-", dir=out_path.parent) as tmp:
         prepped = Path(tmp) / "prepped.onnx"
-        try:
-            quant_pre_process(str(onnx_path), str(prepped), skip_symbolic_shape=False)
-        except Exception as e:  # symbolic shape inference fails on the full Swin's padded window shapes
-            log.info("%s: symbolic shape inference failed (%s); pre-processing with ONNX shape inference only", onnx_path, e)
+        src = str(Path(onnx_path).resolve())
+        # When ONNX Runtime's symbolic shape inference gives up it saves sym_shape_infer_temp.onnx and a
+        # weights-sized .data file in the *working directory*: run it inside the scratch folder.
+        with contextlib.chdir(tmp):
             try:
-                quant_pre_process(str(onnx_path), str(prepped), skip_symbolic_shape=True)
-            except Exception as e2:
-                log.warning("%s: quant_pre_process failed (%s); quantizing the model as exported", onnx_path, e2)
-                shutil.copyfile(onnx_path, prepped)
+                quant_pre_process(src, str(prepped), skip_symbolic_shape=False)
+            except Exception as e:  # symbolic shape inference fails on the full Swin's padded window shapes
+                log.info("%s: symbolic shape inference failed (%s); pre-processing with ONNX shape inference only", onnx_path, e)
+                try:
+                    quant_pre_process(src, str(prepped), skip_symbolic_shape=True)
+                except Exception as e2:
+                    log.warning("%s: quant_pre_process failed (%s); quantizing the model as exported", onnx_path, e2)
+                    shutil.copyfile(src, prepped)
         staged = Path(tmp) / out_path.name
         try:
             quantize_static(
@@ -229,7 +235,7 @@ def convert_fp16(onnx_path: Path, out_path: Path, config: QuantizeConfig) -> Qua
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     t0 = time.perf_counter()
-    out_path = Path(out_path)
+    out_path = Path(out_path).resolve()  # absolute: shape inference below runs in another working directory
     keep = _onnx_nodes_to_keep(onnx_path, config)
     op_block = sorted({t for k in config.ignore_ops for t in SENSITIVE_OPS[k]["onnx"]})
     model = onnx.load(str(onnx_path))
