@@ -526,13 +526,14 @@ def bench(
 
 def print_bench(console: Console, report) -> None:
     """The bench table (also used by bench/bench_edge.py)."""
+    from rich.markup import escape  # labels such as "model.xml [openvino/f32]" are not markup
     gf = f"{report.flops_per_image / 1e9:.2f} GFLOP/image" if report.flops_per_image else "FLOPs unknown"
     t = Table(title=f"{report.image_size}² · {gf} · {report.machine.get('cpu', '?')} ({report.machine.get('cpu_count')} CPUs)")
     for col in ("model", "backend", "precision", "p50 ms", "p95 ms", f"img/s @b{report.rows[0].batch if report.rows else ''}",
                 "GFLOP/s", "peak GFLOP/s", "% of peak", f"% of peak @b{report.rows[0].batch if report.rows else ''}", "× torch"):
         t.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right", overflow="fold")
     for r in report.rows:
-        t.add_row(r.label, r.backend, r.precision if r.precision == r.compute_precision else f"{r.precision} ({r.compute_precision})",
+        t.add_row(escape(r.label), r.backend, r.precision if r.precision == r.compute_precision else f"{r.precision} ({r.compute_precision})",
                   f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.throughput_ips:.2f}",
                   f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_gflops:.0f}" if r.peak_gflops else "-",
                   f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
@@ -542,7 +543,7 @@ def print_bench(console: Console, report) -> None:
     for label, p in report.profiles.items():
         top = sorted(p["by_type_ms"].items(), key=lambda kv: -kv[1])[:6]
         total = sum(p["by_type_ms"].values()) or 1.0
-        line = f"{label}: matmul kernels {100 * p['matmul_share']:.0f}% of the time"
+        line = f"{escape(label)}: matmul kernels {100 * p['matmul_share']:.0f}% of the time"
         if "kernel_peak_fraction" in p:
             line += (f" at {100 * p['kernel_peak_fraction']:.0f}% of the peak; ceiling with every matmul at the peak "
                      f"{100 * p['ceiling_fraction']:.0f}%")
