@@ -49,7 +49,7 @@ from typing import Callable
 
 import grpc
 
-from echocare.atomic import fsync_dir
+from echocare.atomic import atomic_write_bytes, fsync_dir
 from edge.bundle import BundleError, load_public_key, safe_extract, sha256_file, verify_bundle
 from server.registry.client import ConnectionConfig, RegistryClient, RegistryError
 
@@ -215,17 +215,8 @@ class Agent:
         failed = state["failed"]
         for sha in sorted(failed, key=lambda k: failed[k].get("at", 0))[:-MAX_FAILED_REMEMBERED]:
             del failed[sha]  # forget the oldest failures: the list must not grow forever
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".state.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-            _fsync_dir(self.root)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode(), 0o600)
+        fsync_dir(self.root)
 
     def current_folder(self) -> str | None:
         """The ``versions/`` folder ``current`` points at, or None when nothing is installed."""
@@ -252,7 +243,7 @@ class Agent:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def recover(self) -> None:
         """Make the directory consistent after a crash (called at start).
@@ -419,7 +410,7 @@ class Agent:
                     raise AgentError(f"{dest}: would replace the running bundle")
                 shutil.rmtree(dest)
             os.replace(bundle_dir, dest)
-            _fsync_dir(self.versions)
+            fsync_dir(self.versions)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -480,8 +471,3 @@ def _entry_from_folder(folder: str) -> dict:
     """Best effort for a folder switched to by an agent that crashed before recording it."""
     version, _, sha12 = folder.rpartition("-")
     return {"folder": folder, "version": version, "sha256": sha12}
-
-
-_fsync_dir = fsync_dir
-
-

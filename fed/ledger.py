@@ -12,12 +12,12 @@ same update, so it replaces its earlier entry instead of being counted twice.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+from echocare.atomic import atomic_write_bytes
 
 ACCOUNTANT = "rdp"
 
@@ -120,12 +120,7 @@ class PrivacyLedger:
         data = {"accountant": ACCOUNTANT, "delta": self.delta, "budget_epsilon": self.budget_epsilon,
                 "planned_noise_multiplier": self.planned_noise_multiplier,
                 "releases": [asdict(r) for r in self.releases]}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode(), 0o600)
 
     # -- accounting ------------------------------------------------------------------------------
     def _history(self, extra: Release | None = None) -> list[tuple[float, float, int]]:

@@ -216,7 +216,7 @@ class RegistryStore:
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)  # same content, same name: replacing an existing blob is harmless
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def check_new_release(self, device_class: str, version: str, sha256: str) -> None:
         """Raise :class:`Conflict` if ``version`` of ``device_class`` exists with other content
@@ -454,6 +454,3 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         channel=row["channel"],
         last_seen=None if row["last_seen"] is None else float(row["last_seen"]),
     )
-
-
-_fsync_dir = fsync_dir
