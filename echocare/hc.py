@@ -75,3 +75,9 @@ def draw_ellipse(shape: tuple[int, int], cy: float, cx: float, a: float, b: floa
     u = dx * c + dy * s
     v = -dx * s + dy * c
     return ((u / a) ** 2 + (v / b) ** 2 <= 1.0).astype(np.uint8)
+
+
+def measured_hc_mm(pred_mask: np.ndarray, pixel_mm: float) -> float:
+    """HC (mm) of a *predicted* mask for scoring: an empty prediction measures 0 mm, so its error
+    counts in full instead of the image being skipped."""
+    return head_circumference_mm(pred_mask, pixel_mm) if np.asarray(pred_mask).any() else 0.0

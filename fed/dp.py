@@ -55,6 +55,15 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def _optimizer(params, cfg: DPConfig) -> torch.optim.Optimizer:
+    """The optimizer both training paths use (DP-Adam is post-processing of the noisy gradient)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adam")
+
+
 def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, cfg: DPConfig,
                loss_fn: nn.Module | None = None) -> dict:
     """Train ``head`` in place on (x, y) for ``cfg.epochs``; DP-SGD when ``cfg.noise_multiplier > 0``.
@@ -78,12 +87,7 @@ def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: t
     loader = DataLoader(TensorDataset(*xs, y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    elif cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adam")
+    optimizer = _optimizer(head.parameters(), cfg)
     model, criterion = head, loss_fn
     if cfg.noise_multiplier > 0:
         from opacus import PrivacyEngine
@@ -189,8 +193,7 @@ def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(cfg.seed),
                                             steps=steps_per_epoch(n, cfg.batch_size))
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    optimizer = (torch.optim.Adam(lin.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
-                 else torch.optim.SGD(lin.parameters(), lr=cfg.lr, momentum=cfg.momentum))
+    optimizer = _optimizer(lin.parameters(), cfg)
     expected_batch = q * n
     steps, total, count = 0, 0.0, 0
     k = lin.out_features

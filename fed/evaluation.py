@@ -38,11 +38,9 @@ def evaluate_model(model, spec, data: SiteData, batch_size: int = 16, progress=N
                 m = s.mask()
                 masks.append((p, None if m is None else apply_geometry_to_mask(m, g)))
                 if spec.task == "hc" and "pixel_size_mm" in s.meta:
-                    from echocare.hc import head_circumference_mm
+                    from echocare.hc import measured_hc_mm
 
-                    # an empty prediction measures 0 mm: the error counts in full, it is not skipped
-                    hc = head_circumference_mm(p, g.output_pixel_mm(float(s.meta["pixel_size_mm"]))) if p.any() else 0.0
-                    pred_hc.append(hc)
+                    pred_hc.append(measured_hc_mm(p, g.output_pixel_mm(float(s.meta["pixel_size_mm"]))))
                     true_hc.append(float(s.meta["hc_mm"]))
         batch.clear(), geoms.clear(), samples.clear()
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from echocare.atomic import atomic_write_bytes
 from echocare.preprocess import PreprocessSpec
 from fed.dp import DPConfig, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
 from fed.features import EncoderRef, map_features, pooled_features
@@ -113,10 +113,14 @@ def site_split(policy: SitePolicy, cfg: RoundConfig, which: str):
         if policy.partition else data
     train, val = split_train_val(part, val_fraction=cfg.val_fraction, seed=cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"train": [s.key for s in train.samples], "val": [s.key for s in val.samples]}))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps({"train": [s.key for s in train.samples], "val": [s.key for s in val.samples]}).encode())
     return train if which == "train" else val
+
+
+def _split_and_spec(policy: SitePolicy, preprocess: str, val_fraction: float, seed: int, which: str):
+    """The memo functions' common start: the site's split and the round's preprocessing spec."""
+    data = site_split(policy, RoundConfig(val_fraction=val_fraction, seed=seed), which)
+    return data, (PreprocessSpec.from_json(preprocess) if preprocess != "{}" else PreprocessSpec())
 
 
 @lru_cache(maxsize=256)
@@ -124,10 +128,7 @@ def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: 
               seed: int, which: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-process memo over the on-disk cache: a site process serving many rounds reads its
     features once (the data of a running federation is assumed not to change under it)."""
-    cfg = RoundConfig(labels=list(labels), encoder=encoder, preprocess=json.loads(preprocess),
-                      val_fraction=val_fraction, seed=seed)
-    data = site_split(policy, cfg, which)
-    spec = PreprocessSpec.from_json(preprocess) if preprocess != "{}" else PreprocessSpec()
+    data, spec = _split_and_spec(policy, preprocess, val_fraction, seed, which)
     x, kept = pooled_features(data, encoder, spec, policy.features_dir)
     index = {name: i for i, name in enumerate(labels)}
     rows = [i for i, s in enumerate(kept) if s.label in index]
@@ -148,9 +149,7 @@ def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.
 @lru_cache(maxsize=6)
 def _maps(policy: SitePolicy, encoder: EncoderRef, preprocess: str, val_fraction: float, seed: int, which: str,
           needs: tuple[int, ...], needs_image: bool):
-    cfg = RoundConfig(encoder=encoder, preprocess=json.loads(preprocess), val_fraction=val_fraction, seed=seed)
-    data = site_split(policy, cfg, which)
-    spec = PreprocessSpec.from_json(preprocess) if preprocess != "{}" else PreprocessSpec()
+    data, spec = _split_and_spec(policy, preprocess, val_fraction, seed, which)
     arrays, kept = map_features(data, encoder, spec, policy.features_dir, needs, needs_image)
     if not kept:
         return (), np.zeros((0, spec.size, spec.size), np.int64), []
@@ -168,7 +167,7 @@ def site_maps(policy: SitePolicy, cfg: RoundConfig, which: str, head):
                  tuple(head.needs), bool(head.needs_image))
 
 
-def _build_head(cfg: RoundConfig, in_dim: int | None = None):
+def _build_head(cfg: RoundConfig):
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
 
@@ -276,17 +275,17 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
 def _evaluate_segmentation(policy: SitePolicy, cfg: RoundConfig, head) -> Reply:
     import torch
 
-    from echocare.hc import head_circumference_mm
+    from echocare.hc import measured_hc_mm
     from echocare.metrics import dice, hc_mae_mm
 
     xs, y, meta = site_maps(policy, cfg, "val", head)
     if len(y) == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no readable validation images at this site")
     preds, losses = [], []
-    loss_fn = PerImageSegLoss(reduction="none")
+    model, loss_fn = MapsHead(head), PerImageSegLoss(reduction="none")
     with torch.no_grad():
         for i in range(0, len(y), 16):
-            logits = MapsHead(head)(*(torch.from_numpy(a[i:i + 16]) for a in xs))
+            logits = model(*(torch.from_numpy(a[i:i + 16]) for a in xs))
             losses.append(loss_fn(logits, torch.from_numpy(y[i:i + 16])).numpy())
             preds.append(logits.argmax(1).numpy().astype(np.uint8))
     pred = np.concatenate(preds)
@@ -294,7 +293,7 @@ def _evaluate_segmentation(policy: SitePolicy, cfg: RoundConfig, head) -> Reply:
     if cfg.task == "hc":
         rows = [(p, m) for p, m in zip(pred, meta) if m[0] is not None and m[1] is not None]
         if rows:
-            est = [head_circumference_mm(p, px / scale) if p.any() else 0.0 for p, (px, _, scale) in rows]
+            est = [measured_hc_mm(p, px / scale) for p, (px, _, scale) in rows]
             metrics["hc_mae_mm"] = float(hc_mae_mm(np.array(est), np.array([m[1] for _, m in rows])))
     return Reply(STATUS_OK, policy.site_name, len(y), metrics=metrics)
 

@@ -72,3 +72,11 @@ def test_hc18_annotations(hc18_root: Path):
     assert hc_mae_mm(pred, true) < 2.0
     assert np.percentile(errors, 95) < 3.0
     assert np.median(np.abs(errors / np.array(true))) < 0.01
+
+
+def test_measured_hc_scores_an_empty_prediction_as_zero_mm():
+    from echocare.hc import draw_ellipse, head_circumference_mm, measured_hc_mm
+
+    assert measured_hc_mm(np.zeros((64, 64), np.uint8), 0.2) == 0.0
+    mask = draw_ellipse((128, 128), 64, 64, 40, 25, 0.3)
+    assert measured_hc_mm(mask, 0.2) == head_circumference_mm(mask, 0.2) > 0
