@@ -155,14 +155,14 @@ def model_card(info: dict, report: dict | None) -> dict:
 
 
 # ----------------------------------------------------------------------------------- steps
-def _eval_onnx_fp32(onnx_path: Path, ev: EvalSet, batch: int) -> tuple[dict, np.ndarray]:
-    sess = open_session(onnx_path, "onnxruntime")
-    out = predict_all(sess.run, ev.inputs, batch)
-    return metrics_from_outputs(out, ev), out
+def fp32_metrics_of(onnx_path: Path, ev: EvalSet, batch: int = 8) -> dict:
+    """The gate's reference: the exported FP32 ONNX on ONNX Runtime, scored on ``ev``."""
+    return metrics_from_outputs(predict_all(open_session(onnx_path, "onnxruntime").run, ev.inputs, batch), ev)
 
 
-def _gate_session(q: QuantizeResult, target: str, inference_precision: str):
-    """Where the candidate is evaluated: the backend the target will run it on (TensorRT: ORT CPU stand-in)."""
+def gate_session(q: QuantizeResult, inference_precision: str):
+    """Where a quantized candidate is evaluated: the backend it ships on (OpenVINO for IR; ONNX
+    Runtime for Q/DQ and FP16 ONNX, which also stands in for TensorRT on a CPU machine)."""
     if q.format == "openvino-ir":
         return open_session(q.model_path, "openvino", inference_precision=inference_precision, graph_precision=q.precision)
     return open_session(q.model_path, "onnxruntime", graph_precision=q.precision)
@@ -322,7 +322,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         raise ValueError(f"quantize method {qcfg.method} makes {qcfg.precision}, but the build asks for {cfg.precision}")
     t0 = time.perf_counter()
     say("evaluating FP32")
-    fp32_metrics, _ = _eval_onnx_fp32(exp.onnx_path, ev, cfg.batch_size)
+    fp32_metrics = fp32_metrics_of(exp.onnx_path, ev, cfg.batch_size)
     candidate_path, q = exp.onnx_path, None
     if qcfg is not None:
         say(f"quantize: {qcfg.method} {qcfg.precision}")
@@ -335,7 +335,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     t0 = time.perf_counter()
     say("gate: evaluating the candidate")
     if q is not None:
-        sess = _gate_session(q, target, cfg.inference_precision)
+        sess = gate_session(q, cfg.inference_precision)
     elif target == "openvino-cpu":
         sess = open_session(exp.onnx_path, "openvino", inference_precision=cfg.inference_precision)
     else:

@@ -167,7 +167,7 @@ def quantize(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: beside the model)."),
 ) -> None:
     """INT8 post-training quantization (or FP16), then the accuracy gate: FP32 vs quantized on --val; exit 1 beyond the bound."""
-    from edge.backends import open_session
+    from edge.build import fp32_metrics_of, gate_session
     from edge.evaluate import EvalDataError, load_calibration, load_eval_set, metrics_from_outputs, predict_all
     from edge.export import ExportError, read_export_info, write_json_atomic
     from edge.gate import check_gate
@@ -199,12 +199,11 @@ def quantize(
         console.print("[yellow]no --val: accuracy gate skipped[/]")
         return
     with console.status("gate: evaluating FP32 and quantized"):
-        fp32 = metrics_from_outputs(predict_all(open_session(model, "onnxruntime").run, ev.inputs), ev)
-        backend = "openvino" if q.format == "openvino-ir" else "onnxruntime"
-        sess = open_session(q.model_path, backend, inference_precision=inference_precision.value, graph_precision=q.precision)
+        fp32 = fp32_metrics_of(model, ev)
+        sess = gate_session(q, inference_precision.value)
         cand = metrics_from_outputs(predict_all(sess.run, ev.inputs), ev)
     result = check_gate(info["task"], fp32, cand, _bounds(max_auroc_drop, max_dice_drop, max_mae_increase),
-                        candidate_name=f"{q.precision} ({backend})")
+                        candidate_name=f"{q.precision} ({sess.info.backend})")
     write_json_atomic(out / "gate.json", {**result.to_dict(), "fp32_metrics": fp32, "candidate_metrics": cand,
                                           "validation_samples": len(ev), "model": str(q.model_path)})
     _metrics_table(console, fp32, cand, q.precision)
