@@ -64,8 +64,8 @@ def generate_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Pa
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _atomic_write(prefix, private_pem, mode=0o600)
-    _atomic_write(pub_path, public_pem, mode=0o644)
+    atomic_write_bytes(prefix, private_pem, mode=0o600)
+    atomic_write_bytes(pub_path, public_pem, mode=0o644)
     return prefix, pub_path
 
 
@@ -227,10 +227,6 @@ def _replace_dir(new: Path, final: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    atomic_write_bytes(path, data, mode)
 
 
 # ------------------------------------------------------------------------------------- verify

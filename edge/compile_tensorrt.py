@@ -24,13 +24,12 @@ importable, :func:`build_engine` raises :class:`TensorRTUnavailable` with a clea
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from echocare.atomic import atomic_write_bytes
 from edge.compiled import CompiledModel, CompileError
 
 TARGET = "tensorrt"
@@ -180,8 +179,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorR
     if serialized is None:
         raise CompileError(f"{onnx_path}: TensorRT {trt.__version__} failed to build an engine (see the TensorRT log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(engine_path, bytes(serialized))
-    _atomic_write(cache_path, bytes(bconf.get_timing_cache().serialize()))
+    atomic_write_bytes(engine_path, bytes(serialized), 0o600)
+    atomic_write_bytes(cache_path, bytes(bconf.get_timing_cache().serialize()), 0o600)
     return CompiledModel(
         TARGET, engine_path, [engine_path], "tensorrt-engine", config.precision, None,
         {"tensorrt": str(trt.__version__), "strongly_typed": plan.strongly_typed, "builder_flags": plan.builder_flags,
@@ -190,19 +189,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorR
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_build_config(config: TensorRTBuildConfig, path: str | Path) -> Path:
     """``tensorrt.json`` for a bundle (what ``compile --target tensorrt`` reads on the device)."""
     path = Path(path)
-    _atomic_write(path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(config.to_dict(), indent=2) + "\n").encode(), 0o600)
     return path

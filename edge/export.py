@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from echocare.atomic import atomic_write_bytes
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -247,17 +249,7 @@ def read_export_info(model_path: str | Path) -> dict:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     """JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode(), 0o600)
 
 
 def _json_default(o: Any) -> Any:

@@ -11,14 +11,13 @@ image, a mask whose size differs from its image's. Everything else is a warning.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from echocare.atomic import atomic_write_bytes
 from echocare.data.base import Problem, SiteData, UnreadableImage
 from echocare.data.dedup import DEFAULT_MAX_HAMMING, group_samples, sample_fingerprint
 from echocare.data.split import split_train_val
@@ -60,14 +59,7 @@ class SiteReport:
         """Write the report atomically (a crash leaves any previous file intact)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode(), 0o600)
 
 
 def _stats(values: list[int]) -> dict[str, float]:
