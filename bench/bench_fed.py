@@ -223,13 +223,13 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
             with torch.no_grad():
                 return float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
 
+        start = initial_head(rc, ServerConfig(run_dir=str(run), public_cache_dir=str(tmp / "cache")))  # with the projection
         fed_head = task._build_head(rc)
-        task._load_arrays(fed_head, {**initial_head(rc, ServerConfig(run_dir=str(run), public_cache_dir=str(tmp / "cache"))),
-                                     **load_file(str(run / "global" / "head.safetensors"))})
+        task._load_arrays(fed_head, {**start, **load_file(str(run / "global" / "head.safetensors"))})
         fed_auroc = score(fed_head)
 
         head = task._build_head(rc)
-        task._load_arrays(head, initial_head(rc, ServerConfig(run_dir=str(run), public_cache_dir=str(tmp / "cache"))))
+        task._load_arrays(head, start)
         n, epochs = len(y_tr), rounds * local_epochs
         delta = min(1e-5, 1.0 / (10 * n))
         sigma = calibrate_noise(8.0, delta, sample_rate(n, batch_size), epochs * steps_per_epoch(n, batch_size))
