@@ -69,9 +69,9 @@ def fit_task_model(config: str, train_data, out: Path, work: Path) -> Path:
     from echocare.models.heads import build_head, head_kwargs_of
     from echocare.models.task_model import TaskModelSpec, save_task_model
     from echocare.preprocess import PreprocessSpec
-    from edge.backends import open_session, run_batched
-    from edge.evaluate import load_eval_set
-    from edge.export import torch_to_onnx
+    from edge.device.backends import open_session, run_batched
+    from edge.build.evaluate import load_eval_set
+    from edge.build.export import torch_to_onnx
 
     ev = load_eval_set(train_data, "classify", LABELS, PreprocessSpec())
     torch_to_onnx(_features_model(config), work / "features.onnx", 256)
@@ -101,13 +101,13 @@ def main(
     from dataclasses import asdict
 
     from echocare.preprocess import PreprocessSpec
-    from edge.backends import open_session
-    from edge.bench import Candidate, bench_candidates
-    from edge.cli import print_bench
-    from edge.evaluate import evaluate, load_calibration, load_eval_set
-    from edge.export import export_task_model
-    from edge.gate import check_gate
-    from edge.quantize import QuantizeConfig, quantize
+    from edge.device.backends import open_session
+    from edge.bench.latency import Candidate, bench_candidates
+    from echofleet.cli.edge import print_bench
+    from edge.build.evaluate import evaluate, load_calibration, load_eval_set
+    from edge.build.export import export_task_model
+    from edge.build.gate import check_gate
+    from edge.build.quantize import QuantizeConfig, quantize
 
     if not BUSI.is_dir():
         console.print(f"[red]BUSI not found at {BUSI}[/] (set ECHOFLEET_SHARED_DATA)")
@@ -172,7 +172,7 @@ def main(
     best_int8_n = max(int8, key=lambda r: r.throughput_peak_fraction or 0)
 
     # Why the fraction is what it is: OpenVINO's per-node counters for the best INT8 build at batch 1.
-    from edge.opprofile import profile_openvino
+    from edge.bench.opprofile import profile_openvino
 
     cand = next(c for c in cands if c.label == best_int8.label)
     prof = timed("op profile (best INT8 build, batch 1)", lambda: profile_openvino(

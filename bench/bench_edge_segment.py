@@ -16,7 +16,7 @@ real HC18 fetal-head images (the filled head outline is the mask).
    the FP32-vs-INT8 *drop* is what is measured);
 3. the task model is saved, exported to ONNX (parity-checked), quantized from the calibration
    images, and FP32 vs INT8 are evaluated on the validation images with
-   :func:`edge.evaluate.metrics_from_outputs`; :func:`edge.gate.check_gate` gives the drop and the
+   :func:`edge.build.evaluate.metrics_from_outputs`; :func:`edge.build.gate.check_gate` gives the drop and the
    verdict (Dice bound 0.01; the HC MAE gate, bound 1 mm, is shown for information).
 
 Also printed: an all-foreground baseline Dice (to show what the head learned beyond "predict
@@ -116,12 +116,12 @@ def main(
     from echocare.models.heads import head_kwargs_of
     from echocare.models.task_model import TaskModelSpec, save_task_model
     from echocare.preprocess import PreprocessSpec
-    from edge import postprocess as post
-    from edge.backends import open_session
-    from edge.evaluate import load_eval_set, metrics_from_outputs, predict_all
-    from edge.export import export_task_model
-    from edge.gate import check_gate
-    from edge.quantize import QuantizeConfig, quantize
+    from edge.device import postprocess as post
+    from edge.device.backends import open_session
+    from edge.build.evaluate import load_eval_set, metrics_from_outputs, predict_all
+    from edge.build.export import export_task_model
+    from edge.build.gate import check_gate
+    from edge.build.quantize import QuantizeConfig, quantize
 
     if not (HC18 / "training_set").is_dir():
         console.print(f"[red]HC18 not found at {HC18}[/] (set ECHOFLEET_SHARED_DATA)")

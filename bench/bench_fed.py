@@ -48,7 +48,7 @@ def bench_cache(encoder: str, n: int) -> dict:
     """One site, one round: (features + DP training) recomputing features vs reading the cache."""
     from fed import task
     from fed.task import train_round
-    from server.server_app import ServerConfig, initial_head
+    from server.coordinator.server_app import ServerConfig, initial_head
 
     tmp = Path(tempfile.mkdtemp())
     data = f"phantom:{n}?seed=3"
@@ -140,7 +140,7 @@ def _peak_rss(stop: threading.Event, out: dict) -> None:
 
 
 def bench_scale(sites: int, rounds: int, encoder: str, per_site: int, cache_dir: str | None = None) -> dict:
-    from fed.simulation import SimulationConfig, simulate
+    from echofleet.simulation import SimulationConfig, simulate
 
     tmp = Path(tempfile.mkdtemp())
     cache = Path(cache_dir) if cache_dir else tmp / "cache"
@@ -193,9 +193,9 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
     from fed.dp import DPConfig, sample_rate, steps_per_epoch, train_head
     from fed.ledger import calibrate_noise
     from fed.policy import load_policy
-    from fed.simulation import SimulationConfig, simulate
+    from echofleet.simulation import SimulationConfig, simulate
     from fed.task import RoundConfig, site_features
-    from server.server_app import ServerConfig, initial_head
+    from server.coordinator.server_app import ServerConfig, initial_head
 
     if not BUSI.exists():
         return {"skipped": f"BUSI not found at {BUSI}"}

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edge.bundle import generate_keypair  # noqa: E402
+from echocare.bundle import generate_keypair  # noqa: E402
 from server.registry.client import ConnectionConfig, RegistryClient, RegistryError  # noqa: E402
 from server.registry.proto import registry_pb2 as pb  # noqa: E402
 from server.registry.proto import registry_pb2_grpc as pb_grpc  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> int:
                    for k, v in enumerate(("1.0.0", "1.1.0", "1.2.0"))]
         bundle_kib = bundles[0].stat().st_size // 1024
         port = _free_port()
-        cmd = [sys.executable, "-c", "from server.cli import registry_app; registry_app()", "serve", "--insecure",
+        cmd = [sys.executable, "-c", "from echofleet.cli.registry import registry_app; registry_app()", "serve", "--insecure",
                "--port", str(port), "--db", str(tmp / "reg.db"), "--blobs", str(tmp / "blobs"),
                "--trusted-key", str(public), "--workers", str(args.workers)]
         log = open(tmp / "serve.log", "w")

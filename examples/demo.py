@@ -25,8 +25,8 @@ ROUNDS = int(os.environ.get("DEMO_ROUNDS", "3"))
 
 
 def main() -> int:
-    from fed.cli import print_report
-    from fed.simulation import SimulationConfig, simulate
+    from echofleet.cli.fed import print_report
+    from echofleet.simulation import SimulationConfig, simulate
 
     console.print(Rule("echofleet demo"))
     console.print(f"data: [bold]{DATA}[/bold]" + ("  (synthetic phantoms — not patient data)" if DATA.startswith("phantom") else ""))
@@ -50,14 +50,14 @@ def main() -> int:
 
     console.print(Rule("2. edge build (export → INT8 → accuracy gate → OpenVINO → signed bundle → verify)"))
     try:
-        from edge.build import build
-        from edge.bundle import generate_keypair
+        from edge.build.pipeline import build
+        from echocare.bundle import generate_keypair
     except ImportError as e:  # pragma: no cover - edge extra missing
         console.print(f"[yellow]edge build skipped: {e}[/yellow]")
         return 0
-    from edge.build import BuildConfig
-    from edge.cli import _print_build
-    from edge.gate import GateFailed
+    from edge.build.pipeline import BuildConfig
+    from echofleet.cli.edge import _print_build
+    from edge.build.gate import GateFailed
 
     key, pub = OUT / "keys" / "release", OUT / "keys" / "release.pub"
     if not key.exists():

@@ -48,7 +48,7 @@ class ClassifyHead(nn.Module):
 
     ``proj_dim > 0`` puts a fixed (non-trainable) whitening projection in front: buffers
     ``proj_mean`` (in_dim) and ``proj_matrix`` (in_dim x proj_dim), set by the coordinator from
-    *public* reference images (see :mod:`server.public_features`). Privacy meaning: it costs no
+    *public* reference images (see :mod:`server.coordinator.public_features`). Privacy meaning: it costs no
     privacy budget (no site data is used), and it makes DP-SGD work far better — the noise is
     spread over ``proj_dim`` well-conditioned inputs instead of thousands of raw, mean-dominated ones.
     """

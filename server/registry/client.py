@@ -1,6 +1,6 @@
 """A small client for the registry, used by the ``registry`` CLI, the edge agent and the benchmark.
 
-Only ``grpcio`` + ``protobuf`` (no torch): scanners import it through :mod:`edge.agent`.
+Only ``grpcio`` + ``protobuf`` (no torch): scanners import it through :mod:`edge.device.agent`.
 
 Connections are TLS by default, pinning the CA certificate given as ``ca`` (or trusting the
 system's roots when ``ca`` is None); plaintext needs an explicit ``insecure=True`` and should

@@ -3,7 +3,7 @@
 :func:`make_classifier_bundle` builds a 3-class linear classifier as an ONNX graph
 (``Flatten -> MatMul -> Add``) on 16x16 inputs, a self-test sample and the probabilities the
 model must reproduce (computed with numpy, independently of any inference backend), and signs it
-all with :func:`edge.bundle.write_bundle`. The edge runtime runs it like any exported EchoCare
+all with :func:`echocare.bundle.write_bundle`. The edge runtime runs it like any exported EchoCare
 head; ``broken=True`` ships weights that differ from the ones the expected outputs were computed
 with, i.e. a bundle whose self-test genuinely fails on the device.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from echocare.preprocess import PreprocessSpec
-from edge.bundle import write_bundle
+from echocare.bundle import write_bundle
 
 LABELS = ["benign", "malignant", "normal"]
 SIZE = 16

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import grpc
 
-from edge.bundle import BundleError, load_public_key, safe_extract, verify_bundle
+from echocare.bundle import BundleError, load_public_key, safe_extract, verify_bundle
 from server.registry import auth
 from server.registry.proto import registry_pb2 as pb
 from server.registry.proto import registry_pb2_grpc as pb_grpc

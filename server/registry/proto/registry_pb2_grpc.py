@@ -80,7 +80,7 @@ class RegistryServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Publish(self, request_iterator, context):
-        """Upload a signed bundle tarball (.tar.gz written by edge.bundle.write_bundle). The first message
+        """Upload a signed bundle tarball (.tar.gz written by echocare.bundle.write_bundle). The first message
         carries the header, every following one a chunk of bytes. The registry verifies the signature
         against its trusted publisher key(s) and every file hash BEFORE storing anything.
         Admin token. INVALID_ARGUMENT: malformed stream, not a bundle, bad signature or hash, manifest

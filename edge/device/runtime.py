@@ -1,0 +1,248 @@
+"""The on-device runtime: load a bundle, preprocess, run, post-process, self-test. No torch.
+
+Dependencies: numpy, Pillow, cryptography (bundle checks) and OpenVINO and/or ONNX Runtime.
+The preprocessing is :func:`echocare.preprocess.preprocess_image` with the bundle's own
+:class:`~echocare.preprocess.PreprocessSpec`: byte for byte what training and calibration used.
+
+Typical use (what the scanner agent does after installing a release)::
+
+    rt = load_bundle(bundle_dir, public_key="release.pub")   # verifies signature + hashes
+    ok, why = rt.self_test()                                  # roll back when not ok
+    results = rt.predict([image_array])                        # [{"probabilities": {...}}, ...]
+
+Backend choice (``backend="auto"``): the bundle lists its model artifacts best first; the first
+one that a locally installed backend can run wins (OpenVINO IR -> OpenVINO; ONNX -> ONNX Runtime,
+then OpenVINO). ``backend="openvino"`` / ``"onnxruntime"`` forces one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from echocare.preprocess import Geometry, PreprocessSpec, preprocess_image
+from edge.device import postprocess as post
+from edge.device.backends import backend_installed, open_session
+from echocare.bundle import BundleError, read_manifest_unverified, safe_extract, verify_bundle
+
+# Which backends can run which artifact format, best first.
+FORMAT_BACKENDS = {"openvino-ir": ["openvino"], "onnx": ["onnxruntime", "openvino"]}
+
+
+@dataclass
+class ModelChoice:
+    """The model artifact and backend a runtime settled on."""
+
+    artifact: dict
+    backend: str
+
+
+def choose_model(manifest: dict, backend: str = "auto") -> ModelChoice:
+    """Pick the first model artifact (manifest order = preference) runnable by an installed backend."""
+    models = [a for a in manifest.get("artifacts", []) if a.get("role") == "model"]
+    if not models:
+        raise BundleError(f"bundle {manifest.get('name')}-{manifest.get('version')}: no model artifact in the manifest")
+    tried = []
+    for a in models:
+        for b in FORMAT_BACKENDS.get(a.get("format", ""), []):
+            if backend not in ("auto", b):
+                continue
+            if backend_installed(b):
+                return ModelChoice(a, b)
+            tried.append(f"{a['path']} needs {b}")
+    formats = sorted({a.get("format", "?") for a in models})
+    want = "any installed backend" if backend == "auto" else f"backend {backend!r}"
+    raise BundleError(
+        f"bundle {manifest.get('name')}-{manifest.get('version')}: no model artifact ({', '.join(formats)}) runs on {want}"
+        + (f" ({'; '.join(tried)}, not installed)" if tried else "")
+    )
+
+
+def _trt_providers(manifest: dict, artifact: dict) -> list:
+    """ONNX Runtime providers for a TensorRT bundle: TensorRT EP (engine + timing cache), then CUDA, then CPU.
+
+    The engine cache lives outside the bundle (a verified bundle holds only listed files), keyed
+    by the model's sha256; ``ECHOFLEET_CACHE`` moves it.
+    """
+    build = manifest.get("tensorrt", {})
+    cache = Path(os.environ.get("ECHOFLEET_CACHE", Path.home() / ".cache" / "echofleet")) / "trt" / artifact["sha256"][:16]
+    trt: dict[str, Any] = {
+        "trt_fp16_enable": artifact.get("precision") in ("fp16", "int8"),
+        "trt_int8_enable": artifact.get("precision") == "int8",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
+    inp = manifest.get("input", {})
+    if build and inp.get("shape"):
+        name, chw = inp.get("name", "input"), "x".join(str(d) for d in inp["shape"][1:])
+        for key, batch in (("min", build.get("min_batch", 1)), ("opt", build.get("opt_batch", 1)), ("max", build.get("max_batch", 8))):
+            trt[f"trt_profile_{key}_shapes"] = f"{name}:{batch}x{chw}"
+    return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class BundleRuntime:
+    """A loaded bundle: ``predict`` images, ``predict_arrays`` preprocessed batches, ``self_test``."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "auto", *, num_threads: int | None = None,
+                 _owned_tmp: Path | None = None):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self._owned_tmp = _owned_tmp
+        self.task: str = manifest["task"]
+        if self.task not in post.TASKS:
+            raise BundleError(f"{self.bundle_dir}: unknown task {self.task!r} in the manifest")
+        self.labels: list[str] = list(manifest.get("labels") or [])
+        self.preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
+        choice = choose_model(manifest, backend)
+        self.artifact, self.backend = choice.artifact, choice.backend
+        providers = _trt_providers(manifest, self.artifact) if self.artifact.get("target") == "tensorrt" else None
+        self.session = open_session(
+            self.bundle_dir / self.artifact["path"], self.backend,
+            inference_precision=self.artifact.get("inference_precision", "f32"),
+            graph_precision=self.artifact.get("precision", "fp32"),
+            num_threads=num_threads, providers=providers,
+        )
+        self.precision: str = self.artifact.get("precision", "fp32")
+
+    # ------------------------------------------------------------------ running
+    def predict_arrays(self, x: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        """Raw model outputs for preprocessed inputs ``(N, 3, size, size)`` float32."""
+        x = np.asarray(x, np.float32)
+        size = self.preprocess.size
+        if x.ndim != 4 or x.shape[1:] != (3, size, size):
+            raise ValueError(f"inputs must be (N, 3, {size}, {size}) float32, got {x.shape}")
+        return np.concatenate([self.session.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def predict(self, images: list[np.ndarray], *, pixel_mm: list[float | None] | None = None, batch_size: int = 8) -> list[dict]:
+        """One result dict per image (any size, gray or RGB).
+
+        - classify: ``probabilities`` (label -> p), ``label``, ``score``;
+        - segment: ``mask`` (uint8 {0,1} at the image's own size, ready for a Dice against a
+          hand-drawn mask), ``foreground_fraction``;
+        - hc: as segment, plus ``hc_mm`` when ``pixel_mm`` (the source pixel size) is known.
+        """
+        if not images:
+            return []
+        prepared = [preprocess_image(im, self.preprocess) for im in images]
+        x = np.stack([p[0] for p in prepared])
+        out = self.predict_arrays(x, batch_size)
+        geoms = [p[1] for p in prepared]
+        return self.postprocess(out, geoms, pixel_mm)
+
+    def postprocess(self, out: np.ndarray, geoms: list[Geometry], pixel_mm: list[float | None] | None = None) -> list[dict]:
+        results: list[dict] = []
+        if self.task == "classify":
+            probs = post.softmax(out)
+            for p in probs:
+                k = int(p.argmax())
+                names = self.labels or [str(i) for i in range(len(p))]
+                results.append({"probabilities": {n: float(v) for n, v in zip(names, p)}, "label": names[k], "score": float(p[k])})
+            return results
+        masks = post.masks_from_logits(out, self.preprocess.size)
+        for i, (m, g) in enumerate(zip(masks, geoms)):
+            src = post.mask_to_source(m, g)
+            r: dict[str, Any] = {"mask": src, "foreground_fraction": float((src > 0).mean())}
+            if self.task == "hc":
+                mm = pixel_mm[i] if pixel_mm else None
+                r["hc_mm"] = None if mm is None else post.hc_from_mask(m, g.output_pixel_mm(mm))
+            results.append(r)
+        return results
+
+    # ---------------------------------------------------------------- self test
+    def self_test(self) -> tuple[bool, str]:
+        """Run the bundle's own sample and compare with the output recorded at build time."""
+        st = self.manifest.get("selftest")
+        if not st:
+            return False, "bundle has no selftest entry"
+        try:
+            x = np.load(self.bundle_dir / st["input"], allow_pickle=False)
+            out = self.predict_arrays(x)
+        except Exception as e:  # any failure to run is a failed self-test, with the reason
+            return False, f"self-test could not run on {self.backend}: {type(e).__name__}: {e}"
+        expected = st.get("outputs", {}).get(self.artifact["path"])
+        if expected is None:
+            return False, f"no expected self-test output recorded for {self.artifact['path']}"
+        tol = st.get("tolerance", {})
+        where = f"{self.artifact['path']} on {self.backend}"
+        if self.task == "classify":
+            got = post.softmax(out)
+            want = np.asarray(expected["probabilities"], np.float32)
+            if got.shape != want.shape:
+                return False, f"self-test output shape {got.shape} != expected {want.shape} ({where})"
+            err = float(np.abs(got - want).max())
+            atol = float(tol.get("probability_atol", 0.05))
+            if err > atol:
+                return False, f"self-test probabilities differ by {err:.4f} > {atol} ({where})"
+            return True, f"self-test passed: max probability difference {err:.4f} <= {atol} ({where})"
+        got = post.foreground(post.masks_from_logits(out, self.preprocess.size))
+        want = np.load(self.bundle_dir / expected["masks"], allow_pickle=False)
+        if got.shape != want.shape:
+            return False, f"self-test mask shape {got.shape} != expected {want.shape} ({where})"
+        agree = float((got == want).mean())
+        dices = [post.dice_binary(g, w) for g, w in zip(got, want)]
+        min_agree = float(tol.get("mask_min_agreement", 0.98))
+        min_dice = float(tol.get("mask_min_dice", 0.9))
+        small = [w.mean() < 0.01 for w in want]  # Dice is unstable on (almost) empty masks
+        bad_dice = [d for d, s in zip(dices, small) if not s and d < min_dice]
+        if agree < min_agree or bad_dice:
+            return False, f"self-test masks disagree: pixel agreement {agree:.4f} (min {min_agree}), Dice {[round(d, 4) for d in dices]} (min {min_dice}) ({where})"
+        return True, f"self-test passed: pixel agreement {agree:.4f}, Dice {[round(d, 4) for d in dices]} ({where})"
+
+    # ------------------------------------------------------------------ cleanup
+    def close(self) -> None:
+        self.session = None
+        if self._owned_tmp is not None:
+            shutil.rmtree(self._owned_tmp, ignore_errors=True)
+            self._owned_tmp = None
+
+    def __enter__(self) -> "BundleRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        """Name, version, task, chosen artifact/backend and effective precision (for logs and --json)."""
+        return {
+            "bundle": f"{self.manifest.get('name')}-{self.manifest.get('version')}",
+            "task": self.task,
+            "artifact": self.artifact["path"],
+            "backend": self.backend,
+            "precision": self.precision,
+            "session": {"device": self.session.info.device, **self.session.info.details} if self.session else {},
+        }
+
+
+def load_bundle(path: Path | str, backend: str = "auto", *, public_key: Any = None, num_threads: int | None = None) -> BundleRuntime:
+    """Open a bundle directory or ``.tar.gz``.
+
+    With ``public_key`` the signature and every artifact hash are verified first (raises
+    :class:`~echocare.bundle.BundleError` on any mismatch). Without it the manifest is read as is:
+    only do that for a bundle that was verified when it was installed (the agent does).
+    A tarball is unpacked (safely) into a temporary directory that :meth:`BundleRuntime.close` removes.
+    """
+    path = Path(path)
+    tmp = None
+    if path.is_file():
+        tmp = Path(tempfile.mkdtemp(prefix="echofleet-bundle-"))
+        try:
+            path = safe_extract(path, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    try:
+        manifest = verify_bundle(path, public_key) if public_key is not None else read_manifest_unverified(path)
+        return BundleRuntime(path, manifest, backend, num_threads=num_threads, _owned_tmp=tmp)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

@@ -1,0 +1,1 @@
+"""Deployment certificates and keys (private CA, TLS server certificates, SuperNode keys): :mod:`server.certs.pki`."""

@@ -1,0 +1,271 @@
+"""The coordinator's Flower ServerApp.
+
+Reads the run config (``[tool.flwr.app.config]`` in pyproject.toml, or overrides), builds the
+strategy, runs it with Flower's ``strategy.start()``, checkpoints after every round, resumes from
+the last completed round when asked, and writes the run report and the global head.
+
+The coordinator never sees an image or a feature: only head parameters, example counts, metrics
+and privacy figures arrive from the sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fed.features import EncoderRef
+from fed.task import RoundConfig
+from server.coordinator.checkpoint import CheckpointStore, config_hash
+from server.coordinator.report import write_report
+from server.coordinator.strategy import SiteGuard, build_strategy
+
+log = logging.getLogger("echofleet.server")
+app = ServerApp()
+
+
+@dataclass
+class ServerConfig:
+    """Run config of a federation (keys as in pyproject's ``[tool.flwr.app.config]``, dashes)."""
+
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    task: str = "classify"
+    labels: str = "benign,malignant,normal"
+    encoder_config: str = "echocare-tiny"
+    encoder_checkpoint: str = ""
+    encoder_sha256: str = ""
+    encoder_seed: int = 0
+    head_hidden: int = 0
+    feature_projection: int = 64  # classify: fixed whitening projection from public phantoms (0: off)
+    projection_reference: str = ""  # data spec of the public reference images (default: phantoms)
+    public_cache_dir: str = ""  # where the coordinator caches public reference features
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0
+    noise_multiplier: float = 0.0
+    seed: int = 0
+    min_sites: int = 1
+    max_update_norm: float = 0.0
+    outlier_factor: float = 5.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.1
+    trim_beta: float = 0.2
+    central_dp_noise: float = 0.0
+    central_dp_clip: float = 1.0
+    num_sites: int = 0  # expected sites (central DP population); 0 = whatever connects
+    val_fraction: float = 0.2
+    run_dir: str = "runs/latest"
+    resume: bool = False
+    sim_sites_dir: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> "ServerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, extra = {}, {}
+        for k, v in dict(rc).items():
+            name = k.replace("-", "_")
+            if name in names and name != "extra":
+                ftype = type(getattr(cls(), name))
+                kwargs[name] = (str(v).lower() in ("1", "true", "yes")) if ftype is bool else ftype(v)
+            else:
+                extra[k] = v
+        return cls(**kwargs, extra=extra)
+
+    def as_run_config(self) -> dict:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+    def encoder_ref(self) -> EncoderRef:
+        sha = self.encoder_sha256 or None
+        if self.encoder_checkpoint and not sha and Path(self.encoder_checkpoint).exists():
+            from echocare.models.encoder import sha256_file
+
+            sha = sha256_file(self.encoder_checkpoint)
+        return EncoderRef(self.encoder_config, self.encoder_checkpoint or None, sha, self.encoder_seed)
+
+    def task_labels(self) -> list[str]:
+        labels = [s.strip() for s in self.labels.split(",") if s.strip()]
+        if self.task == "classify":
+            return labels
+        default = ["background", "head"] if self.task == "hc" else ["background", "lesion"]
+        return labels if self.labels != ServerConfig.labels and len(labels) >= 2 else default
+
+    def round_config(self, run_key: str) -> RoundConfig:
+        from echocare.preprocess import PreprocessSpec
+
+        return RoundConfig(task=self.task, labels=self.task_labels(),
+                           encoder=self.encoder_ref(),
+                           head={"hidden": self.head_hidden, **({"proj_dim": self.feature_projection} if self.feature_projection > 0 else {})}
+                           if self.task == "classify" else {"variant": "light"},
+                           preprocess=PreprocessSpec().to_dict(), local_epochs=self.local_epochs,
+                           batch_size=self.batch_size, lr=self.lr, max_grad_norm=self.max_grad_norm,
+                           target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier,
+                           num_rounds=self.num_server_rounds, seed=self.seed, run_key=run_key,
+                           proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
+                           val_fraction=self.val_fraction)
+
+
+def initial_head(rc: RoundConfig, cfg: "ServerConfig | None" = None) -> dict[str, np.ndarray]:
+    """Deterministic initial head weights (seeded), as numpy arrays; with the public projection set."""
+    import torch
+
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    torch.manual_seed(rc.seed)
+    head = build_head(rc.task, get_config(rc.encoder.config), len(rc.labels), **rc.head)
+    if rc.task == "classify":
+        # Zero output layer: the federation starts from "no opinion" (uniform probabilities) instead of
+        # a random direction that DP noise would then have to undo.
+        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        if getattr(head, "proj_dim", 0) > 0:
+            from echocare.preprocess import PreprocessSpec
+            from server.coordinator.public_features import DEFAULT_REFERENCE, public_projection
+
+            cache = Path(cfg.public_cache_dir) if cfg and cfg.public_cache_dir else Path(cfg.run_dir if cfg else ".") / "public-features"
+            mean, matrix = public_projection(rc.encoder, PreprocessSpec.from_dict(rc.preprocess), head.proj_dim, cache,
+                                             (cfg.projection_reference if cfg else "") or DEFAULT_REFERENCE)
+            head.set_projection(torch.from_numpy(mean), torch.from_numpy(matrix))
+    return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def run_federation(grid: Grid, cfg: ServerConfig, progress=None) -> dict:
+    """Run (or resume) a federation to completion. Returns the run report."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    chash = config_hash(cfg.as_run_config())
+    run_key = f"{run_dir.name}-{chash}"
+    rc = cfg.round_config(run_key)
+    store = CheckpointStore(run_dir)
+    num_sites = cfg.num_sites or len(list(grid.get_node_ids()))
+    inner = build_strategy(cfg.strategy, min_sites=cfg.min_sites, proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,
+                           trim_beta=cfg.trim_beta, central_dp_noise=cfg.central_dp_noise,
+                           central_dp_clip=cfg.central_dp_clip, num_sites=max(1, num_sites))
+    guard = SiteGuard(inner, min_sites=cfg.min_sites, max_update_norm=cfg.max_update_norm, outlier_factor=cfg.outlier_factor)
+
+    weights, done = initial_head(rc, cfg), 0
+    latest = store.latest() if cfg.resume else None
+    if latest is not None:
+        if latest.state.get("config_hash") != chash:
+            raise RuntimeError(f"cannot resume {run_dir}: its run config differs (hash {latest.state.get('config_hash')} "
+                               f"vs {chash}); start a new run directory instead")
+        weights, done = latest.weights, latest.round
+        guard.round_offset = done
+        guard.rounds = {int(k): _roundlog(v) for k, v in latest.state["rounds"].items()}
+        guard.exhausted_sites = set(latest.state.get("exhausted_sites", []))
+        guard.load_inner_state(latest.strategy_arrays)
+        log.info("resuming %s after round %d", run_dir, done)
+    elif cfg.resume:
+        log.info("no checkpoint in %s: starting from round 1", run_dir)
+
+    config = ConfigRecord(rc.to_record())
+    if done == 0:
+        _evaluate_initial(grid, guard, weights, config)
+        if progress:
+            progress(0, guard.rounds.get(0))
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        rnd = server_round + guard.round_offset
+        state = {"config_hash": chash, "strategy": cfg.strategy, "run_key": run_key,
+                 "exhausted_sites": sorted(guard.exhausted_sites),
+                 "rounds": {str(k): dataclasses.asdict(v) for k, v in guard.rounds.items()}}
+        store.save(rnd, {k: v.numpy() for k, v in arrays.items()}, guard.inner_state(), state)
+        if progress:
+            progress(rnd, guard.rounds.get(rnd))
+        return None
+
+    final = _record(weights)
+    remaining = cfg.num_server_rounds - done
+    if remaining > 0:
+        result = guard.start(grid=grid, initial_arrays=final, num_rounds=remaining, train_config=config,
+                             evaluate_config=ConfigRecord(rc.to_record()), evaluate_fn=after_round)
+        final = result.arrays if result.arrays is not None else final
+    final_weights = {k: v.numpy() for k, v in final.items()}
+    return _finish(run_dir, cfg, rc, guard, final_weights)
+
+
+def _roundlog(d: dict):
+    from server.coordinator.strategy import RoundLog
+
+    return RoundLog(**d)
+
+
+def _evaluate_initial(grid: Grid, guard: SiteGuard, weights: dict[str, np.ndarray], config: ConfigRecord) -> None:
+    """Round 0: every site evaluates the initial head (the baseline the run must beat)."""
+    cfg0 = ConfigRecord(dict(config))
+    msgs = guard.inner.configure_evaluate(0, _record(weights), cfg0, grid)
+    replies = grid.send_and_receive(list(msgs), timeout=3600)
+    offset, guard.round_offset = guard.round_offset, 0
+    guard.aggregate_evaluate(0, replies)
+    guard.round_offset = offset
+
+
+def _finish(run_dir: Path, cfg: ServerConfig, rc: RoundConfig, guard: SiteGuard, weights: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    from echocare.models.task_model import TaskModelSpec, save_task_model
+
+    rounds = {k: dataclasses.asdict(v) for k, v in sorted(guard.rounds.items())}
+    metric = "auroc" if rc.task == "classify" else ("dice" if rc.task == "segment" else "hc_mae_mm")
+    run = {
+        "format": "echofleet-run-report/1", "task": rc.task, "labels": rc.labels, "strategy": cfg.strategy,
+        "num_rounds": cfg.num_server_rounds, "rounds_completed": max([k for k in rounds if k > 0], default=0),
+        "encoder": {"config": rc.encoder.config, "sha256": rc.encoder.sha256, "seed": rc.encoder.seed,
+                    "checkpoint": rc.encoder.checkpoint},
+        "head": rc.head, "preprocess": rc.preprocess,
+        "dp": {"max_grad_norm": rc.max_grad_norm, "target_epsilon": rc.target_epsilon,
+               "noise_multiplier": rc.noise_multiplier or "calibrated per site", "accountant": "rdp"},
+        "central_dp": {"noise_multiplier": cfg.central_dp_noise, "clip": cfg.central_dp_clip} if cfg.central_dp_noise else None,
+        "config": cfg.as_run_config(), "metric": metric,
+    }
+    report = write_report(run_dir, run, rounds, metric)
+    last_eps = {}
+    for r in report["rounds"]:
+        for site, e in r["sites"].items():
+            if "privacy" in e:
+                last_eps[site] = e["privacy"]["epsilon"]
+    final_metrics = report["rounds"][-1]["aggregated"]["evaluate"] if report["rounds"] else {}
+    spec = TaskModelSpec(encoder_config=rc.encoder.config, encoder_checkpoint=rc.encoder.checkpoint,
+                         encoder_sha256=rc.encoder.sha256, encoder_seed=rc.encoder.seed, task=rc.task,
+                         labels=rc.labels, head=_head_kwargs(rc), preprocess=rc.preprocess,
+                         provenance={"sites": sorted({s for r in report["rounds"] for s in r["sites"]}),
+                                     "rounds": run["rounds_completed"], "strategy": cfg.strategy,
+                                     "epsilon_per_site": last_eps, "delta_per_site": _deltas(report),
+                                     "metrics": final_metrics, "run_report": "report.json"})
+    save_task_model(run_dir / "global", spec, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return report
+
+
+def _head_kwargs(rc: RoundConfig) -> dict:
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head, head_kwargs_of
+
+    return head_kwargs_of(build_head(rc.task, get_config(rc.encoder.config), len(rc.labels), **rc.head))
+
+
+def _deltas(report: dict) -> dict:
+    return {s: e["privacy"]["delta"] for r in report["rounds"] for s, e in r["sites"].items() if "privacy" in e}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = ServerConfig.from_run_config(dict(context.run_config))
+    report = run_federation(grid, cfg)
+    log.info("run report written to %s (final: %s)", cfg.run_dir, json.dumps(report["rounds"][-1]["aggregated"]))

@@ -1,0 +1,226 @@
+"""End-to-end federations through Flower's simulation engine: 3 virtual hospitals, 2 rounds,
+the small encoder, on phantoms and on a real BUSI subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echofleet.simulation import SimulationConfig, simulate
+from dp_helpers import independent_epsilon
+
+warnings.filterwarnings("ignore")
+PHANTOMS = "phantom:600?profiles=linear-a,convex-b,linear-c&seed=0"
+REPLY_METRICS = {"num-examples", "dp-weight", "train_loss", "epsilon", "delta", "noise_multiplier", "sample_rate",
+                 "steps", "val_loss", "auroc", "balanced_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> str:
+    """One feature cache for the module's federations: same images, same encoder, computed once
+    (exactly what the cache is for; keys are content hashes, so sites never see wrong features)."""
+    return str(tmp_path_factory.mktemp("feature-cache"))
+
+
+def _cfg(tmp_path: Path, name: str, cache: str | None = None, **kw) -> SimulationConfig:
+    base = dict(data=PHANTOMS, sites=3, rounds=2, epsilon=8.0, encoder="echocare-tiny", local_epochs=5,
+                batch_size=64, lr=0.5, out=str(tmp_path / name), partition="iid", seed=0, cache_dir=cache)
+    base.update(kw)
+    return SimulationConfig(**base)
+
+
+def _weights(run_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "global" / "head.safetensors"))
+
+
+def _watching_client_app(log_path: Path, nan_site: int | None = None):
+    """The real ClientApp, wrapped: every reply is written to ``log_path`` (what left the site);
+    optionally one site's update is replaced by NaNs (a broken hospital)."""
+
+    def factory(sites_dir):
+        from flwr.app import Array, ArrayRecord
+        from flwr.clientapp import ClientApp
+
+        from fed.client_app import handle_evaluate, handle_train
+
+        app = ClientApp()
+
+        def dump(kind, reply):
+            c = reply.content
+            rec = {"kind": kind,
+                   "arrays": {k: list(v.numpy().shape) for a in c.array_records.values() for k, v in a.items()},
+                   "metrics": {k: v for m in c.metric_records.values() for k, v in m.items()},
+                   "configs": {k: v for m in c.config_records.values() for k, v in m.items()}}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        @app.train()
+        def train(msg, context):
+            reply = handle_train(msg, context, sites_dir)
+            if nan_site is not None and int(context.node_config["partition-id"]) == nan_site and "arrays" in reply.content:
+                bad = {k: Array(np.full(v.numpy().shape, np.nan, np.float32)) for k, v in reply.content["arrays"].items()}
+                reply.content["arrays"] = ArrayRecord(bad)
+            dump("train", reply)
+            return reply
+
+        @app.evaluate()
+        def evaluate(msg, context):
+            reply = handle_evaluate(msg, context, sites_dir)
+            dump("evaluate", reply)
+            return reply
+
+        return app
+
+    return factory
+
+
+def _check_report(report: dict, run_dir: Path) -> None:
+    for f in ("report.json", "report.csv", "auroc_per_round.png", "epsilon_per_site.png", "MODEL_CARD.md",
+              "global/model.json", "global/head.safetensors", "checkpoints/LATEST"):
+        assert (run_dir / f).exists(), f
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert set(rounds) == {0, 1, 2}
+    # every site's reported epsilon equals an independent recomputation from its logged figures
+    for rnd in (1, 2):
+        for site, e in rounds[rnd]["sites"].items():
+            if e["status"] != "ok":
+                continue
+            p = e["privacy"]
+            assert p["accountant"] == "rdp" and p["steps"] > 0 and p["noise_multiplier"] > 0
+            assert p["epsilon"] == pytest.approx(independent_epsilon(
+                [(p["noise_multiplier"], p["sample_rate"], p["steps"])], p["delta"]), rel=0.02)
+            assert p["epsilon"] <= 8.0 * 1.01
+
+
+def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, shared_cache):
+    log = tmp_path / "replies.jsonl"
+    run_dir = tmp_path / "run"
+    report = simulate(_cfg(tmp_path, "run", shared_cache), client_app=_watching_client_app(log))
+    _check_report(report, run_dir)
+    agg = {r["round"]: r["aggregated"]["evaluate"] for r in report["rounds"]}
+    assert agg[0]["auroc"] == pytest.approx(0.5)  # the zero-initialised head has no opinion yet
+    assert agg[1]["auroc"] > agg[0]["auroc"] + 0.03 and agg[2]["auroc"] > agg[0]["auroc"] + 0.03, agg
+    # epsilon grows round over round, per site
+    for site in report["rounds"][1]["sites"]:
+        assert report["rounds"][2]["sites"][site]["privacy"]["epsilon"] > report["rounds"][1]["sites"][site]["privacy"]["epsilon"]
+
+    # `echofleet evaluate` on held-out phantoms (another seed) through the CLI, JSON out
+    from typer.testing import CliRunner
+
+    from echofleet.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", "phantom:45?seed=77", "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output.strip().splitlines()[-1])
+    assert ev["n"] == 45 and 0.5 < ev["auroc"] <= 1.0 and 0.0 <= ev["balanced_accuracy"] <= 1.0
+    bad = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), "--data", "phantom:5"])
+    assert bad.exit_code == 2 and "no global model" in " ".join(bad.output.split())  # rich wraps lines
+
+    # What actually left the sites: head parameters of the head's shapes, whitelisted numbers, the pseudonym.
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=64)
+    head_shapes = {k: list(v.shape) for k, v in head.named_parameters()}  # trainable parameters only
+    replies = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(replies) == 3 * 2 * 2 + 3  # train+evaluate per site per round, plus round-0 evaluation
+    for r in replies:
+        assert r["arrays"] in ({}, head_shapes)
+        assert set(r["metrics"]) <= REPLY_METRICS, set(r["metrics"]) - REPLY_METRICS
+        assert set(r["configs"]) == {"site", "status", "reason", "accountant"}
+        assert r["configs"]["site"].startswith("site-") and r["configs"]["reason"] == ""
+        text = json.dumps(r)
+        for forbidden in (".png", ".jpg", "/", "phantom", "benign_", "malignant_"):
+            assert forbidden not in text, (forbidden, text)
+
+
+def test_budget_exhausted_site_is_excluded_and_nan_update_rejected(tmp_path, shared_cache):
+    # site-2's policy allows epsilon 0.5: with a fixed noise multiplier (2.0) its first round already
+    # costs more (about 2.8); the other sites (budget 8) can afford both rounds.
+    # site-1 is a broken hospital that sends NaNs.
+    log = tmp_path / "replies.jsonl"
+    cfg = _cfg(tmp_path, "run", shared_cache, site_epsilons=[8.0, 8.0, 0.5], noise_multiplier=2.0)
+    report = simulate(cfg, client_app=_watching_client_app(log, nan_site=1))
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert rounds[1]["excluded"] == ["site-2"]
+    assert rounds[1]["sites"]["site-2"]["status"] == "budget-exhausted"
+    assert rounds[2]["sites"]["site-2"]["status"] == "not-trained"
+    assert rounds[2]["sites"]["site-0"]["status"] == "ok" and rounds[2]["excluded"] == []
+    assert "non-finite" in rounds[1]["sites"]["site-1"]["rejected"]
+    assert "non-finite" in rounds[2]["sites"]["site-1"]["rejected"]
+    assert report["rounds_completed"] == 2
+    w = _weights(Path(cfg.out))
+    assert all(np.isfinite(v).all() for v in w.values())
+    # site-2 was not asked to train again after it said "budget exhausted"
+    trains = [json.loads(x) for x in log.read_text().splitlines() if '"kind": "train"' in x]
+    assert sum(1 for t in trains if t["configs"]["site"] == "site-2") == 1
+
+
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_checkpoint(tmp_path, shared_cache):
+    full = _cfg(tmp_path, "full", shared_cache, rounds=3)
+    simulate(full)
+    reference = _weights(Path(full.out))
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "echofleet.cli", "simulate", "--data", PHANTOMS, "--sites", "3", "--rounds", "3",
+           "--encoder", "echocare-tiny", "--local-epochs", "5", "--batch-size", "64", "--lr", "0.5",
+           "--out", str(run_dir), "--seed", "0", "--cache-dir", shared_cache]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while not (run_dir / "checkpoints" / "round-0001").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "checkpoints" / "round-0003").exists(), "killed too late to test resuming"
+    report = simulate(SimulationConfig(**{**full.__dict__, "out": str(run_dir), "resume": True}))
+    assert report["rounds_completed"] == 3
+    resumed = _weights(run_dir)
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k])
+
+
+def test_busi_subset_federation(tmp_path, busi_root):
+    cfg = _cfg(tmp_path, "busi", data=f"busi:{busi_root}?limit=90&seed=0", partition="dirichlet:1.0")
+    report = simulate(cfg)
+    _check_report(report, Path(cfg.out))
+    assert report["labels"] == ["benign", "malignant", "normal"]
+
+
+def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
+    """Fetal head circumference: a light segmentation head over cached encoder maps, DP-SGD with a
+    per-image loss (ghost clipping), HC in mm from the fitted ellipse at each site."""
+    cfg = _cfg(tmp_path, "hc", data=f"hc18:{hc18_root}?limit=40&seed=0", task="hc", sites=2, local_epochs=2,
+               batch_size=16, lr=0.05)
+    report = simulate(cfg)
+    assert report["labels"] == ["background", "head"] and report["metric"] == "hc_mae_mm"
+    agg = {r["round"]: r["aggregated"]["evaluate"] for r in report["rounds"]}
+    assert {"dice", "hc_mae_mm"} <= set(agg[2])
+    assert agg[2]["val_loss"] < agg[0]["val_loss"], agg
+    assert (Path(cfg.out) / "hc_mae_mm_per_round.png").exists()
+    for site, e in report["rounds"][2]["sites"].items():
+        assert e["privacy"]["epsilon"] <= 8.0 * 1.01 and e["privacy"]["steps"] > 0
+
+
+def test_central_user_level_dp_through_flowers_fixed_clipping_wrapper(tmp_path, shared_cache):
+    cfg = _cfg(tmp_path, "cdp", shared_cache, data="phantom:90?seed=4", extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0})
+    report = simulate(cfg)
+    cdp = {r["round"]: r.get("central_dp") for r in report["rounds"]}
+    assert cdp[1]["releases"] == 1 and cdp[2]["releases"] == 2
+    assert 0 < cdp[1]["epsilon"] < cdp[2]["epsilon"]  # user-level epsilon grows with each noisy release
+    assert report["central_dp"] == {"noise_multiplier": 1.0, "clip": 1.0}
