@@ -1,4 +1,5 @@
-"""A real Flower deployment on loopback (examples/deploy-localhost/run.py, documented in docs/deploy.md).
+"""A real Flower deployment on loopback (echofleet.deploy, run by examples/deploy-localhost/run.py;
+documented in docs/deploy.md).
 
 1. The example end to end: CA + TLS SuperLink with SuperNode authentication, a SQLite state file and
    runtime dependency installation disabled; 3 registered SuperNodes with site policies; a 2-round
@@ -14,7 +15,6 @@ be none) and kill it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from echofleet.deploy import DeployConfig, Deployment
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "deploy-localhost" / "run.py"
 APP_CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -32,14 +34,6 @@ APP_CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"
 # cores). `flwr run` only accepts overrides of keys listed in pyproject's [tool.flwr.app.config]; where
 # the app lists `projection-reference`, the test asks for a small reference set (65+ images for 64 dims).
 CHEAP_OVERRIDES = {"projection-reference": "phantom:72?profiles=linear-a,convex-b,linear-c&seed=9001"}
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("deploy_localhost_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def _alive_leftovers(run_dir: Path) -> list[tuple[int, str]]:
@@ -126,11 +120,10 @@ def test_example_runs_a_two_round_federation_and_stops_everything(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_superlink_refuses_unregistered_and_plaintext_and_keeps_registrations(tmp_path):
-    example = _example()
-    cfg = example.DeployConfig(run_dir=tmp_path / "refusals", sites=2, startup_timeout=90)
+    cfg = DeployConfig(run_dir=tmp_path / "refusals", sites=2, startup_timeout=90)
     cfg.run_dir.mkdir()
     try:
-        with example.Deployment(cfg) as d:
+        with Deployment(cfg) as d:
             d.prepare_coordinator()
             for h in d.hospitals:
                 d.prepare_hospital(h)

@@ -1,0 +1,619 @@
+"""A real Flower deployment of echofleet on one machine: one coordinator, N hospitals, on loopback.
+
+Everything ``docs/deploy.md`` tells a coordinator and a hospital to do, done for real on 127.0.0.1
+(:func:`deploy` runs the steps in this order):
+
+1. coordinator: a CA and the SuperLink's TLS certificate (``echofleet certs init`` / ``certs server``)
+   and a ``$FLWR_HOME/config.toml`` connection that pins the CA;
+2. each hospital: a SuperNode key pair (``echofleet certs node``) and a site policy (its share of
+   the data, its privacy budget, its state folder); only the PUBLIC key goes to the coordinator;
+3. coordinator: ``flower-superlink`` with TLS, SuperNode authentication, a SQLite state file and
+   runtime dependency installation disabled, then ``flwr supernode register`` for every hospital key;
+4. each hospital: ``flower-supernode`` with its private key, the CA certificate and a node config
+   pointing at its policy;
+5. coordinator: ``flwr run`` of the Flower app (this repository) with run-config overrides; wait
+   until the run finishes and its report is written;
+6. stop every process started here (also on error, timeout or Ctrl-C).
+
+Every file (keys, policies, Flower homes, the SuperLink database, logs, the run report) lands in
+the run directory; nothing is written to ``~/.flwr``. ``examples/deploy-localhost/run.py`` is the
+command line around :func:`deploy`; ``tests/echofleet/test_deploy_localhost.py`` also drives
+:class:`Deployment` step by step to show that an unregistered SuperNode and plaintext
+connections are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from echocare.atomic import atomic_write_bytes
+
+# The Flower app `flwr run` bundles: the checkout this package lives in (its pyproject.toml holds
+# [tool.flwr.app]). An installed, non-editable echofleet has no app next to it: pass DeployConfig.app.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "phantom:90?profiles=linear-a,convex-b,linear-c&seed=0"
+CONNECTION = "echofleet-local"  # the name of the SuperLink connection in $FLWR_HOME/config.toml
+# Flower phones home (telemetry, update check) unless told not to; a hospital network may not allow it.
+QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class DeployError(RuntimeError):
+    """A step of the deployment failed; the message says which and where its log is."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration and layout
+
+
+@dataclass
+class DeployConfig:
+    """What to deploy. ``run_config``: further run-config overrides (keys of pyproject's
+    ``[tool.flwr.app.config]``, values as TOML types)."""
+
+    run_dir: Path
+    sites: int = 3
+    data: str = DEFAULT_DATA
+    rounds: int = 2
+    encoder: str = "echocare-tiny"
+    epsilon: float = 8.0
+    app: Path = PROJECT_ROOT
+    run_config: dict = field(default_factory=dict)
+    timeout: float = 900.0  # seconds for the whole federation (flwr run until the report is written)
+    startup_timeout: float = 90.0  # seconds for the SuperLink / SuperNodes to come up
+
+
+@dataclass
+class Hospital:
+    """One hospital's files (what would live on its own machine) and its SuperNode's port."""
+
+    name: str
+    root: Path
+    port: int
+
+    @property
+    def private_key(self) -> Path:
+        return self.root / "keys" / "supernode"
+
+    @property
+    def public_key(self) -> Path:
+        return self.root / "keys" / "supernode.pub"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def policy(self) -> Path:
+        return self.root / "policy.toml"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+
+@dataclass
+class Started:
+    """A process :class:`Deployment` started (its own process group, so its children stop with it)."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    stopped: bool = False
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class FlwrReply:
+    """What a ``flwr ... --format json`` call answered."""
+
+    returncode: int
+    data: dict
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and bool(self.data.get("success"))
+
+    @property
+    def reason(self) -> str:
+        return str(self.data.get("error-message") or self.stderr.strip() or self.stdout.strip())
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Live descendants of ``pid`` as (pid, start time), read from Linux's /proc (empty elsewhere).
+
+    Needed because ``flower-superlink`` starts ``flower-superexec`` in a session of its own (and it
+    the ``flwr-serverapp``): signalling the SuperLink's process group does not reach them."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), fields[19]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _same_process(pid: int, start: str) -> bool:
+    """``pid`` still runs and is the process seen before (not a new one that reused the number)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_tool(name: str) -> str:
+    """An executable installed next to this Python (the venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise DeployError(f"'{name}' not found next to {sys.executable} or on PATH (pip install -e '.[train]')")
+    return found
+
+
+def toml_value(text: str):
+    """``2`` -> 2, ``true`` -> True, ``"x"`` -> "x", anything not TOML -> the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def toml_dumps(table: dict) -> str:
+    """A flat TOML table (str, bool, int, float values): what ``flwr run --run-config FILE`` reads."""
+
+    def fmt(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+    return "".join(f"{k} = {fmt(v)}\n" for k, v in table.items())
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["local-epochs=2", 'lr=0.3']`` -> ``{"local-epochs": 2, "lr": 0.3}`` (values read as TOML).
+    Raises ValueError naming the first item that is not KEY=VALUE."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--run-config {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = toml_value(value.strip())
+    return overrides
+
+
+def app_run_config(app: Path) -> dict:
+    """The app's default run config: ``[tool.flwr.app.config]`` of its pyproject.toml."""
+    path = Path(app) / "pyproject.toml"
+    try:
+        return tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
+        raise DeployError(f"{path}: not a Flower app with a [tool.flwr.app.config] table ({e!r})") from e
+
+
+def federation_run_config(cfg: DeployConfig, federation_dir: Path) -> dict:
+    """The run-config overrides for ``flwr run``. Flower accepts only keys the app's pyproject lists,
+    so unknown keys fail here, with the list of known ones, before anything starts."""
+    rc = {"num-server-rounds": cfg.rounds, "encoder-config": cfg.encoder, "target-epsilon": cfg.epsilon,
+          "min-sites": cfg.sites, "run-dir": str(federation_dir)}
+    rc.update(cfg.run_config)
+    known = app_run_config(cfg.app)
+    unknown = sorted(set(rc) - set(known))
+    if unknown:
+        raise DeployError(f"run-config key(s) {unknown} are not in {Path(cfg.app) / 'pyproject.toml'} "
+                          f"[tool.flwr.app.config], and `flwr run` overrides only keys listed there; "
+                          f"known: {sorted(known)}")
+    return rc
+
+
+# ------------------------------------------------------------------------------------------------
+# The deployment
+
+
+class Deployment:
+    """Coordinator and hospitals on loopback. Use as a context manager: ``close()`` stops every
+    process started here (SIGINT, then SIGTERM, then SIGKILL to its process group)."""
+
+    def __init__(self, cfg: DeployConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.coordinator = self.run_dir / "coordinator"
+        self.flwr_home = self.coordinator / "flwr-home"
+        self.superlink_port = free_port()
+        self.hospitals = [Hospital(f"site-{k}", self.run_dir / "hospitals" / f"site-{k}", free_port())
+                          for k in range(cfg.sites)]
+        self.processes: list[Started] = []
+        self.node_ids: dict[str, str] = {}
+        self.active_run: str | None = None  # a run submitted and not yet finished
+
+    # -- paths the coordinator owns
+    @property
+    def ca_dir(self) -> Path:
+        return self.coordinator / "ca"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.coordinator / "superlink-tls"
+
+    @property
+    def database(self) -> Path:
+        return self.coordinator / "superlink-state.db"
+
+    @property
+    def federation_dir(self) -> Path:
+        """The ServerApp's ``run-dir``: report.json, checkpoints, global model."""
+        return self.coordinator / "federation"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.superlink_port}"
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running things
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ, **QUIET_FLOWER, FLWR_HOME=str(flwr_home))
+        # flower-superlink / flower-supernode start flower-superexec, flwr-serverapp, flwr-clientapp by name
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def echofleet(self, *args: str) -> None:
+        cmd = [find_tool("echofleet"), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise DeployError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+
+    def flwr(self, *args: str, timeout: float = 120, check: bool = True, connection: str = CONNECTION) -> FlwrReply:
+        """``flwr <args> <connection> --format json``, run as the coordinator (its ``$FLWR_HOME``)."""
+        cmd = [find_tool("flwr"), *args, connection, "--format", "json"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.coordinator,
+                                  env=self.env(self.flwr_home))
+        except subprocess.TimeoutExpired:
+            raise DeployError(f"flwr {' '.join(args)} {connection}: no answer within {timeout:.0f} s") from None
+        try:
+            data = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            data = {}
+        reply = FlwrReply(done.returncode, data if isinstance(data, dict) else {}, done.stdout, done.stderr)
+        if check and not reply.ok:
+            raise DeployError(f"flwr {' '.join(args)} {connection} failed ({done.returncode}): {reply.reason}")
+        return reply
+
+    def start(self, name: str, cmd: list[str], cwd: Path, flwr_home: Path) -> Started:
+        cwd.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(cmd, cwd=cwd, env=self.env(flwr_home), stdout=log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = Started(name, popen, log_path)
+        self.processes.append(proc)
+        self._write_processes()
+        return proc
+
+    def _write_processes(self) -> None:
+        """``processes.json``: every process started (pid = its process group), for a watchdog."""
+        listing = [{"name": p.name, "pid": p.popen.pid, "log": str(p.log)} for p in self.processes]
+        atomic_write_bytes(self.run_dir / "processes.json", json.dumps(listing).encode())
+
+    def stop(self, proc: Started, grace: float = 10.0) -> int | None:
+        """Stop one process and everything it started: SIGINT (Flower's graceful shutdown), a second SIGINT
+        (the SuperLink's web server waits for open connections, e.g. a ServerApp mid-run, until a second
+        Ctrl-C), SIGTERM, SIGKILL to its process group; then any descendant in a session of its own."""
+        if proc.stopped:
+            return proc.popen.returncode
+        proc.stopped = True
+        family = descendants(proc.popen.pid) if proc.alive() else []
+        steps = ((signal.SIGINT, grace), (signal.SIGINT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+        for sig, wait in steps:
+            if proc.popen.poll() is not None:
+                break
+            try:
+                os.killpg(proc.popen.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.popen.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children left in the group (a ClientApp mid-round) go too
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+            left = [(pid, start) for pid, start in family if _same_process(pid, start)]
+            for pid, _ in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while left and time.monotonic() < deadline and any(_same_process(*p) for p in left):
+                time.sleep(0.2)
+        return proc.popen.returncode
+
+    def close(self) -> None:
+        """Stop everything: a run still going first (``flwr stop``), then SuperNodes, the SuperLink last."""
+        if self.active_run is not None and (link := self.latest("superlink")) is not None and link.alive():
+            try:
+                self.flwr("stop", self.active_run, check=False, timeout=60)
+            except DeployError:
+                pass  # the processes are stopped below anyway
+            self.active_run = None
+        for proc in reversed(self.processes):
+            self.stop(proc)
+
+    # -- 1. coordinator: CA, SuperLink certificate, CLI connection
+    def prepare_coordinator(self) -> None:
+        self.echofleet("certs", "init", "--out", str(self.ca_dir))
+        self.echofleet("certs", "server", "--ca", str(self.ca_dir), "--san", "localhost", "--san", "127.0.0.1",
+                       "--out", str(self.tls_dir))
+        self.write_connection(CONNECTION, root_certificates=self.ca_dir / "ca.crt")
+
+    def write_connection(self, name: str, *, root_certificates: Path | None = None, insecure: bool = False) -> None:
+        """Add a SuperLink connection to the coordinator's ``$FLWR_HOME/config.toml``."""
+        path = self.flwr_home / "config.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = path.read_text() if path.exists() else f'[superlink]\ndefault = "{name}"\n'
+        text += f"\n[superlink.{name}]\naddress = {json.dumps(self.address)}\n"
+        if root_certificates is not None:
+            text += f"root-certificates = {json.dumps(str(root_certificates))}\n"
+        if insecure:
+            text += "insecure = true\n"
+        atomic_write_bytes(path, text.encode())
+
+    # -- 2. hospital: key pair, CA certificate, site policy
+    def prepare_hospital(self, h: Hospital) -> None:
+        from fed.policy import SitePolicy, write_policy
+
+        self.echofleet("certs", "node", "--out", str(h.private_key), "--comment", h.name)
+        shutil.copyfile(self.ca_dir / "ca.crt", h.ca_cert)  # the coordinator hands out its CA certificate
+        policy = SitePolicy(data=self.cfg.data, site_name=h.name, state_dir=str(h.root / "state"),
+                            allowed_tasks=["classify"], target_epsilon=self.cfg.epsilon, partition="iid",
+                            partition_index=self.hospitals.index(h), partition_count=self.cfg.sites, partition_seed=0)
+        write_policy(policy, h.policy)
+
+    # -- 3. coordinator: SuperLink, registration
+    def start_superlink(self) -> Started:
+        cmd = [find_tool("flower-superlink"),
+               "--ssl-ca-certfile", str(self.tls_dir / "ca.crt"),
+               "--ssl-certfile", str(self.tls_dir / "server.crt"),
+               "--ssl-keyfile", str(self.tls_dir / "server.key"),
+               "--enable-supernode-auth",
+               "--database", str(self.database),
+               "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(self.superlink_port)]
+        proc = self.start("superlink", cmd, self.coordinator, self.flwr_home)
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        while True:  # ready = the CLI lists nodes over TLS
+            if not proc.alive():
+                raise DeployError(f"flower-superlink exited ({proc.popen.returncode}); log {proc.log}:\n{proc.log_tail()}")
+            if self.flwr("supernode", "list", check=False, timeout=60).data.get("success"):
+                return proc
+            if time.monotonic() > deadline:
+                raise DeployError(f"flower-superlink not ready after {self.cfg.startup_timeout:.0f} s; log {proc.log}")
+            time.sleep(1.0)
+
+    def register(self, h: Hospital) -> str:
+        """``flwr supernode register`` of the hospital's PUBLIC key; returns the node id."""
+        received = self.coordinator / "received-keys" / f"{h.name}.pub"
+        received.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(h.public_key, received)  # what the hospital sent (only the public key)
+        reply = self.flwr("supernode", "register", str(received), "--name", h.name).data
+        self.node_ids[h.name] = str(reply["node-id"])
+        return self.node_ids[h.name]
+
+    def nodes(self) -> dict[str, str]:
+        """node id -> status ("registered", "online", "offline", ...) as the SuperLink reports it."""
+        reply = self.flwr("supernode", "list").data
+        return {str(n["node-id"]): n["status"] for n in reply.get("nodes", [])}
+
+    # -- 4. hospital: SuperNode
+    def supernode_command(self, h: Hospital, *, tls: bool = True, key: bool = True,
+                          max_wait: float | None = None) -> list[str]:
+        """The hospital's ``flower-supernode`` command. ``tls``/``key`` False: the refusals the tests show."""
+        cmd = [find_tool("flower-supernode"), "--superlink", self.address]
+        cmd += ["--root-certificates", str(h.ca_cert)] if tls else ["--insecure"]
+        if key:
+            cmd += ["--auth-supernode-private-key", str(h.private_key)]
+        cmd += ["--node-config", f"policy={json.dumps(str(h.policy))}", "--host", "127.0.0.1", "--port", str(h.port)]
+        if max_wait is not None:  # give up instead of retrying forever
+            cmd += ["--max-retries", "3", "--max-wait-time", str(max_wait)]
+        return cmd
+
+    def start_supernode(self, h: Hospital, **kw) -> Started:
+        return self.start(f"supernode-{h.name}", self.supernode_command(h, **kw), h.root, h.flwr_home)
+
+    def latest(self, name: str) -> Started | None:
+        """The most recent process started under ``name`` (a restart replaces the earlier one)."""
+        return next((p for p in reversed(self.processes) if p.name == name), None)
+
+    def check_alive(self, hospitals: list[str]) -> None:
+        """Raise (with the log tail) if the SuperLink or one of these hospitals' SuperNodes has exited."""
+        for name in ["superlink", *(f"supernode-{h}" for h in hospitals)]:
+            p = self.latest(name)
+            if p is None:
+                raise DeployError(f"{name} was never started")
+            if not p.alive():
+                raise DeployError(f"{name} exited ({p.popen.returncode}); log {p.log}:\n{p.log_tail()}")
+
+    def wait_online(self, names: list[str]) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        want = {self.node_ids[n] for n in names}
+        while True:
+            self.check_alive(names)
+            status = self.nodes()
+            if all(status.get(i) == "online" for i in want):
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"SuperNodes not online after {self.cfg.startup_timeout:.0f} s: {status}")
+            time.sleep(1.0)
+
+    # -- 5. coordinator: the run
+    def run_config(self) -> dict:
+        return federation_run_config(self.cfg, self.federation_dir)
+
+    def run_federation(self, progress: Callable[[str], None] = print) -> tuple[str, dict]:
+        """``flwr run`` the app; wait until it finishes and ``report.json`` exists. Returns (run id, report)."""
+        overrides = self.coordinator / "run-config.toml"
+        overrides.write_text(toml_dumps(self.run_config()))
+        reply = self.flwr("run", str(self.cfg.app), "--run-config", str(overrides), timeout=300).data
+        run_id = str(reply["run-id"])
+        self.active_run = run_id
+        progress(f"run {run_id} submitted (app {reply.get('fab-id')} {reply.get('fab-version')}, FAB {reply.get('fab-hash')})")
+        report_path = self.federation_dir / "report.json"
+        deadline, last, asked = time.monotonic() + self.cfg.timeout, "", 0.0
+        while True:
+            self.check_alive([h.name for h in self.hospitals])
+            # Ask the SuperLink every 10 s (each `flwr list` starts a CLI: CPU the sites need), every 2 s once
+            # the report is there (the run is about to finish).
+            if time.monotonic() - asked >= (2.0 if report_path.is_file() else 10.0):
+                asked = time.monotonic()
+                runs = self.flwr("list", "--run-id", run_id, check=False, timeout=60).data.get("runs", [])
+                status = runs[0]["status"] if runs else "unknown"
+                if status != last:
+                    progress(f"run {run_id}: {status}")
+                    last = status
+                if status.startswith("finished"):
+                    self.active_run = None
+                    break
+            if time.monotonic() > deadline:
+                self.flwr("stop", run_id, check=False, timeout=60)
+                self.active_run = None
+                self.save_run_log(run_id)
+                raise DeployError(f"run {run_id} still '{last}' after {self.cfg.timeout:.0f} s (stopped); "
+                                  f"ServerApp log: {self.coordinator / 'serverapp.log'}")
+            time.sleep(1.0)
+        log_path = self.save_run_log(run_id)
+        model_path = self.federation_dir / "global" / "model.json"
+        if last != "finished:completed" or not report_path.is_file() or not model_path.is_file():
+            raise DeployError(f"run {run_id} ended '{last}' (report.json written: {report_path.is_file()}, "
+                              f"global/model.json written: {model_path.is_file()}); ServerApp log {log_path}:\n"
+                              + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+        return run_id, json.loads(report_path.read_text())
+
+    def save_run_log(self, run_id: str) -> Path:
+        """The ServerApp's log, fetched from the SuperLink (``flwr log RUN_ID --show``)."""
+        path = self.coordinator / "serverapp.log"
+        try:
+            done = subprocess.run([find_tool("flwr"), "log", run_id, CONNECTION, "--show"], capture_output=True,
+                                  text=True, timeout=60, cwd=self.coordinator, env=self.env(self.flwr_home))
+            path.write_text(done.stdout + done.stderr)
+        except subprocess.TimeoutExpired:
+            path.write_text("(flwr log timed out)")
+        return path
+
+    def summary(self) -> dict:
+        return {"superlink": self.address, "database": str(self.database), "run_dir": str(self.federation_dir),
+                "hospitals": [dict(asdict(h), root=str(h.root), node_id=self.node_ids.get(h.name))
+                              for h in self.hospitals],
+                "processes": [{"name": p.name, "pid": p.popen.pid, "returncode": p.popen.returncode}
+                              for p in self.processes]}
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole deployment, start to end
+
+
+def deploy(cfg: DeployConfig, say: Callable[[str], None] = print) -> dict:
+    """Steps 1-6. Returns the run report; writes ``deployment.json`` (node ids, pids, exit codes)."""
+    run_dir = Path(cfg.run_dir).resolve()
+    if (run_dir / "coordinator").exists() or (run_dir / "hospitals").exists():
+        raise DeployError(f"{run_dir} already holds a deployment: choose an empty --run-dir (or delete it)")
+    federation_run_config(cfg, run_dir / "coordinator" / "federation")  # bad keys fail before anything starts
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    def step(text: str) -> None:
+        say(f"[{time.monotonic() - t0:6.1f} s] {text}")
+
+    with Deployment(cfg) as d:
+        try:
+            step(f"coordinator: CA + SuperLink certificate in {d.coordinator}")
+            d.prepare_coordinator()
+            for h in d.hospitals:
+                step(f"{h.name}: SuperNode key pair + site policy in {h.root}")
+                d.prepare_hospital(h)
+            step(f"coordinator: flower-superlink on {d.address} (TLS, SuperNode auth, --database, no dependency install)")
+            d.start_superlink()
+            for h in d.hospitals:
+                step(f"coordinator: flwr supernode register {h.name} -> node {d.register(h)}")
+            for h in d.hospitals:
+                step(f"{h.name}: flower-supernode (runtime API on 127.0.0.1:{h.port})")
+                d.start_supernode(h)
+            d.wait_online([h.name for h in d.hospitals])
+            step(f"all {len(d.hospitals)} SuperNodes online")
+            step(f"coordinator: flwr run {cfg.app} with {d.run_config()}")
+            run_id, report = d.run_federation(progress=step)
+            step(f"run {run_id} completed: {d.federation_dir / 'report.json'}")
+        finally:
+            step("stopping every process started here")
+            d.close()
+            summary = d.summary()
+            atomic_write_bytes(run_dir / "deployment.json", json.dumps(summary, indent=2).encode())
+    return report
+
+
+def print_summary(report: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"federation over Flower's deployment engine ({report['rounds_completed']} rounds)")
+    sites = sorted({s for r in report["rounds"] for s in r["sites"]})
+    table.add_column("round")
+    table.add_column(report["metric"], justify="right")
+    for s in sites:
+        table.add_column(f"{s} epsilon", justify="right")
+    for r in report["rounds"]:
+        metric = r["aggregated"].get("evaluate", {}).get(report["metric"])
+        eps = [r["sites"].get(s, {}).get("privacy", {}).get("epsilon") for s in sites]
+        table.add_row(str(r["round"]), "-" if metric is None else f"{metric:.3f}",
+                      *("-" if e is None else f"{e:.2f}" for e in eps))
+    console = Console()
+    console.print(table)
+    console.print(f"report: {run_dir / 'coordinator' / 'federation' / 'report.json'}; "
+                  f"global model: {run_dir / 'coordinator' / 'federation' / 'global'}")
+
+
