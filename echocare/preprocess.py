@@ -10,8 +10,19 @@ Steps, in order:
 2. crop to the ultrasound image region: the largest bright connected region of a downsampled,
    morphologically closed foreground mask, its box then refined to the pixel at full resolution.
    Black borders, text and caliper bands outside the imaging sector are dropped;
-3. resize keeping the aspect ratio so the long side is ``size``, pad to ``size x size``;
-4. replicate to 3 channels and normalise with ``mean``/``std``; CHW float32.
+3. resize to ``size x size``: ``resize="letterbox"`` (the default) keeps the aspect ratio, the
+   long side becomes ``size`` and the short side is padded with black; ``resize="stretch"``
+   scales each axis on its own, as the FETUS 2026 challenge baseline does with the released
+   EchoCare weights (non-square output pixels: no millimetre measurements, see
+   :meth:`Geometry.output_pixel_mm`);
+4. replicate to 3 channels, scale to [0, 1] and normalise with ``mean``/``std``; CHW float32.
+
+The defaults are EchoCare's own input (version 2): gray replicated to 3 channels, values in
+[0, 1], ``mean=0``, ``std=1`` -- what the released encoder was pretrained on (the upstream usage
+example feeds ``torch.rand(1, 3, 256, 256)``; the challenge baseline divides by 255 and nothing
+else). Version 1 normalised with ImageNet's mean/std; a version-1 spec read from an old
+checkpoint or bundle still carries its own mean/std and is reproduced exactly, and its
+:meth:`PreprocessSpec.digest` differs, so no feature cache is shared between the two.
 
 Masks follow the same geometry (:func:`apply_geometry_to_mask`, nearest neighbour), and the
 :class:`Geometry` maps pixel sizes back to millimetres (head circumference).
@@ -27,9 +38,23 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 
+#: ImageNet statistics, what version 1 of the spec normalised with (kept for reading old specs).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: How the cropped region becomes ``size x size``.
+RESIZE_MODES: tuple[str, ...] = ("letterbox", "stretch")
+
+#: The current spec version (bumped whenever the meaning of the defaults changes).
+SPEC_VERSION = 2
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """What the encoder sees. Changing any field changes :meth:`digest` (and invalidates caches)."""
+    """What the encoder sees. Changing any field changes :meth:`digest` (and invalidates caches).
+
+    The defaults are EchoCare's input: values in [0, 1], no mean/std (``mean=0``, ``std=1``).
+    """
 
     size: int = 256
     crop: bool = True
@@ -39,9 +64,21 @@ class PreprocessSpec:
     crop_search_px: int = 128
     # Regions smaller than this fraction of the frame are never taken as the image region.
     crop_min_fraction: float = 0.05
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    version: int = 1
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # "letterbox" (keep the aspect ratio, pad) or "stretch" (each axis to ``size``).
+    resize: str = "letterbox"
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"PreprocessSpec resize={self.resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if int(self.size) < 1:
+            raise ValueError(f"PreprocessSpec size={self.size}: must be a positive number of pixels")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"PreprocessSpec mean/std need 3 values each, got {len(self.mean)} and {len(self.std)}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"PreprocessSpec std={tuple(self.std)}: every value must be > 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,10 +87,19 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        """The spec a checkpoint or bundle recorded. Fields it lacks take their defaults, except
+        for a version-1 spec (written before ``resize`` existed): it letterboxed, and it always
+        recorded its mean/std, so it is reproduced as it was."""
         d = dict(d)
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown PreprocessSpec field(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        version = int(d.get("version", SPEC_VERSION))
+        if version > SPEC_VERSION:
+            raise ValueError(f"PreprocessSpec version {version} is newer than this echofleet understands ({SPEC_VERSION}); upgrade echofleet")
+        if version == 1:
+            d.setdefault("mean", IMAGENET_MEAN)
+            d.setdefault("std", IMAGENET_STD)
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
@@ -77,14 +123,33 @@ class Geometry:
 
     src_shape: tuple[int, int]  # (H, W) of the source image
     crop: tuple[int, int, int, int]  # (y0, y1, x0, x1) in the source, end-exclusive
-    scale: float  # output pixels per source pixel
+    scale: float  # output pixels per source pixel (along the crop's long side when stretched)
     pad: tuple[int, int]  # (top, left) offsets of the resized crop in the output
     resized: tuple[int, int]  # (h, w) of the resized crop inside the output
     size: int = 256
     extra: dict = field(default_factory=dict, compare=False)
+    stretched: bool = False  # each axis scaled on its own (``resize="stretch"``)
+
+    @property
+    def scale_yx(self) -> tuple[float, float]:
+        """Output pixels per source pixel along y and along x."""
+        y0, y1, x0, x1 = self.crop
+        if not self.stretched:
+            return (self.scale, self.scale)
+        return (self.resized[0] / (y1 - y0), self.resized[1] / (x1 - x0))
 
     def output_pixel_mm(self, source_pixel_mm: float) -> float:
-        """Pixel size in mm after preprocessing, given the source pixel size."""
+        """Pixel size in mm after preprocessing, given the (square) source pixel size.
+
+        Raises ValueError when a stretched resize made the output pixels non-square (more than
+        1 % apart): one millimetre size would then be wrong along one axis.
+        """
+        sy, sx = self.scale_yx
+        if abs(sy - sx) > 0.01 * max(sy, sx):
+            raise ValueError(
+                f"output pixels are not square (stretched resize: {1 / sy:.3g} x {1 / sx:.3g} source pixels); "
+                "millimetre measurements need resize='letterbox'"
+            )
         return source_pixel_mm / self.scale
 
 
@@ -198,6 +263,8 @@ def compute_geometry(gray: np.ndarray, spec: PreprocessSpec) -> Geometry:
     y0, y1, x0, x1 = find_image_region(gray, spec)
     ch, cw = y1 - y0, x1 - x0
     scale = spec.size / max(ch, cw)
+    if spec.resize == "stretch":
+        return Geometry(gray.shape, (y0, y1, x0, x1), scale, (0, 0), (spec.size, spec.size), spec.size, stretched=True)
     rh, rw = max(1, min(spec.size, round(ch * scale))), max(1, min(spec.size, round(cw * scale)))
     pad = ((spec.size - rh) // 2, (spec.size - rw) // 2)
     return Geometry(gray.shape, (y0, y1, x0, x1), scale, pad, (rh, rw), spec.size)
@@ -220,7 +287,7 @@ def geometric_image(img: np.ndarray, spec: PreprocessSpec, geometry: Geometry | 
 
 
 def normalize(gray_sq: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Step 4: uint8 HxW -> float32 3xHxW normalised."""
+    """Step 4: uint8 HxW -> float32 3xHxW: ``(gray / 255 - mean) / std`` (EchoCare: just ``gray / 255``)."""
     x = gray_sq.astype(np.float32) / 255.0
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]

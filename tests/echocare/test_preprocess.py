@@ -176,3 +176,76 @@ def test_spec_round_trips_and_digest_tracks_changes():
     assert spec.digest() != PreprocessSpec(size=256).digest()
     with pytest.raises(ValueError, match="unknown PreprocessSpec field"):
         PreprocessSpec.from_dict({"size": 3, "colour": 1})
+
+
+# ----------------------------------------------------------------------------- EchoCare's input (spec version 2)
+
+V1_DICT = {  # what every checkpoint and bundle written before version 2 recorded
+    "size": 256, "crop": True, "crop_threshold": 10, "crop_search_px": 128, "crop_min_fraction": 0.05,
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "version": 1,
+}
+
+
+def test_default_input_is_echocare_s_own_gray_in_0_1_without_mean_std():
+    """The released encoder was pretrained on [0, 1] inputs: gray replicated, no ImageNet statistics."""
+    ph = generate(1, "linear-a", "benign", seed=0)
+    x, _ = preprocess_image(ph.image, SPEC)
+    sq, _ = geometric_image(ph.image, SPEC)
+    assert SPEC.version == 2 and SPEC.mean == (0.0, 0.0, 0.0) and SPEC.std == (1.0, 1.0, 1.0)
+    assert np.array_equal(x[0], sq.astype(np.float32) / 255.0)
+    assert np.array_equal(x[0], x[1]) and np.array_equal(x[0], x[2])
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # every gray level, already 256 x 256
+    r, _ = preprocess_image(ramp, PreprocessSpec(crop=False))
+    assert r.min() == 0.0 and r.max() == 1.0 and np.allclose(r[1, 7], np.arange(256) / 255.0)
+
+
+def test_version_1_spec_is_reproduced_and_never_shares_a_cache_key():
+    old = PreprocessSpec.from_dict(V1_DICT)
+    assert old.version == 1 and old.mean == (0.485, 0.456, 0.406) and old.resize == "letterbox"
+    assert old.digest() != SPEC.digest()
+    ph = generate(2, "convex-b", "normal", seed=0)
+    sq, _ = geometric_image(ph.image, SPEC)
+    x_old, _ = preprocess_image(ph.image, old)
+    expected = (sq.astype(np.float32) / 255.0 - np.float32(0.485)) / np.float32(0.229)
+    assert np.allclose(x_old[0], expected, atol=1e-6)
+    # a version-1 spec that did not spell out its statistics still means ImageNet's
+    bare = {k: v for k, v in V1_DICT.items() if k not in ("mean", "std")}
+    assert PreprocessSpec.from_dict(bare) == old
+    with pytest.raises(ValueError, match="version 9 is newer"):
+        PreprocessSpec.from_dict({**V1_DICT, "version": 9})
+
+
+def test_stretch_fills_the_square_and_refuses_millimetres():
+    img = np.full((200, 400), 90, np.uint8)
+    img[50:150, 100:300] = 200
+    letter, gl = geometric_image(img, SPEC)
+    stretch_spec = PreprocessSpec(resize="stretch")
+    stretched, gs = geometric_image(img, stretch_spec)
+    assert gl.pad == (64, 0) and (letter[:64] == 0).all()  # letterbox pads the short side with black
+    assert gs.pad == (0, 0) and gs.resized == (256, 256) and gs.stretched
+    assert (stretched > 0).all()  # the whole square is image
+    # the bright box covers the middle half of both axes after stretching
+    assert stretched[128, 128] == 200 and stretched[20, 128] == 90 and stretched[128, 20] == 90
+    assert gs.scale_yx == pytest.approx((256 / 200, 256 / 400))
+    with pytest.raises(ValueError, match="not square"):
+        gs.output_pixel_mm(0.1)
+    # a square crop stretched is a letterbox without padding: millimetres still work
+    sq_img = np.full((300, 300), 90, np.uint8)
+    assert geometric_image(sq_img, stretch_spec)[1].output_pixel_mm(0.3) == pytest.approx(0.3 * 300 / 256)
+    # masks follow the stretched geometry
+    mask = np.zeros_like(img)
+    mask[50:150, 100:300] = 255
+    m = apply_geometry_to_mask(mask, gs)
+    assert m[128, 128] == 1 and m[20, 128] == 0 and 0.2 < m.mean() < 0.3
+    assert PreprocessSpec.from_json(stretch_spec.to_json()) == stretch_spec
+    assert stretch_spec.digest() != SPEC.digest()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"resize": "crop"}, "resize='crop'"),
+    ({"std": (1.0, 0.0, 1.0)}, "must be > 0"),
+    ({"size": 0}, "positive"),
+])
+def test_bad_spec_fields_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessSpec(**kwargs)
