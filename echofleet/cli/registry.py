@@ -9,6 +9,10 @@ Secrets are never required on the command line: the admin token is read from
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,27 +52,93 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
 
-# ------------------------------------------------------------------------------------- options
-RegistryOpt = typer.Option(..., "--registry", "-r", envvar=REGISTRY_ENV, help="Registry address host:port.")
-CaOpt = typer.Option(None, "--ca", help="CA certificate (PEM) to pin for TLS; default: system roots.")
-InsecureOpt = typer.Option(False, "--insecure", help="Plaintext gRPC (loopback testing only; tokens travel in clear).")
-ServerNameOpt = typer.Option(None, "--server-name", help="TLS name to verify when it differs from the host dialled.")
-AdminTokenOpt = typer.Option(
-    None, "--admin-token", envvar=ADMIN_TOKEN_ENV, show_envvar=True,
-    help="Admin token (prefer the environment variable: command lines are visible to other users).",
-)
+# ------------------------------------------------------------------------------------- connection
+# The five options every admin command takes, defined once: `@connection_options` adds them to a
+# command's command line (after the sub-command, as before: `echofleet registry list -c cart
+# --registry host:port --ca ca.crt`), checks them before the command runs, and hands the command
+# one `RegistryConnection` as its `conn` parameter.
 
 
-def _admin_client(registry: str, admin_token: Optional[str], ca: Optional[Path], insecure: bool,
-                  server_name: Optional[str]):
-    from server.registry.client import ConnectionConfig, RegistryClient, RegistryError
+@dataclass(frozen=True)
+class RegistryConnection:
+    """Where the registry is, how to reach it, and the admin token to present."""
 
-    if not admin_token:
-        raise _fail(f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV}", 2)
-    try:
-        return RegistryClient(ConnectionConfig(registry, admin_token, ca=ca, insecure=insecure, server_name=server_name))
-    except RegistryError as e:
-        raise _fail(e.details, 2) from None
+    address: str
+    admin_token: Optional[str] = None
+    ca: Optional[Path] = None
+    insecure: bool = False
+    server_name: Optional[str] = None
+
+    def check(self) -> None:
+        """Raise a one-line exit-2 error for a bad address, a missing token or an unreadable CA file."""
+        problem = address_problem(self.address)
+        if problem:
+            raise _fail(f"--registry {self.address!r} (or {REGISTRY_ENV}): {problem}", 2)
+        if not self.admin_token:
+            raise _fail(f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV}", 2)
+        if self.ca is not None and not Path(self.ca).is_file():
+            raise _fail(f"--ca {self.ca}: no such file (the CA certificate, e.g. ca/ca.crt from `echofleet certs init`)", 2)
+
+    def client(self):
+        """An admin :class:`server.registry.client.RegistryClient` (a context manager)."""
+        from server.registry.client import ConnectionConfig, RegistryClient, RegistryError
+
+        try:
+            return RegistryClient(ConnectionConfig(self.address, self.admin_token or "", ca=self.ca,
+                                                   insecure=self.insecure, server_name=self.server_name))
+        except RegistryError as e:
+            raise _fail(e.details, 2) from None
+
+
+def address_problem(address: str) -> Optional[str]:
+    """Why ``address`` is not ``HOST:PORT`` (``[IPv6]:PORT`` too), or None when it is."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host:
+        return "expected HOST:PORT, e.g. registry.hospital.example:50071"
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            return "expected [IPV6]:PORT for an IPv6 address"
+    elif not all(c.isalnum() or c in ".-_" for c in host):
+        return f"host {host!r} is not a DNS name or an IPv4 address (no scheme, path or spaces)"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"port {port!r} is not a number from 1 to 65535"
+    return None
+
+
+_CONNECTION_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
+    for name, annotation, option in [
+        ("registry", str, typer.Option(..., "--registry", "-r", envvar=REGISTRY_ENV, show_envvar=True,
+                                       help="Registry address host:port.")),
+        ("admin_token", Optional[str], typer.Option(
+            None, "--admin-token", envvar=ADMIN_TOKEN_ENV, show_envvar=True,
+            help="Admin token (prefer the environment variable: command lines are visible to other users).")),
+        ("ca", Optional[Path], typer.Option(None, "--ca", help="CA certificate (PEM) to pin for TLS; default: system roots.")),
+        ("insecure", bool, typer.Option(False, "--insecure",
+                                        help="Plaintext gRPC (loopback testing only; tokens travel in clear).")),
+        ("server_name", Optional[str], typer.Option(
+            None, "--server-name", help="TLS name to verify when it differs from the host dialled.")),
+    ]
+]
+
+
+def connection_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` (which takes ``conn: RegistryConnection``) the five connection options.
+
+    Typer builds a command line from the function's signature, so the wrapper shows Typer the
+    command's own parameters plus the five options, and calls the command with one
+    ``RegistryConnection`` in their place, checked first."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "conn"]
+
+    @functools.wraps(command)
+    def with_connection(*args, registry: str, admin_token: Optional[str], ca: Optional[Path], insecure: bool,
+                        server_name: Optional[str], **kwargs) -> None:
+        conn = RegistryConnection(registry, admin_token, ca, insecure, server_name)
+        conn.check()
+        command(*args, conn=conn, **kwargs)
+
+    with_connection.__signature__ = inspect.Signature([*own, *_CONNECTION_OPTIONS])  # type: ignore[attr-defined]
+    return with_connection
 
 
 def _registry_call(fn):
@@ -114,6 +184,10 @@ def serve(
         raise _fail("--insecure is only allowed on a loopback --host", 2)
     if not admin_token:
         raise _fail(f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV}", 2)
+    if not 0 <= port <= 65535:
+        raise _fail(f"--port {port}: expected 0 (any free port) to 65535", 2)
+    if workers < 1 or max_bundle_mb <= 0:
+        raise _fail("--workers must be >= 1 and --max-bundle-mb > 0", 2)
     for p in [*trusted_key, *([tls_cert, tls_key] if not insecure else [])]:
         if p is not None and not Path(p).is_file():
             raise _fail(f"{p}: no such file", 2)
@@ -150,24 +224,21 @@ def serve(
 
 
 @registry_app.command("publish")
+@connection_options
 def publish(
+    conn: RegistryConnection,
     bundle: Path = typer.Argument(..., exists=True, dir_okay=False, help="Signed bundle tarball (.tar.gz)."),
-    registry: str = RegistryOpt,
     device_class: str = typer.Option(
         "", "--device-class", "-c", help="Target class; only needed when the manifest has no `device_class`."
     ),
     channel: str = typer.Option("canary", "--channel", help="canary (default) or stable."),
-    admin_token: Optional[str] = AdminTokenOpt,
-    ca: Optional[Path] = CaOpt,
-    insecure: bool = InsecureOpt,
-    server_name: Optional[str] = ServerNameOpt,
 ) -> None:
     """Upload a signed bundle; the registry checks its signature before storing it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     if channel not in ("canary", "stable"):
         raise _fail(f"--channel {channel!r}: expected canary or stable", 2)
-    with _admin_client(registry, admin_token, ca, insecure, server_name) as client:
+    with conn.client() as client:
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), console=console, transient=True) as progress:
             task = progress.add_task(f"uploading {bundle.name}", total=bundle.stat().st_size)
@@ -184,37 +255,31 @@ def publish(
 
 
 @registry_app.command("promote")
+@connection_options
 def promote(
+    conn: RegistryConnection,
     device_class: str = typer.Option(..., "--device-class", "-c", help="Device class."),
     version: str = typer.Option(..., "--version", "-v", help="Published version to put on stable (again)."),
-    registry: str = RegistryOpt,
-    admin_token: Optional[str] = AdminTokenOpt,
-    ca: Optional[Path] = CaOpt,
-    insecure: bool = InsecureOpt,
-    server_name: Optional[str] = ServerNameOpt,
 ) -> None:
     """Make a release the current stable one. Promoting an older release rolls the fleet back to it."""
-    with _admin_client(registry, admin_token, ca, insecure, server_name) as client:
+    with conn.client() as client:
         r = _registry_call(lambda: client.promote(device_class, version))
     console.print(f"[green]{r.device_class} {r.version} is now the current stable release[/]")
 
 
 @registry_app.command("list")
+@connection_options
 def list_releases(
+    conn: RegistryConnection,
     device_class: str = typer.Option(..., "--device-class", "-c", help="Device class."),
     channel: str = typer.Option("stable", "--channel", help="canary or stable."),
-    registry: str = RegistryOpt,
-    admin_token: Optional[str] = AdminTokenOpt,
-    ca: Optional[Path] = CaOpt,
-    insecure: bool = InsecureOpt,
-    server_name: Optional[str] = ServerNameOpt,
 ) -> None:
     """Releases of a device class on a channel, newest first (the first is current)."""
     import json
 
     if channel not in ("canary", "stable"):
         raise _fail(f"--channel {channel!r}: expected canary or stable", 2)
-    with _admin_client(registry, admin_token, ca, insecure, server_name) as client:
+    with conn.client() as client:
         releases = _registry_call(lambda: client.list_releases(device_class, channel))
     table = Table(title=f"{device_class} / {channel}")
     for col in ("", "version", "name", "task", "size", "published", "promoted", "sha256"):
@@ -227,14 +292,11 @@ def list_releases(
 
 
 @devices_app.command("add")
+@connection_options
 def devices_add(
+    conn: RegistryConnection,
     device_id: str = typer.Argument(..., help="Device id (letters, digits, '_' or '-'), e.g. the scanner's asset tag."),
     device_class: str = typer.Option(..., "--device-class", "-c", help="Which releases it runs, e.g. cart-x86."),
-    registry: str = RegistryOpt,
-    admin_token: Optional[str] = AdminTokenOpt,
-    ca: Optional[Path] = CaOpt,
-    insecure: bool = InsecureOpt,
-    server_name: Optional[str] = ServerNameOpt,
     token_file: Optional[Path] = typer.Option(
         None, "--token-file", help="Also write the token to this file (mode 0600) instead of only printing it."
     ),
@@ -242,7 +304,10 @@ def devices_add(
     """Enrol a scanner. Prints its token ONCE: the registry keeps only a hash."""
     import os
 
-    with _admin_client(registry, admin_token, ca, insecure, server_name) as client:
+    if token_file is not None and (token_file.exists() or not token_file.parent.is_dir()):
+        why = "already exists (the token is never overwritten)" if token_file.exists() else "its folder does not exist"
+        raise _fail(f"--token-file {token_file}: {why}", 2)
+    with conn.client() as client:
         device, token = _registry_call(lambda: client.enroll_device(device_id, device_class))
     if token_file is not None:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -255,20 +320,17 @@ def devices_add(
 
 
 @devices_app.command("list")
+@connection_options
 def devices_list(
-    registry: str = RegistryOpt,
+    conn: RegistryConnection,
     device_class: str = typer.Option("", "--device-class", "-c", help="Only this class."),
-    admin_token: Optional[str] = AdminTokenOpt,
-    ca: Optional[Path] = CaOpt,
-    insecure: bool = InsecureOpt,
-    server_name: Optional[str] = ServerNameOpt,
 ) -> None:
     """Enrolled scanners: class, running version, health, last seen."""
     import time
 
     from server.registry.client import CHANNEL_NAMES, HEALTH_NAMES
 
-    with _admin_client(registry, admin_token, ca, insecure, server_name) as client:
+    with conn.client() as client:
         devices = _registry_call(lambda: client.list_devices(device_class))
     now = time.time()
     table = Table(title=f"{len(devices)} device(s)")
@@ -283,15 +345,12 @@ def devices_list(
 
 
 @devices_app.command("remove")
+@connection_options
 def devices_remove(
+    conn: RegistryConnection,
     device_id: str = typer.Argument(..., help="Device id to revoke."),
-    registry: str = RegistryOpt,
-    admin_token: Optional[str] = AdminTokenOpt,
-    ca: Optional[Path] = CaOpt,
-    insecure: bool = InsecureOpt,
-    server_name: Optional[str] = ServerNameOpt,
 ) -> None:
     """Revoke a scanner's token (a lost or retired device)."""
-    with _admin_client(registry, admin_token, ca, insecure, server_name) as client:
+    with conn.client() as client:
         _registry_call(lambda: client.remove_device(device_id))
     console.print(f"[green]removed {device_id}; its token no longer works[/]")
