@@ -6,11 +6,19 @@ num_heads=(4, 8, 16, 32), window_size=(8, 8), patch_size=(2, 2), mlp_ratio=4.0, 
 (config ``"echocare"``, ~120.2 M parameters, ~202 GFLOP per 256x256 image). Nothing here
 re-implements it: :func:`build_encoder` only calls MONAI with a named :class:`EncoderConfig`.
 
+Input: what :func:`preprocess_spec` gives for the config -- gray replicated to 3 channels,
+values in [0, 1], no mean/std (the upstream usage feeds ``torch.rand(1, 3, 256, 256)``).
+
 ``forward(x, normalize=True)`` returns five feature maps (strides 2, 4, 8, 16, 32); for the
 official config at 256x256 they are 128@128², 256@64², 512@32², 1024@16² and 2048@8².
 
 Checkpoints (``echocare_encoder.pth``) are plain state dicts with MONAI's key names plus a
-``mask_token`` left over from masked-image pretraining. :func:`load_encoder` drops the
+``mask_token`` left over from masked-image pretraining. Only ``echocare`` has released weights;
+``echocare-small`` and ``echocare-tiny`` are random-init configs (CPU demos, tests), and loading
+the released file into them is refused with that explanation. The official layout (358 keys
+and their shapes, from MONAI's construction of ``echocare``) is stored next to this module
+(``official_layout.json``, :func:`official_layout`); a test compares MONAI's current
+construction with it, so a MONAI release that renames or reshapes a key fails loudly. :func:`load_encoder` drops the
 ``mask_token``, strips an explicit wrapper/prefix only when *every* key carries it (and logs that
 it did), and then loads **strictly**: a missing or unexpected key or a shape mismatch raises a
 :class:`CheckpointError` naming the config and the first mismatches. There is never a silent
@@ -28,10 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from echocare.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -50,6 +62,16 @@ WRAPPER_KEYS = ("state_dict", "model")
 
 #: Key prefixes we strip, but only when every key of the checkpoint carries the same one.
 STRIPPABLE_PREFIXES = ("module.", "encoder.", "swinViT.", "backbone.")
+
+#: The only config with released weights (the EchoCare project's ``echocare_encoder.pth``).
+RELEASED_CONFIG = "echocare"
+
+#: The stored layout of the released encoder (key -> shape), written by :func:`write_official_layout`.
+OFFICIAL_LAYOUT_FILE = Path(__file__).with_name("official_layout.json")
+
+#: Pooling choices for a classification head: which of the five maps are pooled (None = all).
+#: ``"last"`` pools only the stride-32 map, as the FETUS 2026 challenge baseline does.
+POOLING: dict[str, tuple[int, ...] | None] = {"all": None, "last": (NUM_FEATURE_MAPS - 1,)}
 
 
 class CheckpointError(Exception):
@@ -97,6 +119,10 @@ class EncoderConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The input this encoder family was pretrained on (see :func:`preprocess_spec`)."""
+        return PreprocessSpec(size=self.img_size)
+
 
 ENCODER_CONFIGS: dict[str, EncoderConfig] = {
     # The released model (Swin-B-like width, 18 blocks in stage 3).
@@ -116,6 +142,12 @@ def get_config(name: str | EncoderConfig) -> EncoderConfig:
         return ENCODER_CONFIGS[name]
     except KeyError:
         raise ValueError(f"unknown encoder config {name!r}; known configs: {', '.join(ENCODER_CONFIGS)}") from None
+
+
+def preprocess_spec(config: str | EncoderConfig) -> PreprocessSpec:
+    """The preprocessing every ``echocare*`` config uses: EchoCare's own input (gray replicated
+    to 3 channels, values in [0, 1], ``mean=0``, ``std=1``, letterboxed to ``img_size``)."""
+    return get_config(config).preprocess_spec()
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +183,59 @@ def build_encoder(config: str | EncoderConfig, seed: int | None = 0) -> "nn.Modu
         )
 
 
+def layout_of(model_or_config: "nn.Module | str | EncoderConfig") -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an encoder's state dict (a config is built first: ~0.5 GB for ``echocare``)."""
+    model = model_or_config if not isinstance(model_or_config, (str, EncoderConfig)) else build_encoder(model_or_config)
+    return {k: tuple(int(d) for d in v.shape) for k, v in model.state_dict().items()}
+
+
+@lru_cache(maxsize=1)
+def official_layout() -> dict[str, tuple[int, ...]]:
+    """The released encoder's layout as stored in ``official_layout.json`` (358 keys, in order)."""
+    doc = json.loads(OFFICIAL_LAYOUT_FILE.read_text())
+    return {k: tuple(shape) for k, shape in doc["keys"]}
+
+
+def write_official_layout(path: str | Path = OFFICIAL_LAYOUT_FILE) -> dict:
+    """(Re)write the stored layout from MONAI's current construction of ``echocare``.
+
+    Only for a deliberate update after checking that the released file still loads; the test
+    suite compares the construction with the stored file and fails on any difference.
+    """
+    import monai
+
+    from echocare.atomic import atomic_write_bytes
+
+    layout = layout_of(RELEASED_CONFIG)
+    doc = {
+        "config": RELEASED_CONFIG,
+        "built_with": f"monai {monai.__version__}: monai.networks.nets.swin_unetr.SwinTransformer(use_v2=True, spatial_dims=2, ...)",
+        "pretraining_only_keys": list(PRETRAINING_ONLY_KEYS),
+        "num_keys": len(layout),
+        "num_values": sum(_numel(s) for s in layout.values()),
+        "keys": [[k, list(s)] for k, s in layout.items()],
+    }
+    text = "{\n" + ",\n".join(
+        f" {json.dumps(k)}: " + (json.dumps(v) if k != "keys" else "[\n" + ",\n".join("  " + json.dumps(e) for e in v) + "\n ]")
+        for k, v in doc.items()
+    ) + "\n}\n"
+    atomic_write_bytes(Path(path), text.encode())
+    return doc
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def is_released_layout(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` (normalised: no wrapper, prefix or ``mask_token``) has exactly the
+    released encoder's key names (its shapes are checked by the strict load)."""
+    return set(state_dict) == set(official_layout())
+
+
 def freeze(module: "nn.Module") -> "nn.Module":
     """Eval mode and ``requires_grad=False`` on every parameter; returns the module."""
     module.eval()
@@ -170,6 +255,26 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_sha256(checkpoint: str | Path) -> str:
+    """The sha256 of a checkpoint (local path or ``hf://`` in the local cache), computed once per
+    process and file version (path, size, mtime), for the run to pin at its first load.
+
+    The coordinator records it in the run config (``encoder-sha256``); every site passes it to
+    :func:`load_encoder` as ``expected_sha256`` and so proves it loaded the same file.
+    Raises :class:`CheckpointError` for a missing file or an uncached ``hf://`` name.
+    """
+    path = resolve_checkpoint(checkpoint)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+        log.info("checkpoint %s: sha256 %s (pin this in the run)", path, _SHA_MEMO[key])
+    return _SHA_MEMO[key]
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -308,6 +413,12 @@ def check_state_dict(config: str | EncoderConfig, model: "nn.Module", state_dict
         problems.append(f"unexpected {len(unexpected)} ({first(unexpected)})")
     if mismatched:
         problems.append(f"shape mismatch {first(mismatched, 2)}" + (f" ({len(mismatched)} in all)" if len(mismatched) > 2 else ""))
+    if cfg.name != RELEASED_CONFIG and is_released_layout(state_dict):
+        raise CheckpointError(
+            f"checkpoint {source} is the released EchoCare encoder (config {RELEASED_CONFIG!r}, {len(state_dict)} keys); "
+            f"config {cfg.name} has no released weights (only {RELEASED_CONFIG!r} does; echocare-small and echocare-tiny "
+            f"are random-init configs for CPU demos and tests): use --config {RELEASED_CONFIG}, or no checkpoint"
+        )
     msg = f"checkpoint {source} does not match config {cfg.name}: " + "; ".join(problems)
     guess = guess_config(state_dict)
     if guess and guess != cfg.name:
@@ -364,7 +475,12 @@ def check_input(x: "torch.Tensor", config: str | EncoderConfig | None = None) ->
 
 
 def encode(encoder: "nn.Module", x: "torch.Tensor") -> list["torch.Tensor"]:
-    """The five feature maps (normalised per stage, as in EchoCare's downstream protocol).
+    """The five feature maps, each layer-normalised by MONAI (``forward(x, normalize=True)``).
+
+    Which maps a head uses is the head's choice: EchoCare publishes no fine-tuning code, so there
+    is no official protocol to follow. Our classification head pools all five by default;
+    ``pooling="last"`` (:data:`POOLING`) pools only the stride-32 map, as the FETUS 2026
+    challenge baseline on the released weights does. Segmentation heads take the maps they list.
 
     Gradients are recorded only if the caller enables them (wrap in ``torch.no_grad()`` for
     feature extraction).
@@ -391,6 +507,30 @@ def pooled_dim(config: str | EncoderConfig, stages: Sequence[int] | None = None)
     """Width of :func:`pooled_features` for ``config``."""
     ch = get_config(config).feature_channels
     return sum(ch) if stages is None else sum(ch[i] for i in stages)
+
+
+def pooled_columns(config: str | EncoderConfig, stages: Sequence[int] | None = None) -> list[int]:
+    """Columns of the all-five pooled vector (:func:`pooled_features` with ``stages=None``) that
+    hold ``stages``' pooled maps, in ``stages`` order: ``all_five[:, pooled_columns(cfg, s)]``
+    equals ``pooled_features(maps, s)``. A feature cache of all five serves every pooling."""
+    ch = get_config(config).feature_channels
+    if stages is None:
+        return list(range(sum(ch)))
+    starts = [sum(ch[:i]) for i in range(len(ch))]
+    cols: list[int] = []
+    for i in stages:
+        if not 0 <= int(i) < len(ch):
+            raise ValueError(f"stage {i} out of range: the encoder has maps 0..{len(ch) - 1}")
+        cols.extend(range(starts[i], starts[i] + ch[i]))
+    return cols
+
+
+def pooling_stages(pooling: str) -> tuple[int, ...] | None:
+    """``"all"`` -> None (every map), ``"last"`` -> (4,). Raises ValueError naming the choices."""
+    try:
+        return POOLING[pooling]
+    except KeyError:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING)}") from None
 
 
 def count_params(module: "nn.Module", trainable_only: bool = False) -> int:

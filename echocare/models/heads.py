@@ -6,10 +6,12 @@ layers Opacus can compute per-sample gradients for: ``nn.Linear``, ``nn.Conv2d``
 dropout. No BatchNorm anywhere.
 
 - :class:`ClassifyHead`: linear (``hidden=0``) or one-hidden-layer MLP over the pooled features
-  (:func:`echocare.models.encoder.pooled_features`).
+  (:func:`echocare.models.encoder.pooled_features`) of all five maps (default) or of the last
+  one only (``pooling="last"``, as the FETUS 2026 challenge baseline).
 - :class:`SegmentHead` ``variant="unetr"``: the SwinUNETR decoder (MONAI ``UnetrBasicBlock`` /
   ``UnetrUpBlock`` / ``UnetOutBlock``, wired exactly as in ``monai.networks.nets.SwinUNETR``)
-  over all five encoder maps plus the input image — EchoCare's downstream protocol.
+  over all five encoder maps plus the input image (SwinUNETR's wiring; EchoCare publishes no
+  fine-tuning code of its own).
 - :class:`SegmentHead` ``variant="light"``: a small FPN-style decoder over the stride 8/16/32 maps
   only (no raw-image branch), upsampled bilinearly to the input size. Far cheaper on CPU.
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrUpBlock
 from torch import nn
 
-from echocare.models.encoder import EncoderConfig, get_config
+from echocare.models.encoder import EncoderConfig, get_config, pooling_stages
 
 TASKS = ("classify", "segment", "hc")
 SEGMENT_VARIANTS = ("unetr", "light")
@@ -223,7 +225,9 @@ def build_head(task: str, encoder_config: str | EncoderConfig, num_classes: int,
     """A fresh head for ``task`` on top of ``encoder_config``.
 
     - ``classify``: :class:`ClassifyHead` over the pooled features; kwargs ``hidden``,
-      ``dropout``, ``stages`` (``in_dim`` is derived from the config and stages).
+      ``dropout``, ``proj_dim``, and which maps are pooled: ``pooling`` (``"all"``, the default,
+      or ``"last"``: the stride-32 map only) or explicit ``stages`` (``in_dim`` is derived from
+      the config and stages).
     - ``segment``: :class:`SegmentHead` with ``out_channels=num_classes`` (background included);
       kwargs ``variant`` (default ``"light"``), ``feature_size``.
     - ``hc``: a binary :class:`SegmentHead` with 2 output channels (background, head):
@@ -235,10 +239,16 @@ def build_head(task: str, encoder_config: str | EncoderConfig, num_classes: int,
 
     cfg = get_config(encoder_config)
     if task == "classify":
-        unknown = set(head_kwargs) - {"hidden", "dropout", "stages", "proj_dim"}
+        unknown = set(head_kwargs) - {"hidden", "dropout", "stages", "proj_dim", "pooling"}
         if unknown:
-            raise ValueError(f"unknown classify head options {sorted(unknown)}; allowed: hidden, dropout, stages, proj_dim")
+            raise ValueError(f"unknown classify head options {sorted(unknown)}; allowed: hidden, dropout, stages, proj_dim, pooling")
         stages = head_kwargs.get("stages")
+        if "pooling" in head_kwargs:
+            by_pooling = pooling_stages(str(head_kwargs["pooling"]))
+            every = tuple(range(len(cfg.feature_channels)))
+            if stages is not None and tuple(stages) != (every if by_pooling is None else by_pooling):
+                raise ValueError(f"classify head: pooling={head_kwargs['pooling']!r} contradicts stages={list(stages)}; give one of them")
+            stages = by_pooling
         return ClassifyHead(
             pooled_dim(cfg, stages),
             num_classes,

@@ -49,15 +49,18 @@ def inspect(
         help="Encoder weights to load strictly: a .pth/.pt (plain MONAI state dict, `mask_token` allowed) or "
         ".safetensors file, or hf://ORG/REPO/FILE from the local Hugging Face cache. Without it: seeded random init.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys: config, params, sha256, gflops, output_shapes)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (keys: config, params, sha256, gflops, output_shapes, preprocess)."
+    ),
     seed: int = typer.Option(0, help="Seed of the random init when no checkpoint is given."),
 ) -> None:
-    """Report an encoder's parameters, checkpoint sha256, GFLOP and feature-map shapes.
+    """Report an encoder's parameters, checkpoint sha256, GFLOP, feature-map shapes and input preprocessing.
 
     Builds the encoder (loading the checkpoint strictly: any missing, unexpected or mis-shaped
     key is refused with the mismatches), counts GFLOP per 256x256 image with PyTorch's FLOP
     counter (1 MAC = 2 FLOP) and lists the five feature-map shapes of a forward pass on a zero
-    image (batch 1).
+    image (batch 1). The preprocessing is the spec the config's inputs go through (EchoCare's
+    own: gray replicated to 3 channels, values in [0, 1], mean 0 and std 1).
     """
     from echocare.models.encoder import CheckpointError, count_params, get_config, load_encoder, measure_forward
 
@@ -80,6 +83,7 @@ def inspect(
         "sha256": sha,
         "gflops": round(gflops, 3),
         "output_shapes": [list(s) for s in shapes],
+        "preprocess": cfg.preprocess_spec().to_dict(),
     }
     if as_json:
         typer.echo(json.dumps(report))
@@ -94,4 +98,10 @@ def inspect(
     table.add_row("GFLOP / image", f"{gflops:.1f} at {cfg.img_size}x{cfg.img_size} (1 MAC = 2 FLOP)")
     for i, (s, st) in enumerate(zip(shapes, cfg.feature_strides)):
         table.add_row(f"map {i} (stride {st})", "x".join(map(str, s)))
+    pre = report["preprocess"]
+    table.add_row(
+        "preprocessing",
+        f"v{pre['version']}: gray x3, crop={pre['crop']}, {pre['resize']} to {pre['size']}x{pre['size']}, "
+        f"[0, 1] then mean {pre['mean']} std {pre['std']}",
+    )
     Console().print(table)

@@ -14,15 +14,24 @@ from typer.testing import CliRunner
 
 from echocare.models.encoder import (
     ENCODER_CONFIGS,
+    OFFICIAL_LAYOUT_FILE,
     CheckpointError,
     build_encoder,
+    check_state_dict,
+    checkpoint_sha256,
     count_params,
     encode,
     get_config,
+    is_released_layout,
+    layout_of,
     load_encoder,
     load_state_dict_strict,
     measure_forward,
+    official_layout,
+    pooled_columns,
     pooled_features,
+    pooling_stages,
+    preprocess_spec,
     sha256_file,
 )
 
@@ -70,6 +79,14 @@ def test_official_config_params_flops_shapes_and_checkpoint_layout():
     gflops, shapes = measure_forward(enc, "echocare")
     assert shapes == [(1, 128, 128, 128), (1, 256, 64, 64), (1, 512, 32, 32), (1, 1024, 16, 16), (1, 2048, 8, 8)]
     assert 195 < gflops < 210, gflops
+
+    # MONAI's construction today is the stored layout of the released file, key for key, in order:
+    # a MONAI release that renames, adds, drops or reshapes a key fails here, not at a hospital.
+    built, stored = layout_of(enc), official_layout()
+    assert len(stored) == 358 and json.loads(OFFICIAL_LAYOUT_FILE.read_text())["num_keys"] == 358
+    diff = [f"{k}: built {built.get(k)} vs stored {stored.get(k)}" for k in dict.fromkeys([*built, *stored]) if built.get(k) != stored.get(k)]
+    assert not diff, f"MONAI's SwinTransformer no longer matches the released EchoCare layout ({len(diff)} keys): {diff[:5]}"
+    assert list(built) == list(stored)
 
     sd = enc.state_dict()
     # v2 stage-wise residual conv blocks and 18 blocks in stage 3: the EchoCare (SwinUNETR-v2) layout
@@ -213,7 +230,9 @@ def test_cli_inspect_and_list(tiny_ckpt):
     res = runner.invoke(model_app, ["inspect", "--config", TINY, "--checkpoint", tiny_ckpt[0], "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(report) == {"config", "params", "sha256", "gflops", "output_shapes"}
+    assert set(report) == {"config", "params", "sha256", "gflops", "output_shapes", "preprocess"}
+    assert report["preprocess"] == preprocess_spec(TINY).to_dict()
+    assert report["preprocess"]["mean"] == [0.0, 0.0, 0.0] and report["preprocess"]["std"] == [1.0, 1.0, 1.0]
     assert report["config"] == TINY and report["sha256"] == sha256_file(tiny_ckpt[0])
     assert report["params"] == count_params(build_encoder(TINY))
     assert report["output_shapes"] == [[1, c, h, w] for c, h, w in get_config(TINY).feature_shapes()]
@@ -224,3 +243,105 @@ def test_cli_inspect_and_list(tiny_ckpt):
 
     res = runner.invoke(model_app, ["list"])
     assert res.exit_code == 0 and all(name in res.output for name in ENCODER_CONFIGS)
+
+
+# ----------------------------------------------------------------------------- the released file
+
+
+def _official_shapes(mismatch: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict with the released file's keys and shapes, on the meta device (no memory),
+    plus ``mask_token``; ``mismatch`` names one key given a wrong shape."""
+    sd = {k: torch.empty(shape, device="meta") for k, shape in official_layout().items()}
+    if mismatch:
+        sd[mismatch] = torch.empty(7, device="meta")
+    sd["mask_token"] = torch.empty(1, 1, 128, device="meta")
+    return sd
+
+
+def test_stored_layout_of_the_released_file():
+    layout = official_layout()
+    assert len(layout) == 358 and layout["patch_embed.proj.weight"] == (128, 3, 2, 2)
+    assert sum(1 for k in layout if k.startswith("layers3.0.blocks.") and k.endswith(".attn.qkv.weight")) == 18
+    assert "mask_token" not in layout  # pretraining-only, dropped before the strict load
+    assert is_released_layout({k: None for k in layout})
+    assert not is_released_layout({k: None for k in layout_of(TINY)})
+
+
+def test_released_file_into_small_or_tiny_is_refused_with_the_reason():
+    for name in ("echocare-small", TINY):
+        with pytest.raises(CheckpointError) as err:
+            load_state_dict_strict(build_encoder(name), name, _official_shapes(), source="echocare_encoder.pth")
+        msg = str(err.value)
+        assert "echocare_encoder.pth is the released EchoCare encoder (config 'echocare', 358 keys)" in msg
+        assert f"config {name} has no released weights" in msg and "use --config echocare" in msg
+
+
+def test_released_layout_with_one_wrong_shape_names_it():
+    """Into ``echocare`` itself the official shapes pass the check; one wrong shape is named."""
+    cfg = get_config("echocare")
+
+    class Shapes(torch.nn.Module):  # the check only needs the model's state-dict shapes
+        def state_dict(self):
+            return {k: torch.empty(s, device="meta") for k, s in official_layout().items()}
+
+    sd = {k: v for k, v in _official_shapes().items() if k != "mask_token"}
+    check_state_dict(cfg, Shapes(), sd, "ok.pth")  # no error
+    bad = {k: v for k, v in _official_shapes("layers3.0.blocks.5.mlp.linear1.weight").items() if k != "mask_token"}
+    with pytest.raises(CheckpointError, match=r"bad.pth does not match config echocare: shape mismatch layers3.0.blocks.5.mlp.linear1.weight \[7\] vs \[2048,512\]"):
+        check_state_dict(cfg, Shapes(), bad, "bad.pth")
+
+
+def test_cli_refuses_a_released_layout_file_for_small(tmp_path):
+    """A tiny fake on disk with the released file's 358 key names (and mask_token)."""
+    from echofleet.cli.model import model_app
+
+    fake = {k: torch.zeros(1) for k in official_layout()}
+    fake["mask_token"] = torch.zeros(1, 1, 128)
+    path = tmp_path / "echocare_encoder.pth"
+    torch.save(fake, path)
+    res = CliRunner().invoke(model_app, ["inspect", "--config", "echocare-small", "--checkpoint", str(path), "--json"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "is the released EchoCare encoder" in text and "use --config echocare" in text
+
+
+def test_checkpoint_sha256_is_pinned_once_per_file_version(tiny_ckpt, tmp_path, monkeypatch):
+    import echocare.models.encoder as encoder_module
+
+    path = tmp_path / "copy.pth"
+    path.write_bytes(open(tiny_ckpt[0], "rb").read())
+    calls = []
+    real = encoder_module.sha256_file
+    monkeypatch.setattr(encoder_module, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = checkpoint_sha256(path)
+    assert first == real(tiny_ckpt[0]) and checkpoint_sha256(str(path)) == first and len(calls) == 1
+    path.write_bytes(path.read_bytes() + b"\0")  # a changed file is hashed again
+    assert checkpoint_sha256(path) != first and len(calls) == 2
+    # the pinned digest is what every site checks at load time
+    with pytest.raises(CheckpointError, match="differs from the expected"):
+        load_encoder(TINY, path, expected_sha256=first)
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        checkpoint_sha256(tmp_path / "missing.pth")
+
+
+# ----------------------------------------------------------------------------- input and pooling
+
+
+def test_every_config_uses_echocare_input():
+    for name, cfg in ENCODER_CONFIGS.items():
+        spec = preprocess_spec(name)
+        assert spec.mean == (0.0, 0.0, 0.0) and spec.std == (1.0, 1.0, 1.0) and spec.size == cfg.img_size and spec.version == 2
+
+
+def test_pooled_columns_select_stages_from_the_all_five_vector():
+    enc, _ = load_encoder(TINY)
+    with torch.no_grad():
+        maps = encode(enc, torch.randn(2, 3, 64, 64))
+    every = pooled_features(maps)
+    for stages in ([4], [3, 4], [0, 2], None):
+        assert torch.equal(every[:, pooled_columns(TINY, stages)], pooled_features(maps, stages))
+    assert pooling_stages("last") == (4,) and pooling_stages("all") is None
+    assert pooled_columns(TINY, pooling_stages("last")) == list(range(sum(get_config(TINY).feature_channels[:4]), 24 * 31))
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        pooling_stages("max")
+    with pytest.raises(ValueError, match="stage 5 out of range"):
+        pooled_columns(TINY, [5])

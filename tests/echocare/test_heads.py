@@ -134,3 +134,28 @@ def test_opacus_per_sample_gradients_are_exact_for_every_head():
         inputs = [torch.randn(2, 3, size, size)] + [maps[i] for i in head.needs]
         target = torch.randint(0, 2, (2, size, size))
         _per_sample_grads_match(head, inputs, target, lambda m, img, *ms: m(list(ms), img))
+
+
+def test_last_stage_pooling_option():
+    """``pooling="last"``: the stride-32 map only (the FETUS baseline); default unchanged (all five)."""
+    from echocare.models.encoder import build_encoder, encode, pooled_columns, pooled_features
+    from echocare.models.task_model import TaskModel
+
+    assert build_head("classify", TINY, 3).needs == (0, 1, 2, 3, 4)
+    head = build_head("classify", TINY, 3, pooling="last")
+    assert head.needs == (4,) and head.in_dim == TINY.feature_channels[4]
+    again = build_head("classify", TINY, 3, **json.loads(json.dumps(head_kwargs_of(head))))
+    assert again.needs == (4,) and again.in_dim == head.in_dim
+    assert build_head("classify", TINY, 3, pooling="all", stages=[0, 1, 2, 3, 4]).needs == (0, 1, 2, 3, 4)
+    model = TaskModel(build_encoder(TINY), head, "classify").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.features(x)
+        assert len(maps) == 1 and torch.allclose(model(x), head(maps[0].mean(dim=(-2, -1))))
+        # the all-five feature cache serves a last-stage head through pooled_columns
+        every = pooled_features(encode(model.encoder, x))
+        assert torch.allclose(head(every[:, pooled_columns(TINY, head.stages)]), model(x))
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        build_head("classify", TINY, 3, pooling="max")
+    with pytest.raises(ValueError, match="contradicts stages"):
+        build_head("classify", TINY, 3, pooling="last", stages=[3, 4])
