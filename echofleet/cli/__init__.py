@@ -15,12 +15,14 @@ from echofleet.cli.edge import edge_app
 from echofleet.cli.fed import evaluate, simulate
 from echofleet.cli.certs import certs_app
 from echofleet.cli.registry import registry_app
+from echofleet.cli.common import ShortUsageErrors
 
 app = typer.Typer(
     name="echofleet",
     help="Federated, differentially private EchoCare fine-tuning and signed edge deployment.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    cls=ShortUsageErrors,  # a usage error in 4 plain lines, not a panel (echofleet/cli/common.py)
 )
 app.add_typer(model_app, name="model", help="Inspect EchoCare encoder configs and checkpoints.")
 app.add_typer(site_app, name="site", help="Check a hospital's data before it joins a federation.")

@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from echofleet.cli.common import fail as _fail
+from echofleet.cli.common import unwritable_folder
+
+MAX_DAYS = 36500  # 100 years: beyond that a date overflows X.509's and Python's calendars anyway
 
 console = Console()
 
@@ -29,12 +32,13 @@ certs_app = typer.Typer(
 def certs_init(
     out: Path = typer.Option(..., "--out", help="Folder for ca.key (keep it private, offline) and ca.crt."),
     common_name: str = typer.Option("echofleet deployment CA", "--cn", help="CA common name."),
-    days: int = typer.Option(3650, "--days", help="Validity in days."),
+    days: int = typer.Option(3650, "--days", min=1, max=MAX_DAYS, help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace an existing CA (invalidates every issued certificate)."),
 ) -> None:
     """Create a certificate authority (EC P-384)."""
     from server.certs.pki import CertError, describe_certificate, init_ca
 
+    _check_out_folder(out)
     try:
         files = init_ca(out, common_name=common_name, days=days, overwrite=force)
     except CertError as e:
@@ -55,12 +59,22 @@ def certs_server(
     san: list[str] = typer.Option(..., "--san", help="DNS name or IP clients dial; repeatable (--san localhost --san 127.0.0.1)."),
     out: Path = typer.Option(..., "--out", help="Folder for server.key, server.crt and a copy of ca.crt."),
     common_name: Optional[str] = typer.Option(None, "--cn", help="Common name (default: the first --san)."),
-    days: int = typer.Option(825, "--days", help="Validity in days."),
+    days: int = typer.Option(825, "--days", min=1, max=MAX_DAYS, help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Replace an existing server key/certificate."),
 ) -> None:
     """Issue the TLS certificate of a SuperLink or of the registry, signed by the CA."""
-    from server.certs.pki import CertError, describe_certificate, issue_server_cert
+    from server.certs.pki import CertError, describe_certificate, issue_server_cert, load_ca, parse_san
 
+    for name in san:  # bad arguments are refused before any key is made
+        try:
+            parse_san(name)
+        except CertError as e:
+            raise _fail(f"--san: {e}", 2) from None
+    try:
+        load_ca(ca)
+    except CertError as e:
+        raise _fail(f"--ca {ca}: {e}", 2) from None
+    _check_out_folder(out)
     try:
         files = issue_server_cert(ca, out, san, common_name=common_name, days=days, overwrite=force)
     except CertError as e:
@@ -89,6 +103,9 @@ def certs_node(
     """Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH formats, as Flower 1.42 reads them)."""
     from server.certs.pki import CertError, create_node_keypair
 
+    if out.is_dir():
+        raise _fail(f"--out {out}: is a folder; give a key path prefix inside it, e.g. {out / 'supernode'}", 2)
+    _check_out_folder(out.parent)
     try:
         pair = create_node_keypair(out, comment=comment, overwrite=force)
     except CertError as e:
@@ -99,3 +116,10 @@ def certs_node(
     table.add_row("hospital", f"flower-supernode --auth-supernode-private-key {pair.private_key} ...")
     table.add_row("coordinator", f"flwr supernode register {pair.public_key} ...")
     console.print(table)
+
+
+def _check_out_folder(folder: Path) -> None:
+    """Refuse (exit 2) an output folder that cannot be created or written into."""
+    problem = unwritable_folder(folder)
+    if problem:
+        raise _fail(f"--out {folder}: {problem}", 2)

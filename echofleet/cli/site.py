@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from echofleet.cli.common import fail, unwritable_folder
+
 site_app = typer.Typer(no_args_is_help=True, help="Check a hospital's data before it joins a federation.")
 
 SPEC_HELP = (
@@ -41,7 +43,7 @@ def check(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON to this file.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation share of the leak-free split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
-    show_problems: Annotated[int, typer.Option(help="How many skipped files to list.")] = 20,
+    show_problems: Annotated[int, typer.Option(min=0, help="How many skipped files to list.")] = 20,
 ) -> None:
     """Read every image of DATA_SPEC once and report what a federation needs to know.
 
@@ -59,6 +61,12 @@ def check(
     from echocare.data.sitecheck import check_site
 
     console = Console()
+    if not 0.0 <= val_fraction < 1.0:
+        raise fail(f"--val-fraction {val_fraction:g}: must be at least 0 and below 1", 2)
+    if json_out is not None:
+        problem = "is a folder" if json_out.is_dir() else unwritable_folder(json_out.parent)
+        if problem:
+            raise fail(f"--json {json_out}: {problem}", 2)
     try:
         data = open_data(data_spec)
     except (ValueError, OSError, ImportError) as e:
@@ -134,21 +142,23 @@ def phantom(
     from echocare.phantom import CLASSES, resolve_profiles, write_phantoms
 
     console = Console()
-    try:
+    try:  # bad arguments are refused before any image is made
         names = resolve_profiles(profile)
     except ValueError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(f"--profile: {e}", 2) from None
     if n < 1:
-        console.print("[red]--n must be at least 1[/red]")
-        raise typer.Exit(2)
+        raise fail(f"--n {n}: must be at least 1", 2)
+    problem = unwritable_folder(out)
+    if problem is None and out.is_dir() and any(out.iterdir()) and not (out / "phantom.json").is_file():
+        problem = "exists, is not empty and is not a phantom set written by echofleet (no phantom.json); refusing to replace it"
+    if problem:
+        raise fail(f"OUT {out}: {problem}", 2)
     with _progress(console) as progress:
         task = progress.add_task("simulating", total=n)
         try:
             manifest = write_phantoms(out, n, names, seed, on_image=lambda _: progress.advance(task))
-        except FileExistsError as e:
-            console.print(f"[red]{e}[/red]")
-            raise typer.Exit(1) from None
+        except FileExistsError as e:  # appeared since the check above
+            raise fail(str(e)) from None
     table = Table(title=f"{n} SYNTHETIC phantom images in {out} (seed {seed})")
     table.add_column("profile")
     for c in CLASSES:
