@@ -6,9 +6,18 @@ Privacy meaning of the knobs (example-level DP: neighbouring datasets differ in 
   can change in a step.
 - ``noise_multiplier`` (sigma): Gaussian noise of std ``sigma * C`` is added to the summed clipped
   gradients of a batch. Larger sigma, less privacy loss per step.
-- ``sample_rate`` (q): each example joins each batch independently with probability q (Poisson
-  sampling, ``batch_size / N``), which is what the accountant's amplification assumes.
-- ``steps``: number of noisy steps; privacy loss grows with it.
+- ``sample_rate`` (q = ``batch_size / N``): each example joins each batch independently with
+  probability q (Poisson sampling), which is what the accountant's amplification assumes. Both
+  training paths sample at exactly this q, the rate the ledger accounts.
+- ``steps``: number of noisy steps (``epochs * ceil(N / batch_size)``); an empty batch is still a
+  noisy step. Privacy loss grows with it.
+
+Where the randomness comes from (:class:`DPRandom`, see docs/privacy.md): every Poisson mask and
+every noise value is drawn from ``os.urandom``, never from a seed, so nothing the coordinator knows
+(run seed, site name, round) lets it regenerate the noise and subtract it. The noise follows
+Opacus' ``secure_mode`` recipe against the floating-point attack on Gaussian sampling (the sum of
+four draws, halved). ``DPConfig.insecure_seed`` makes both predictable, for tests only: such a
+release is **not private** and is reported so.
 
 The trainer uses Opacus' fast gradient clipping (``grad_sample_mode="ghost"``): per-example
 gradient *norms* are computed without materialising per-example gradients, which is what makes
@@ -18,9 +27,11 @@ DP-SGD on a head only a few times slower than plain SGD.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,7 +54,53 @@ class DPConfig:
     # same Poisson sampler, same Gaussian mechanism, same accounting.
     fast_linear: bool = True
     grad_sample_mode: str = "ghost"
-    seed: int = 0
+    seed: int = 0  # shuffling of the NON-private baseline (noise_multiplier=0) only; DP never uses it
+    # INSECURE, tests and audits only: seeds DP sampling and noise, so anyone who knows it can
+    # regenerate the noise. The release is then not private (train_head reports private=False).
+    insecure_seed: int | None = None
+
+
+class DPRandom:
+    """The randomness of DP-SGD: Poisson masks and Gaussian noise.
+
+    Default: every uniform comes from ``os.urandom`` (the kernel CSPRNG, the source torchcsprng's
+    random-device generator reads too) as a 53-bit float in (0, 1); Gaussians by Box-Muller in
+    float64. A ``torch.Generator`` seeded from secrets would not do: its MT19937 keeps only the low
+    32 bits of the seed. With ``insecure_seed`` a seeded ``torch.Generator`` is used instead
+    (reproducible, **not private**).
+    """
+
+    def __init__(self, insecure_seed: int | None = None):
+        self.private = insecure_seed is None
+        self._gen = None if self.private else torch.Generator().manual_seed(int(insecure_seed))
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``n`` float64 uniforms in (0, 1)."""
+        if not self.private:
+            return torch.rand(n, generator=self._gen, dtype=torch.float64)
+        raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return torch.from_numpy((raw.astype(np.float64) + 0.5) * 2.0**-53)
+
+    def standard_normal(self, n: int) -> torch.Tensor:
+        """``n`` float64 N(0, 1) draws (Box-Muller on :meth:`uniform`)."""
+        if not self.private:
+            return torch.randn(n, generator=self._gen, dtype=torch.float64)
+        m = (n + 1) // 2
+        u = self.uniform(2 * m)
+        r = torch.sqrt(-2.0 * torch.log(u[:m]))
+        theta = 2.0 * math.pi * u[m:]
+        return torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n]
+
+    def gaussian(self, std: float, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Noise of std ``std``: Opacus' secure-mode recipe against the floating-point attack
+        (``opacus.optimizers.optimizer._generate_noise``): the sum of four N(0, std^2) draws, halved."""
+        numel = math.prod(shape)
+        z = self.standard_normal(4 * numel).view(4, numel).sum(0) * (std / 2.0)
+        return z.view(*shape).to(dtype)
+
+    def poisson_batch(self, n: int, q: float) -> torch.Tensor:
+        """Indices of one Poisson-sampled batch: each of ``n`` examples independently with probability ``q``."""
+        return (self.uniform(n) < q).nonzero().flatten()
 
 
 def sample_rate(n: int, batch_size: int) -> float:
@@ -51,7 +108,7 @@ def sample_rate(n: int, batch_size: int) -> float:
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Batches per epoch of Opacus' Poisson DPDataLoader (= len of the original loader)."""
+    """Noisy steps per epoch: ``ceil(N / batch_size)``, so an epoch samples each example ~once."""
     return max(1, math.ceil(n / batch_size))
 
 
@@ -72,58 +129,105 @@ def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: t
     ``loss_fn`` must return one loss per example when its ``reduction`` is ``"none"`` (Opacus'
     ghost clipping sets it so); default: cross-entropy.
 
-    Returns {"loss": mean training loss, "steps": optimizer steps, "sample_rate": q}.
-    Deterministic for a given ``cfg.seed`` (sampling and noise both come from seeded generators).
+    Returns {"loss": mean training loss (stays at the site), "steps": noisy steps, "sample_rate": q,
+    "private": False only for an ``insecure_seed`` or a non-DP run}.
     """
+    if cfg.noise_multiplier <= 0:
+        return _train_plain(head, x, y, cfg, loss_fn)
+    rng = DPRandom(cfg.insecure_seed)
     lin = _single_linear(head) if (cfg.fast_linear and loss_fn is None and not isinstance(x, tuple)
-                                    and cfg.noise_multiplier > 0 and cfg.proximal_mu == 0) else None
+                                    and cfg.proximal_mu == 0) else None
     if lin is not None:
-        return _train_linear_dp(head, lin, x, y, cfg)
+        return _train_linear_dp(head, lin, x, y, cfg, rng)
+    return _train_opacus_dp(head, x if isinstance(x, tuple) else (x,), y, cfg, loss_fn or nn.CrossEntropyLoss(), rng)
+
+
+def _train_plain(head: nn.Module, x, y: torch.Tensor, cfg: DPConfig, loss_fn: nn.Module | None) -> dict:
+    """Plain (non-private) SGD: benchmarks and baselines only."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     xs = x if isinstance(x, tuple) else (x,)
-    n = len(y)
-    q = sample_rate(n, cfg.batch_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(TensorDataset(*xs, y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    loader = DataLoader(TensorDataset(*xs, y), batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
     optimizer = _optimizer(head.parameters(), cfg)
-    model, criterion = head, loss_fn
-    if cfg.noise_multiplier > 0:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="rdp")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # secure_mode advice; we seed on purpose for reproducibility
-            if cfg.grad_sample_mode == "ghost":
-                model, optimizer, criterion, loader = engine.make_private(
-                    module=head, optimizer=optimizer, criterion=loss_fn, data_loader=loader,
-                    noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                    poisson_sampling=True, grad_sample_mode="ghost",
-                    noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
-            else:
-                model, optimizer, loader = engine.make_private(
-                    module=head, optimizer=optimizer, data_loader=loader,
-                    noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                    poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
-                    noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
     steps, total, count = 0, 0.0, 0
     for _ in range(cfg.epochs):
         for *xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            steps += 1  # counted even when Poisson sampling draws an empty batch (conservative)
-            if len(yb) == 0:
-                continue
-            loss = criterion(model(*xb), yb)
+            steps += 1
+            loss = loss_fn(head(*xb), yb)
             loss.backward()
             optimizer.step()
             total += float(loss.detach().mean()) * len(yb)
             count += len(yb)
-            if global_weights is not None:
-                with torch.no_grad():
-                    for p, g in zip(head.parameters(), global_weights):
-                        p.sub_(cfg.lr * cfg.proximal_mu * (p - g))
-    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q}
+            _proximal(head, global_weights, cfg)
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": sample_rate(len(y), cfg.batch_size),
+            "private": False}
+
+
+def _proximal(head: nn.Module, global_weights: list[torch.Tensor] | None, cfg: DPConfig) -> None:
+    """FedProx's pull towards the global weights (data-independent: post-processing)."""
+    if global_weights is not None:
+        with torch.no_grad():
+            for p, g in zip(head.parameters(), global_weights):
+                p.sub_(cfg.lr * cfg.proximal_mu * (p - g))
+
+
+def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Tensor, cfg: DPConfig,
+                     loss_fn: nn.Module, rng: DPRandom) -> dict:
+    """DP-SGD through Opacus' per-sample clipping (ghost or hooks), with :class:`DPRandom` batches
+    and noise: Opacus' optimizer clips and sums; its ``add_noise`` is replaced on this instance by
+    the same step with our noise, and its expected batch size is ``q * N`` (q = B/N, accounted)."""
+    from opacus import PrivacyEngine
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    n = len(y)
+    q = sample_rate(n, cfg.batch_size)
+    expected_batch = q * n
+    std = cfg.noise_multiplier * cfg.max_grad_norm
+    global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
+    head.train()
+    # Opacus wants a loader to wrap; we never iterate it (batches come from rng.poisson_batch).
+    placeholder = DataLoader(TensorDataset(*xs, y), batch_size=cfg.batch_size)
+    kwargs = dict(module=head, optimizer=_optimizer(head.parameters(), cfg), data_loader=placeholder,
+                  noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                  poisson_sampling=False, grad_sample_mode=cfg.grad_sample_mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "secure RNG turned off": Opacus' RNG is not used (DPRandom is)
+        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the site's ledger accounts
+        if cfg.grad_sample_mode == "ghost":
+            model, optimizer, criterion, _ = engine.make_private(criterion=loss_fn, **kwargs)
+        else:
+            model, optimizer, _ = engine.make_private(**kwargs)
+            criterion = loss_fn
+    optimizer.expected_batch_size = expected_batch
+
+    def add_noise() -> None:  # DPOptimizer.add_noise, with DPRandom's noise
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + rng.gaussian(std, p.summed_grad.shape, p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+    steps, total, count = 0, 0.0, 0
+    for _ in range(cfg.epochs):
+        for _ in range(steps_per_epoch(n, cfg.batch_size)):
+            idx = rng.poisson_batch(n, q)
+            steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            if len(idx) == 0:  # an empty batch is still a noisy step (the accountant counts it)
+                for p in optimizer.params:
+                    p.grad = rng.gaussian(std, p.shape, p.dtype) / expected_batch
+                optimizer.original_optimizer.step()
+            else:
+                loss = criterion(model(*(t[idx] for t in xs)), y[idx])
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach().mean()) * len(idx)
+                count += len(idx)
+            _proximal(head, global_weights, cfg)
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "private": rng.private}
 
 
 class PerImageSegLoss(nn.Module):
@@ -169,17 +273,35 @@ def _single_linear(head: nn.Module) -> nn.Linear | None:
     return None
 
 
-def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig) -> dict:
+def linear_input_factor(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(|x_i|^2 + 1)`` per row: the per-example gradient norm of a Linear with bias is
+    ``|dL/dz_i| * sqrt(|x_i|^2 + 1)`` (the +1 is the bias' gradient ``dL/dz_i``)."""
+    return x.pow(2).sum(1).add(1.0).sqrt()
+
+
+def linear_clipped_sum(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, factor: torch.Tensor,
+                       y: torch.Tensor, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum over the batch of the per-example cross-entropy gradients of ``x @ weight.T + bias``,
+    each clipped to L2 norm ``max_grad_norm`` (``factor`` = :func:`linear_input_factor` of ``x``).
+    Returns (weight gradient sum, bias gradient sum, per-example losses)."""
+    with torch.no_grad():
+        z = x @ weight.T + bias
+        d = torch.softmax(z, 1) - nn.functional.one_hot(y, weight.shape[0]).to(z.dtype)
+        clip = (max_grad_norm / (d.norm(dim=1) * factor + 1e-6)).clamp(max=1.0)
+        dc = d * clip[:, None]
+        return dc.T @ x, dc.sum(0), nn.functional.cross_entropy(z, y, reduction="none")
+
+
+def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig,
+                     rng: DPRandom) -> dict:
     """DP-SGD for a head that is a fixed input transform followed by one trainable nn.Linear.
 
     Per example i with softmax cross-entropy, dL_i/dW = d_i x_i^T and dL_i/db = d_i, where
     d_i = softmax(z_i) - onehot(y_i); so the per-example gradient norm is |d_i| sqrt(|x_i|^2 + 1),
     exactly. Clipping, the Gaussian noise (std sigma*C on the summed clipped gradient), the division
-    by the expected batch size and Poisson sampling (Opacus' UniformWithReplacementSampler) are those
-    of Opacus' DPOptimizer, so the RDP accounting of the ledger applies unchanged.
+    by the expected batch size and Poisson sampling are those of Opacus' DPOptimizer, so the RDP
+    accounting of the ledger applies unchanged.
     """
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
     n = len(y)
     q = sample_rate(n, cfg.batch_size)
     feats: list[torch.Tensor] = []
@@ -189,33 +311,22 @@ def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.
         head(x)
     hook.remove()
     xt = feats[0]  # the Linear's inputs (after any fixed projection)
-    sq = xt.pow(2).sum(1).add(1.0).sqrt()
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(cfg.seed),
-                                            steps=steps_per_epoch(n, cfg.batch_size))
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    factor = linear_input_factor(xt)
     optimizer = _optimizer(lin.parameters(), cfg)
     expected_batch = q * n
+    std = cfg.noise_multiplier * cfg.max_grad_norm
     steps, total, count = 0, 0.0, 0
-    k = lin.out_features
     for _ in range(cfg.epochs):
-        for idx in sampler:
+        for _ in range(steps_per_epoch(n, cfg.batch_size)):
+            idx = rng.poisson_batch(n, q)
             steps += 1
-            idx = torch.as_tensor(idx, dtype=torch.long)
-            gw = torch.zeros_like(lin.weight)
-            gb = torch.zeros_like(lin.bias)
+            gw, gb = torch.zeros_like(lin.weight), torch.zeros_like(lin.bias)
             if len(idx):
-                xb, yb = xt[idx], y[idx]
-                with torch.no_grad():
-                    z = xb @ lin.weight.T + lin.bias
-                    d = torch.softmax(z, 1) - nn.functional.one_hot(yb, k).to(z.dtype)
-                    factor = (cfg.max_grad_norm / (d.norm(dim=1) * sq[idx] + 1e-6)).clamp(max=1.0)
-                    dc = d * factor[:, None]
-                    gw, gb = dc.T @ xb, dc.sum(0)
-                    total += float(nn.functional.cross_entropy(z, yb, reduction="sum"))
-                    count += len(idx)
-            std = cfg.noise_multiplier * cfg.max_grad_norm
-            lin.weight.grad = (gw + torch.normal(0.0, std, gw.shape, generator=noise_gen)) / expected_batch
-            lin.bias.grad = (gb + torch.normal(0.0, std, gb.shape, generator=noise_gen)) / expected_batch
+                gw, gb, losses = linear_clipped_sum(lin.weight, lin.bias, xt[idx], factor[idx], y[idx], cfg.max_grad_norm)
+                total += float(losses.sum())
+                count += len(idx)
+            lin.weight.grad = (gw + rng.gaussian(std, gw.shape, gw.dtype)) / expected_batch
+            lin.bias.grad = (gb + rng.gaussian(std, gb.shape, gb.dtype)) / expected_batch
             optimizer.step()
     head.train()
-    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q}
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "private": rng.private}
