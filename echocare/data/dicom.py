@@ -16,10 +16,18 @@ Pixel handling, per frame, to uint8:
   :func:`pydicom.pixels.convert_color_space`; ``YBR_RCT`` / ``YBR_ICT`` (JPEG 2000) come out of
   the decoder as RGB already;
 - ``PALETTE COLOR``: :func:`pydicom.pixels.apply_color_lut`.
+
+Bad files never stop a dataset: a header that cannot be read, or whose image attributes are
+not usable (``NumberOfFrames`` not a positive whole number or claiming more frames than the file
+can hold, ``Rows``/``Columns`` of 0, a bit depth or samples-per-pixel that does not fit the
+photometric interpretation, ...), becomes one :class:`~echocare.data.base.Problem` naming the file
+and the reason, and the file is skipped; a frame that fails to decode raises
+:class:`~echocare.data.base.UnreadableImage` naming the file, the frame and the reason.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -92,28 +100,116 @@ def read_header(path: Path):
     pydicom = _pydicom()
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS))
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
+    except Exception as e:  # pydicom raises many types for a damaged file; one bad file must not stop the rest
         raise UnreadableImage(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
     if "Rows" not in ds or "Columns" not in ds or "PhotometricInterpretation" not in ds:
         raise UnreadableImage(path, "DICOM file has no image (Rows/Columns/PhotometricInterpretation missing)")
     return ds
 
 
+#: Samples per pixel each supported photometric interpretation needs.
+_SAMPLES_FOR = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_RCT": 3,
+    "YBR_ICT": 3,
+}
+
+
+def _header_value(ds, keyword: str):
+    """``ds.keyword`` or None when absent (pydicom returns an invalid value as its text, or raises
+    under a strict configuration: then a ValueError naming the attribute)."""
+    try:
+        return ds.get(keyword)
+    except Exception as e:  # a strict pydicom configuration raises on invalid values
+        raise ValueError(f"{keyword} is invalid ({type(e).__name__}: {e})") from None
+
+
+def _whole(ds, keyword: str, default: int | None = None, low: int = 1) -> int:
+    """An integer attribute (US or IS) that must be a whole number >= ``low``; ValueError otherwise."""
+    value = _header_value(ds, keyword)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{keyword} is missing")
+        return default
+    text = str(value).strip()
+    if not text.lstrip("+").isdigit() or int(text) < low:
+        raise ValueError(f"{keyword} {text!r} is not a whole number >= {low}")
+    return int(text)
+
+
+def check_header(path: Path, ds) -> int:
+    """Validate the attributes the reader uses; return the number of frames. Raises UnreadableImage.
+
+    Checks: ``NumberOfFrames`` (when present) a whole number >= 1 and not more frames than the
+    file can hold; ``Rows``/``Columns`` >= 1; ``BitsAllocated`` 1, 8, 16, 32 or 64 and
+    ``BitsStored`` between 1 and it (both present, as decoding needs them); ``SamplesPerPixel``
+    what the photometric interpretation needs (1 for monochrome and palette, 3 for RGB/YBR) and,
+    for uncompressed colour, ``PlanarConfiguration`` 0 or 1; palette files carry their lookup
+    tables; the file is large enough for the pixels the header claims.
+    """
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    encapsulated = bool(ts) and ts.is_encapsulated
+    try:
+        n = _whole(ds, "NumberOfFrames", default=1)
+        rows, cols = _whole(ds, "Rows"), _whole(ds, "Columns")
+        pi = str(_header_value(ds, "PhotometricInterpretation") or "").strip().upper()
+        if pi not in _SAMPLES_FOR:
+            raise ValueError(f"unsupported PhotometricInterpretation {pi!r} (supported: {', '.join(_SAMPLES_FOR)})")
+        spp = _whole(ds, "SamplesPerPixel")
+        if spp != _SAMPLES_FOR[pi]:
+            raise ValueError(f"PhotometricInterpretation {pi} needs SamplesPerPixel {_SAMPLES_FOR[pi]}, the file says {spp}")
+        bits = _whole(ds, "BitsAllocated")
+        if bits not in (1, 8, 16, 32, 64):
+            raise ValueError(f"BitsAllocated {bits} is not 1, 8, 16, 32 or 64")
+        stored = _whole(ds, "BitsStored")
+        if stored > bits:
+            raise ValueError(f"BitsStored {stored} exceeds BitsAllocated {bits}")
+        if spp == 3 and not encapsulated and _whole(ds, "PlanarConfiguration", low=0) > 1:
+            raise ValueError(f"PlanarConfiguration {_header_value(ds, 'PlanarConfiguration')} is not 0 or 1")
+        if pi == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in ds:
+            raise ValueError("PALETTE COLOR image without its palette lookup tables")
+    except ValueError as e:
+        raise UnreadableImage(path, f"unusable DICOM header: {e}") from None
+    size = path.stat().st_size
+    # Native pixels: every frame's bytes are in the file; encapsulated: each frame needs at least an 8-byte item.
+    need = n * 8 if encapsulated else -(-n * rows * cols * spp * bits // 8)
+    if need > size:
+        raise UnreadableImage(
+            path,
+            f"unusable DICOM header: {n} frame(s) of {rows}x{cols}x{spp} at {bits} bits need at least {need} bytes, "
+            f"the file has {size} (NumberOfFrames, Rows, Columns, SamplesPerPixel or BitsAllocated wrong, or pixels missing)",
+        )
+    return n
+
+
 def _pixel_size_mm(ds) -> float | None:
     """Pixel size from the first ultrasound calibration region in cm units, if it fits the image."""
-    regions = ds.get("SequenceOfUltrasoundRegions")
-    if not regions:
-        return None
-    r = regions[0]
     try:
+        regions = ds.get("SequenceOfUltrasoundRegions")
+        if not regions:
+            return None
+        r = regions[0]
         if int(r.PhysicalUnitsXDirection) != 3 or int(r.PhysicalUnitsYDirection) != 3:
             return None
         if int(r.RegionLocationMaxX1) >= int(ds.Columns) or int(r.RegionLocationMaxY1) >= int(ds.Rows):
             return None  # region drawn for another resolution: do not trust it
         dx, dy = float(r.PhysicalDeltaX) * 10.0, float(r.PhysicalDeltaY) * 10.0
-    except (AttributeError, ValueError, TypeError):
+    except Exception:  # any malformed calibration means "pixel size unknown", never a failed read
         return None
-    return dx if dx > 0 and abs(dx - dy) <= 0.01 * dx else None
+    return dx if math.isfinite(dx) and dx > 0 and abs(dx - dy) <= 0.01 * dx else None
+
+
+def _text(ds, keyword: str) -> str | None:
+    """A short text attribute, or None when absent, empty or unreadable."""
+    try:
+        return str(ds.get(keyword, "") or "").strip() or None
+    except Exception:
+        return None
 
 
 def _window(a: np.ndarray, ds) -> np.ndarray:
@@ -136,10 +232,20 @@ def _window(a: np.ndarray, ds) -> np.ndarray:
 
 def decode_frame(path: Path, header, index: int | None) -> np.ndarray:
     """One frame as uint8 HxW (monochrome) or HxWx3 (color). Raises UnreadableImage."""
+    out = _decode_frame(path, header, index)
+    rows, cols = int(header.Rows), int(header.Columns)
+    if out.dtype != np.uint8 or out.shape[:2] != (rows, cols) or not (out.ndim == 2 or (out.ndim == 3 and out.shape[2] == 3)):
+        where = f"frame {index}: " if index is not None else ""
+        raise UnreadableImage(path, f"{where}decoded pixels have shape {out.shape}, the header says {rows}x{cols}")
+    return out
+
+
+def _decode_frame(path: Path, header, index: int | None) -> np.ndarray:
     _pydicom()
     from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array
 
     pi = str(header.PhotometricInterpretation).strip().upper()
+    where = f"frame {index}: " if index is not None else ""
     try:
         raw = pixel_array(str(path), index=index, raw=True)
         if pi in ("MONOCHROME1", "MONOCHROME2"):
@@ -160,7 +266,7 @@ def decode_frame(path: Path, header, index: int | None) -> np.ndarray:
     except UnreadableImage:
         raise
     except Exception as e:  # pydicom raises many types (NotImplementedError, RuntimeError, ...) for bad pixel data
-        raise UnreadableImage(path, f"cannot decode DICOM pixels ({type(e).__name__}: {e})") from None
+        raise UnreadableImage(path, f"{where}cannot decode DICOM pixels ({type(e).__name__}: {e})") from None
 
 
 def read_dicom(path: Path, spec: str, opts) -> SiteData:
@@ -185,9 +291,12 @@ def read_dicom(path: Path, spec: str, opts) -> SiteData:
     for f, rel in zip(files, rels):
         try:
             header = read_header(f)
-            n = int(header.get("NumberOfFrames", 1) or 1)
+            n = check_header(f, header)
         except UnreadableImage as e:
             problems.append(Problem(e.path, e.reason))
+            continue
+        except OSError as e:  # the file vanished or became unreadable between listing and reading
+            problems.append(Problem(str(f), f"cannot read file ({type(e).__name__}: {e})"))
             continue
         items.append((f, rel.as_posix(), header, n))
     samples: list[Sample] = []
@@ -196,7 +305,7 @@ def read_dicom(path: Path, spec: str, opts) -> SiteData:
         meta_base = {
             "n_frames": n,
             "photometric": str(header.PhotometricInterpretation),
-            "modality": str(header.get("Modality", "")) or None,
+            "modality": _text(header, "Modality"),
         }
         px_mm = _pixel_size_mm(header)
         if px_mm is not None:

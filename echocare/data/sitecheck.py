@@ -1,7 +1,9 @@
 """``site check``: what a hospital's data looks like before it joins a federation.
 
 Reads every image once and reports counts per class and per split (the leak-free
-:func:`~echocare.data.split.split_train_val`), unreadable files with the reason, identical and
+:func:`~echocare.data.split.split_train_val`), unreadable files with the reason (every reader
+reports each bad file, manifest row or frame as a :class:`~echocare.data.base.Problem` and skips
+it; ``problem_files`` counts the distinct files), identical and
 near-identical images, image sizes, mask coverage and mask/image size mismatches.
 
 Blocking problems (the site cannot train as is): no readable image, a class without a readable
@@ -43,6 +45,7 @@ class SiteReport:
     sizes: dict[str, dict[str, float]]  # {"height"|"width": {"min", "median", "max"}}
     masks: dict[str, float]  # with_mask, non_empty, coverage, mean_lesion_fraction
     mask_mismatches: list[dict]  # {"key", "image": [h, w], "mask": [h, w]}
+    problem_files: int = 0  # distinct files among ``problems`` (a multi-frame file may fail frame by frame)
     blocking: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -161,6 +164,7 @@ def check_site(
             "mean_lesion_fraction": float(np.mean(fractions)) if fractions else 0.0,
         },
         mask_mismatches=mismatches,
+        problem_files=len({p.path for p in problems}),
     )
     _judge(report)
     return report
@@ -180,7 +184,10 @@ def _judge(r: SiteReport) -> None:
             f"(e.g. {first['key']}: image {first['image'][0]}x{first['image'][1]}, mask {first['mask'][0]}x{first['mask'][1]}, HxW)"
         )
     if r.problems:
-        r.warnings.append(f"{len(r.problems)} file(s) skipped (unreadable or unmatched), listed under problems")
+        r.warnings.append(
+            f"{len(r.problems)} problem(s) in {r.problem_files} file(s): skipped (unreadable, unusable or unmatched), "
+            "listed under problems with the reason"
+        )
     if r.exact_duplicates:
         r.warnings.append(f"{sum(len(g) - 1 for g in r.exact_duplicates)} image(s) are exact copies of another")
     if r.near_duplicate_groups:
