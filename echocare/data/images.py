@@ -65,6 +65,8 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UnreadableImage(path, "not a recognised image file") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UnreadableImage(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a Pillow plugin may raise anything (struct.error, IndexError, ...) on a crafted file
+        raise UnreadableImage(path, f"cannot decode image ({type(e).__name__}: {e})") from None
     if arr.size == 0:
         raise UnreadableImage(path, "image has no pixels")
     return np.ascontiguousarray(arr)

@@ -1,9 +1,12 @@
 """Readers for image folders: BUSI, folder-per-class, CSV manifests, HC18 and POCUS.
 
 Every reader lists files up front and returns a :class:`SiteData` whose samples decode on
-demand. Files that cannot be listed properly (a mask without its image, an HC18 image without a
-CSV row, a clip without frames) are recorded as :class:`Problem` s; files that fail to decode
-are reported by :meth:`SiteData.iter_images` when they are read. DICOM lives in
+demand. Files and manifest rows that cannot be listed properly (a mask without its image, an
+HC18 image without a CSV row or with an unreadable one, a manifest row without a path, a clip
+without frames) are recorded as :class:`Problem` s naming the file (or ``MANIFEST line N``) and
+the reason, and skipped; files that fail to decode are reported by :meth:`SiteData.iter_images`
+(and by ``site check``) when they are read. Only a problem with the dataset as a whole (its
+folder or manifest missing, a manifest without the required columns) raises. DICOM lives in
 :mod:`echocare.data.dicom`, phantoms in :mod:`echocare.phantom`.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,10 +215,12 @@ def read_csv_manifest(path: Path, spec: str, opts: ReadOptions) -> SiteData:
             raise ValueError(f"csv: {path} lacks column(s) {missing}; needs path,label[,mask][,group], has {list(columns)}")
         rows = list(reader)
     samples = []
+    problems: list[Problem] = []
     for n, row in enumerate(rows, start=2):
         rel = (row.get(columns["path"]) or "").strip()
         if not rel:
-            raise ValueError(f"csv: {path} line {n}: empty path")
+            problems.append(Problem(f"{path} line {n}", "empty path: row skipped"))
+            continue
         label = (row.get(columns["label"]) or "").strip() or None
         mask_field = (row.get(columns["mask"]) or "").strip() if "mask" in columns else ""
         group = (row.get(columns["group"]) or "").strip() or None if "group" in columns else None
@@ -223,12 +229,13 @@ def read_csv_manifest(path: Path, spec: str, opts: ReadOptions) -> SiteData:
     labels = sorted({s.label for s in samples if s.label is not None})
     has_masks = any(s.load_mask for s in samples)
     hint = "classify" if labels else ("segment" if has_masks else None)
-    return SiteData(spec, labels, select_limit(samples, opts.limit, opts.seed), [], hint)
+    return SiteData(spec, labels, select_limit(samples, opts.limit, opts.seed), problems, hint)
 
 
 # ----------------------------------------------------------------------------- HC18
 
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
+HC18_COLUMNS = ("filename", "pixel size(mm)", "head circumference (mm)")
 
 
 def fill_outline(outline: np.ndarray) -> np.ndarray:
@@ -303,16 +310,33 @@ def read_hc18(path: Path, spec: str, opts: ReadOptions) -> SiteData:
     if table is None:
         raise FileNotFoundError(f"hc18: {HC18_CSV} not found in {root} (nor beside {images_dir})")
     rows: dict[str, tuple[float, float]] = {}
-    with table.open(newline="", encoding="utf-8-sig") as f:
-        for n, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                rows[row["filename"].strip()] = (float(row["pixel size(mm)"]), float(row["head circumference (mm)"]))
-            except (KeyError, ValueError, AttributeError) as e:
-                raise ValueError(f"hc18: {table} line {n}: expected filename, pixel size(mm), head circumference (mm) ({e})") from None
     problems: list[Problem] = []
+    reported: set[str] = set()  # images whose row was bad (reported once, not again as "no row")
+    with table.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in HC18_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"hc18: {table} lacks column(s) {missing}; has {reader.fieldnames}")
+        for n, row in enumerate(reader, start=2):
+            name = (row["filename"] or "").strip()
+            where = str(images_dir / name) if name else f"{table} line {n}"
+            try:
+                if not name:
+                    raise ValueError("empty filename")
+                pixel_mm, hc_mm = float(row["pixel size(mm)"]), float(row["head circumference (mm)"])
+                if not (math.isfinite(pixel_mm) and pixel_mm > 0 and math.isfinite(hc_mm) and hc_mm > 0):
+                    raise ValueError(f"pixel size {pixel_mm} mm and head circumference {hc_mm} mm must be positive numbers")
+            except (ValueError, TypeError) as e:  # TypeError: a short row (None for a missing cell)
+                problems.append(Problem(where, f"{table.name} line {n}: {e}; skipped"))
+                reported.add(name)
+                continue
+            if name in rows:
+                problems.append(Problem(where, f"{table.name} line {n}: second row for this image; the first is kept"))
+                continue
+            rows[name] = (pixel_mm, hc_mm)
     samples = []
     on_disk = {p.name for p in images_dir.glob("*HC.png")}
-    for name in sorted(on_disk - set(rows)):
+    for name in sorted(on_disk - set(rows) - reported):
         problems.append(Problem(str(images_dir / name), f"no row in {table.name}: pixel size and HC unknown"))
     for name in sorted(rows):
         pixel_mm, hc_mm = rows[name]
@@ -357,8 +381,11 @@ def read_pocus(path: Path, spec: str, opts: ReadOptions) -> SiteData:
     decoder = ClipFrames()
     problems: list[Problem] = []
     items: list[Sample] = []  # one per file first, so that ``limit`` picks whole files
-    for row in rows:
-        rel = row["path"].strip()
+    for n, row in enumerate(rows, start=2):
+        rel = (row.get("path") or "").strip()
+        if not rel:
+            problems.append(Problem(f"{manifest} line {n}", "empty path: row skipped"))
+            continue
         file = root / rel
         meta = {
             "probe": (row.get("probe") or "").strip() or None,

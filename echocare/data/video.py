@@ -35,7 +35,7 @@ def count_frames(path: str | Path) -> int:
             n = sum(1 for packet in container.demux(video=0) if packet.size)
     except UnreadableImage:
         raise
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except Exception as e:  # av.FFmpegError, OSError, ValueError, or anything a damaged container provokes
         raise UnreadableImage(path, f"cannot read clip ({type(e).__name__}: {e})") from None
     if n == 0:
         raise UnreadableImage(path, "clip has no frames")
@@ -79,6 +79,6 @@ def _decode(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
                     out[i] = frame.to_ndarray(format="rgb24")
                 if i >= last:
                     break
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except Exception as e:  # av.FFmpegError, OSError, ValueError, or anything a damaged stream provokes
         raise UnreadableImage(path, f"cannot decode clip ({type(e).__name__}: {e})") from None
     return out

@@ -314,3 +314,111 @@ def test_written_phantoms_read_back_through_busi_and_folder(tmp_path):
             d = by_key[m.key]
             assert d.label == m.label and d.meta["profile"] == m.meta["profile"]
             assert np.array_equal(d.image(), m.image()) and np.array_equal(d.mask(), m.mask())
+
+
+# ----------------------------------------------------------------------------- bad files and rows: reported, counted, skipped
+
+
+def _corrupt_files(folder: Path, good: Path) -> dict[str, str]:
+    """Broken files of every still-image kind next to good ones; name -> what the reason starts with."""
+    data = good.read_bytes()
+    rng = np.random.default_rng(3)
+    broken = {
+        "empty.png": b"",
+        "random.png": bytes(rng.integers(0, 255, 500, dtype=np.uint8)),
+        "truncated.png": data[: len(data) // 2],
+        "bad-crc.png": data[:40] + bytes([data[40] ^ 0xFF]) + data[41:],
+        "header-only.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+        "bad.tif": b"II*\x00" + bytes(rng.integers(0, 255, 64, dtype=np.uint8)),
+        "bad.gif": b"GIF89a\x10\x00\x10\x00" + bytes(rng.integers(0, 255, 30, dtype=np.uint8)),
+        "bad.bmp": b"BM" + bytes(rng.integers(0, 255, 60, dtype=np.uint8)),
+        "bad.webp": b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(rng.integers(0, 255, 20, dtype=np.uint8)),
+    }
+    for name, content in broken.items():
+        (folder / name).write_bytes(content)
+    return {name: ("cannot decode", "not a recognised image") for name in broken}
+
+
+def test_every_corrupt_image_kind_is_reported_counted_and_skipped(tmp_path):
+    from echocare.data.sitecheck import check_site
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for i in range(3):
+            _write_png(tmp_path / cls / f"img{i}.png", rng.integers(0, 255, (40, 50), dtype=np.uint8))
+    expected = _corrupt_files(tmp_path / "b", tmp_path / "a" / "img0.png")
+    report = check_site(open_data(f"folder:{tmp_path}"))  # must not raise
+    assert report.readable == 6 and report.listed == 6 + len(expected)
+    reasons = {p.path.split("/")[-1]: p.reason for p in report.problems}
+    assert set(reasons) == set(expected)
+    for name, starts in expected.items():
+        assert reasons[name].startswith(starts), (name, reasons[name])
+    assert report.problem_files == len(expected) and report.ok  # both classes still have images
+
+
+def test_csv_manifest_rows_without_a_path_are_problems_not_an_abort(tmp_path):
+    _write_png(tmp_path / "0.png", np.full((20, 20), 90, np.uint8))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n0.png,a\n,b\n   ,a\nmissing.png,b\n")
+    data = open_data(f"csv:{manifest}")
+    assert [s.key for s in data.samples] == ["0.png", "missing.png"]
+    assert data.problems == [Problem(f"{manifest} line 3", "empty path: row skipped"),
+                             Problem(f"{manifest} line 4", "empty path: row skipped")]
+    from echocare.data.sitecheck import check_site
+
+    report = check_site(data)
+    assert report.readable == 1 and report.problem_files == 3
+    assert Problem(str(tmp_path / "missing.png"), "file not found") in report.problems
+
+
+def test_hc18_bad_rows_are_problems_naming_the_image(tmp_path, hc18_root):
+    real = sorted((hc18_root / "training_set").glob("*HC.png"))[:6]
+    for i, src in enumerate(real, start=1):  # real images and outlines under the names the CSV below uses
+        (tmp_path / f"00{i}_HC.png").write_bytes(src.read_bytes())
+        (tmp_path / f"00{i}_HC_Annotation.png").write_bytes(src.with_name(src.stem + "_Annotation.png").read_bytes())
+    (tmp_path / "training_set_pixel_size_and_HC.csv").write_text(
+        "filename,pixel size(mm),head circumference (mm)\n"
+        "001_HC.png,0.0691,44.3\n"
+        "002_HC.png,ab,44.3\n"  # pixel size not a number
+        "003_HC.png,0.07,-5\n"  # negative HC
+        "004_HC.png,nan,40\n"
+        "005_HC.png\n"  # short row
+        ",0.07,40\n"  # no file name
+        "001_HC.png,0.05,40\n"  # second row for one image
+    )
+    data = open_data(f"hc18:{tmp_path}")
+    assert [s.key for s in data.samples] == ["001_HC.png"] and data.samples[0].meta["pixel_size_mm"] == 0.0691
+    by_path = {}
+    for p in data.problems:
+        by_path.setdefault(p.path.split("/")[-1], []).append(p.reason)
+    assert by_path["002_HC.png"] == ["training_set_pixel_size_and_HC.csv line 3: could not convert string to float: 'ab'; skipped"]
+    assert "must be positive numbers" in by_path["003_HC.png"][0] and "must be positive numbers" in by_path["004_HC.png"][0]
+    assert by_path["005_HC.png"][0].startswith("training_set_pixel_size_and_HC.csv line 6:")
+    assert by_path["training_set_pixel_size_and_HC.csv line 7"] == ["training_set_pixel_size_and_HC.csv line 7: empty filename; skipped"]
+    assert by_path["001_HC.png"] == ["training_set_pixel_size_and_HC.csv line 8: second row for this image; the first is kept"]
+    assert by_path["006_HC.png"] == ["no row in training_set_pixel_size_and_HC.csv: pixel size and HC unknown"]
+    assert len(data.problems) == 7  # each bad image once
+
+
+def test_pocus_rows_and_clips_that_fail_are_problems(tmp_path, pocus_root):
+    with (pocus_root / "manifest.tsv").open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    clip = next(r for r in rows if r["path"].endswith(".mp4"))
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "good.mp4").write_bytes((pocus_root / clip["path"]).read_bytes())
+    (tmp_path / "clips" / "random.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "clips" / "empty.mp4").write_bytes(b"")
+    (tmp_path / "manifest.tsv").write_text(
+        "path\tlabel\n"
+        "clips/good.mp4\tx\n"
+        "clips/random.mp4\tx\n"
+        "clips/empty.mp4\ty\n"
+        "clips/missing.mp4\ty\n"
+        "\tx\n"
+    )
+    data = open_data(f"pocus:{tmp_path}?frames=2")
+    assert {s.key.split("#")[0] for s in data.samples} == {"clips/good.mp4"} and len(data) == 2
+    reasons = {p.path.split("/")[-1]: p.reason for p in data.problems}
+    assert set(reasons) == {"random.mp4", "empty.mp4", "missing.mp4", "manifest.tsv line 6"}
+    assert all(r.startswith(("cannot read clip", "no video stream", "clip has no frames")) for k, r in reasons.items() if k.endswith(".mp4"))
+    assert reasons["manifest.tsv line 6"] == "empty path: row skipped"
