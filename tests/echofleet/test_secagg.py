@@ -159,9 +159,10 @@ def _run(sites: dict[int, object], weights: dict[str, np.ndarray], rnd: int = 1,
     return new, guard, grid
 
 
-def _clip(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _clip(d: dict[str, np.ndarray], bound: float = BOUND) -> dict[str, np.ndarray]:
+    """The bounded update, computed here independently of fed.secagg.bound_update."""
     n = math.sqrt(sum(float(np.sum(v ** 2)) for v in d.values()))
-    return {k: v * min(1.0, BOUND / n) for k, v in d.items()}
+    return {k: v * min(1.0, bound / n) for k, v in d.items()}
 
 
 @pytest.fixture()
@@ -268,3 +269,135 @@ def test_plain_messages_pass_through_the_mod_unchanged():
     assert mod(msg, None, lambda m, c: sentinel) is sentinel
     ev = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({})}), dst_node_id=1, message_type="evaluate")
     assert mod(ev, None, lambda m, c: sentinel) is sentinel
+
+
+# -- a whole federation in Flower's simulation engine ------------------------------------------------
+
+PHANTOMS = "phantom:150?profiles=linear-a,convex-b,linear-c&seed=0"
+
+
+def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2, sites: int = 3,
+                           watch_dir: Path | None = None, feature_projection: int = 0) -> tuple[dict, dict]:
+    """Run a small phantom federation (plain or SecAgg+) with the real ServerApp logic and ClientApp
+    handlers, as echofleet.simulation does. Returns (report, cost): wall seconds and content bytes
+    per site per round of the training messages (``MeteredGrid``).
+
+    ``watch_dir``: each site writes there the global head it received and its trained head
+    (``train-<site>-<round>.npz``), and what left it in the masked-vector stage (``masked-...``)."""
+    os.environ["FLWR_HOME"] = str(out / ".flwr")
+    from flwr.app.message_type import MessageType
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from echocare.data import open_data
+    from fed.client_app import handle_evaluate, handle_train, policy_from_context
+    from fed.policy import SitePolicy, write_policy
+    from fed.task import train_round
+    from server.coordinator.secagg import run_federation_secagg
+    from server.coordinator.server_app import run_federation
+
+    sites_dir = out / "sites"
+    for k in range(sites):
+        write_policy(SitePolicy(data=PHANTOMS, site_name=f"site-{k}", state_dir=str(sites_dir / f"site-{k}" / "state"),
+                                allowed_tasks=["classify"], target_epsilon=8.0, partition="iid", partition_index=k,
+                                partition_count=sites, cache_dir=cache,
+                                # the run report's model card lists the accountant's figures per site
+                                disclose_accounting=True), sites_dir / f"site-{k}" / "policy.toml")
+    cfg = RunConfig(num_server_rounds=rounds, labels=",".join(open_data(PHANTOMS).classes), encoder_config="echocare-tiny",
+                    feature_projection=feature_projection, local_epochs=2, batch_size=16, lr=0.5,
+                    run_dir=str(out / "run"), num_sites=sites, sim_sites_dir=str(sites_dir), public_cache_dir=cache)
+    result: dict = {}
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context) -> None:
+        metered = MeteredGrid(grid)
+        start = time.perf_counter()
+        result["report"] = (run_federation_secagg(metered, cfg, SecAggSettings(secure_aggregation=True)) if secure
+                            else run_federation(metered, cfg))
+        result["seconds"] = time.perf_counter() - start
+        result["bytes"] = {f"{t}-{d}": b for (t, d), b in metered.bytes.items()}
+
+    def recording_train(policy, rc, global_):
+        reply = train_round(policy, rc, global_)
+        if watch_dir is not None and reply.arrays is not None:
+            np.savez(watch_dir / f"train-{policy.site_name}-{rc.server_round}.npz",
+                     **{f"global/{k}": v for k, v in global_.items()}, **{f"trained/{k}": v for k, v in reply.arrays.items()})
+        return reply
+
+    def watch(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if watch_dir is not None and reply.has_content():
+            cfgs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+            if Key.MASKED_PARAMETERS in cfgs:
+                site = int(ctx.node_config["partition-id"])
+                np.savez(watch_dir / f"masked-site-{site}-{time.time_ns()}.npz",
+                         *[_nd(b) for b in cfgs[Key.MASKED_PARAMETERS]],
+                         arrays=np.array(sum(len(a) for a in reply.content.array_records.values())))
+        return reply
+
+    client = ClientApp(mods=[watch, secure_aggregation_mod(lambda ctx: policy_from_context(ctx, str(sites_dir)),
+                                                           train=recording_train)])
+
+    @client.train()
+    def train(msg, context):
+        return handle_train(msg, context, str(sites_dir))
+
+    @client.evaluate()
+    def evaluate(msg, context):
+        return handle_evaluate(msg, context, str(sites_dir))
+
+    run_simulation(server_app=server, client_app=client, num_supernodes=sites,
+                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
+                                                 "log_to_driver": False}})
+    assert "report" in result, "the federation did not complete"
+    per = 1.0 / (rounds * sites)
+    cost = {"seconds": result["seconds"],
+            "train_bytes_up_per_site_round": result["bytes"].get(f"{MessageType.TRAIN}-up", 0) * per,
+            "train_bytes_down_per_site_round": result["bytes"].get(f"{MessageType.TRAIN}-down", 0) * per,
+            "bytes": result["bytes"]}
+    return result["report"], cost
+
+
+@pytest.mark.slow
+def test_secagg_federation_in_simulation_sums_the_private_updates(tmp_path):
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    report, cost = run_phantom_federation(tmp_path / "secagg", True, str(tmp_path / "cache"), watch_dir=watch)
+    print("secagg cost:", json.dumps(cost))
+    assert report["rounds_completed"] == 2 and report.get("global_model") == "global"
+    rounds = {r["round"]: r for r in report["rounds"]}
+    bound = SecAggSettings().secagg_update_bound
+    step = 2 * bound / QUANTIZATION_RANGE
+    from safetensors.numpy import load_file
+
+    final = load_file(str(tmp_path / "secagg" / "run" / "global" / "head.safetensors"))
+    for rnd in (1, 2):
+        agg = rounds[rnd]["aggregated"]["train"]
+        assert agg["secure_aggregation"] == 1 and agg["sites_summed"] == 3 and "rejected" not in agg, agg
+        assert {s: e["status"] for s, e in rounds[rnd]["sites"].items()} == {f"site-{k}": "ok" for k in range(3)}
+        runs = [np.load(watch / f"train-site-{k}-{rnd}.npz") for k in range(3)]
+        keys = sorted(k.split("/", 1)[1] for k in runs[0].files if k.startswith("trained/"))
+        received = {k: runs[0][f"global/{k}"] for k in keys}
+        for r in runs[1:]:  # every site trained from the same global head
+            assert all(np.array_equal(r[f"global/{k}"], received[k]) for k in keys)
+        # the mean of the sites' private (DP, bounded) updates
+        deltas = [_clip({k: r[f"trained/{k}"].astype(np.float64) - received[k] for k in keys}, bound) for r in runs]
+        expected = {k: received[k] + np.mean([d[k] for d in deltas], axis=0) for k in keys}
+        after = final if rnd == 2 else {k: np.load(watch / "train-site-0-2.npz")[f"global/{k}"] for k in keys}
+        for k in keys:
+            np.testing.assert_allclose(after[k], expected[k], atol=3 * step + 1e-6)
+            assert not np.allclose(after[k], received[k])  # the head did move
+    # What left each site in the masked-vector stage: no arrays; masked integers, not its update.
+    masked = sorted(watch.glob("masked-site-*.npz"))
+    assert len(masked) == 6
+    for f in masked:
+        z = np.load(f)
+        assert int(z["arrays"]) == 0
+        vec = np.concatenate([z[f"arr_{i}"].ravel() for i in range(1, len(z.files) - 1)])
+        assert vec.min() >= 0 and vec.max() < 2**32 and np.ptp(vec) > 2**31  # uniform over the modulus
+        assert np.abs(vec.astype(np.float64) - QUANTIZATION_RANGE / 2).mean() > 2**28  # a plain update sits near 2**21
+
