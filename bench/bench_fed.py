@@ -48,11 +48,12 @@ def bench_cache(encoder: str, n: int) -> dict:
     """One site, one round: (features + DP training) recomputing features vs reading the cache."""
     from fed import task
     from fed.task import train_round
-    from server.coordinator.server_app import ServerConfig, initial_head
+    from fed.config import RunConfig
+    from server.coordinator.server_app import initial_head
 
     tmp = Path(tempfile.mkdtemp())
     data = f"phantom:{n}?seed=3"
-    cfg = ServerConfig(encoder_config=encoder, run_dir=str(tmp / "run"), labels="benign,malignant,normal",
+    cfg = RunConfig(encoder_config=encoder, run_dir=str(tmp / "run"), labels="benign,malignant,normal",
                        public_cache_dir=str(tmp / "public"))
     rc = cfg.round_config("bench")
     weights = initial_head(rc, cfg)
@@ -194,8 +195,9 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
     from fed.ledger import calibrate_noise
     from fed.policy import load_policy
     from echofleet.simulation import SimulationConfig, simulate
+    from fed.config import RunConfig
     from fed.task import RoundConfig, site_features
-    from server.coordinator.server_app import ServerConfig, initial_head
+    from server.coordinator.server_app import initial_head
 
     if not BUSI.exists():
         return {"skipped": f"BUSI not found at {BUSI}"}
@@ -209,7 +211,7 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
                                batch_size=batch_size, lr=lr, seed=seed, quiet=True)
         report = simulate(cfg)
         rc = RoundConfig.from_record(json.loads(json.dumps(
-            ServerConfig(encoder_config=encoder, run_dir=str(run), public_cache_dir=str(tmp / "cache"), seed=seed,
+            RunConfig(encoder_config=encoder, run_dir=str(run), public_cache_dir=str(tmp / "cache"), seed=seed,
                          num_server_rounds=rounds).round_config("q").to_record())))
         xs, ys, xv, yv, sizes = [], [], [], [], []
         for k in range(3):
@@ -223,7 +225,7 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
             with torch.no_grad():
                 return float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
 
-        start = initial_head(rc, ServerConfig(run_dir=str(run), public_cache_dir=str(tmp / "cache")))  # with the projection
+        start = initial_head(rc, RunConfig(run_dir=str(run), public_cache_dir=str(tmp / "cache")))  # with the projection
         fed_head = task._build_head(rc)
         task._load_arrays(fed_head, {**start, **load_file(str(run / "global" / "head.safetensors"))})
         fed_auroc = score(fed_head)

@@ -1,4 +1,6 @@
-"""CLI: ``echofleet simulate`` and ``echofleet evaluate`` (heavy imports happen inside commands)."""
+"""CLI: ``echofleet simulate`` and ``echofleet evaluate`` (heavy imports happen inside commands).
+
+Both check every argument before any work starts: a bad one is one line ``error: ...`` and exit code 2."""
 
 from __future__ import annotations
 
@@ -10,49 +12,63 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from echofleet.cli.common import fail
+from echofleet.simulation import SimulationConfig
+from fed.config import RunConfig
+
 console = Console()
 
 
+# Option defaults are the dataclasses' own (SimulationConfig, whose run-config fields default to
+# fed.config.RunConfig, i.e. to pyproject's [tool.flwr.app.config]); tests/echofleet/test_config.py
+# checks that every one of them agrees.
+_D = SimulationConfig
+
+
 def simulate(
-    data: str = typer.Option("phantom:150?profiles=linear-a,convex-b,linear-c&seed=0", help="Data spec shared out to the virtual hospitals (e.g. busi:PATH, phantom:N)."),
-    task: str = typer.Option("classify", help="classify | segment | hc"),
-    sites: int = typer.Option(3, help="Number of virtual hospitals."),
-    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | by-device (one hospital per phantom profile / source)."),
-    rounds: int = typer.Option(3, help="Federated rounds."),
-    epsilon: float = typer.Option(8.0, help="Target epsilon per site for the whole run (example-level DP)."),
+    data: str = typer.Option(_D.data, help="Data spec shared out to the virtual hospitals (e.g. busi:PATH, phantom:N)."),
+    task: str = typer.Option(_D.task, help="classify | segment | hc"),
+    sites: int = typer.Option(_D.sites, help="Number of virtual hospitals."),
+    partition: str = typer.Option(_D.partition, help="iid | dirichlet:ALPHA | by-device (one hospital per phantom profile / source)."),
+    rounds: int = typer.Option(_D.rounds, help="Federated rounds."),
+    epsilon: float = typer.Option(_D.epsilon, help="Target epsilon per site for the whole run (example-level DP)."),
     site_epsilons: Optional[str] = typer.Option(None, help="Comma list of per-site privacy budgets (policy), e.g. 8,8,0.5."),
-    encoder: str = typer.Option("echocare-tiny", help="Encoder config: echocare | echocare-small | echocare-tiny."),
-    checkpoint: Optional[str] = typer.Option(None, help="Encoder checkpoint (.pth/.safetensors/hf://...); default: seeded random init."),
-    out: Path = typer.Option(Path("runs/sim"), help="Run directory (report, checkpoints, global model, Flower home)."),
-    strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg"),
-    local_epochs: int = typer.Option(1, help="Local epochs per round."),
-    batch_size: int = typer.Option(32, help="Expected batch size (Poisson sampling rate = batch/N)."),
-    lr: float = typer.Option(0.5, help="Local learning rate."),
-    max_grad_norm: float = typer.Option(1.0, help="Per-example clipping norm C."),
-    noise_multiplier: float = typer.Option(0.0, help="Fixed noise multiplier (0: each site calibrates to --epsilon over --rounds)."),
-    seed: int = typer.Option(0, help="Seed of partition, split, initialisation, sampling and noise."),
-    resume: bool = typer.Option(False, "--resume", help="Resume from the last completed round in --out."),
-    cache_dir: Optional[str] = typer.Option(None, help="Shared feature cache (default: each site's state dir)."),
-    central_dp_noise: float = typer.Option(0.0, help="Central (user-level) DP noise multiplier on the server (0: off)."),
-    max_update_norm: float = typer.Option(0.0, help="Reject site updates farther than this from the global head (0: off)."),
+    encoder: str = typer.Option(_D.encoder, help="Encoder config: echocare | echocare-small | echocare-tiny."),
+    checkpoint: Optional[str] = typer.Option(_D.checkpoint, help="Encoder checkpoint (.pth/.safetensors/hf://...); default: seeded random init."),
+    out: Path = typer.Option(Path(_D.out), help="Run directory (report, checkpoints, global model, Flower home)."),
+    strategy: str = typer.Option(_D.strategy, help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg"),
+    local_epochs: int = typer.Option(_D.local_epochs, help="Local epochs per round."),
+    batch_size: int = typer.Option(_D.batch_size, help="Expected batch size (Poisson sampling rate = batch/N)."),
+    lr: float = typer.Option(_D.lr, help="Local learning rate."),
+    max_grad_norm: float = typer.Option(_D.max_grad_norm, help="Per-example clipping norm C."),
+    noise_multiplier: float = typer.Option(_D.noise_multiplier, help="Fixed noise multiplier (0: each site calibrates to --epsilon over --rounds)."),
+    seed: int = typer.Option(_D.seed, help="Seed of partition, split, initialisation, sampling and noise."),
+    resume: bool = typer.Option(_D.resume, "--resume", help="Resume from the last completed round in --out."),
+    cache_dir: Optional[str] = typer.Option(_D.cache_dir, help="Shared feature cache (default: each site's state dir)."),
+    central_dp_noise: float = typer.Option(RunConfig.central_dp_noise, help="Central (user-level) DP noise multiplier on the server (0: off)."),
+    max_update_norm: float = typer.Option(RunConfig.max_update_norm, help="Reject site updates farther than this from the global head (0: off)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and the virtual sites' log lines."),
 ) -> None:
     """Run a local federation through Flower's simulation engine and write the run report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from echofleet.simulation import SimulationConfig, simulate as run
+    from echofleet.simulation import SimulationConfigError, check, simulate as run
 
-    extra = {}
-    if central_dp_noise > 0:
-        extra["central-dp-noise"] = central_dp_noise
-    if max_update_norm > 0:
-        extra["max-update-norm"] = max_update_norm
+    try:
+        budgets = [float(x) for x in site_epsilons.split(",")] if site_epsilons else []
+    except ValueError:
+        raise fail(f"--site-epsilons {site_epsilons!r}: expected a comma list of numbers, e.g. 8,8,0.5", 2) from None
+    # Run-config keys without a field of their own in SimulationConfig travel as extra keys.
+    extra = {"central-dp-noise": central_dp_noise, "max-update-norm": max_update_norm}
     cfg = SimulationConfig(data=data, task=task, sites=sites, partition=partition, rounds=rounds, epsilon=epsilon,
-                           site_epsilons=[float(x) for x in site_epsilons.split(",")] if site_epsilons else [],
-                           encoder=encoder, checkpoint=checkpoint, out=str(out), strategy=strategy,
-                           local_epochs=local_epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
-                           noise_multiplier=noise_multiplier, seed=seed, resume=resume, cache_dir=cache_dir, extra=extra,
-                           quiet=not verbose)
+                           site_epsilons=budgets, encoder=encoder, checkpoint=checkpoint, out=str(out),
+                           strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+                           max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, seed=seed, resume=resume,
+                           cache_dir=cache_dir, extra=extra, quiet=not verbose)
+    try:
+        check(cfg)  # every argument, before any work starts
+    except SimulationConfigError as e:
+        raise fail(f"--{e.field.replace('_', '-')}: {e.problem}", 2) from None
     with Progress(TextColumn("[bold]federation"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         t = bar.add_task("", total=rounds)
@@ -64,6 +80,8 @@ def simulate(
 
         report = run(cfg, progress=progress)
     print_report(report, out)
+    if report.get("global_model") is None:
+        raise fail(f"{report.get('problem', 'no site trained')}; no global model written (report: {out / 'report.json'})")
 
 
 def print_report(report: dict, out: Path) -> None:
@@ -79,7 +97,8 @@ def print_report(report: dict, out: Path) -> None:
                           "" if m is None else f"{m:.3f}", "" if p.get("epsilon") is None else f"{p['epsilon']:.3f}",
                           "" if p.get("steps") is None else str(p["steps"]))
     console.print(table)
-    console.print(f"report: {out / 'report.json'}  model card: {out / 'MODEL_CARD.md'}  global model: {out / 'global'}")
+    if report.get("global_model") is not None:
+        console.print(f"report: {out / 'report.json'}  model card: {out / 'MODEL_CARD.md'}  global model: {out / 'global'}")
 
 
 def evaluate(
@@ -88,13 +107,20 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (keys auroc, balanced_accuracy, dice, hc_mae_mm as they apply)."),
 ) -> None:
     """Evaluate a run's global model on any data spec and print the task's metrics."""
+    from echocare.data import open_data
     from fed.evaluation import evaluate_run
 
+    # Both arguments are checked before the model is loaded.
+    if not ((run_dir / "global" / "model.json").exists() or (run_dir / "model.json").exists()):
+        raise fail(f"RUN_DIR {run_dir}: no global model (expected {run_dir / 'global' / 'model.json'})", 2)
+    try:
+        open_data(data)
+    except (ValueError, OSError, ImportError) as e:
+        raise fail(f"--data: {e}", 2) from None
     try:
         result = evaluate_run(run_dir, data)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+        raise fail(str(e), 2) from None
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -1,8 +1,10 @@
 """The coordinator's Flower ServerApp.
 
-Reads the run config (``[tool.flwr.app.config]`` in pyproject.toml, or overrides), builds the
-strategy, runs it with Flower's ``strategy.start()``, checkpoints after every round, resumes from
-the last completed round when asked, and writes the run report and the global head.
+Reads the run config (``[tool.flwr.app.config]`` in pyproject.toml, or overrides) into
+:class:`fed.config.RunConfig`, builds the strategy, runs it with Flower's ``strategy.start()``,
+checkpoints after every round, resumes from the last completed round when asked, and writes the
+run report and the global head. A federation in which no site trained ends cleanly: the report
+names every site's answer, the log says why, and no global head is written.
 
 The coordinator never sees an image or a feature: only head parameters, example counts, metrics
 and privacy figures arrive from the sites.
@@ -13,108 +15,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fed.features import EncoderRef
+from echocare.atomic import atomic_write_bytes
+from fed.config import RunConfig
 from fed.task import RoundConfig
 from server.coordinator.checkpoint import CheckpointStore, config_hash
-from server.coordinator.report import write_report
+from server.coordinator.report import build_report, write_csv, write_report
 from server.coordinator.strategy import SiteGuard, build_strategy
 
 log = logging.getLogger("echofleet.server")
 app = ServerApp()
 
 
-@dataclass
-class ServerConfig:
-    """Run config of a federation (keys as in pyproject's ``[tool.flwr.app.config]``, dashes)."""
-
-    num_server_rounds: int = 3
-    strategy: str = "fedavg"
-    task: str = "classify"
-    labels: str = "benign,malignant,normal"
-    encoder_config: str = "echocare-tiny"
-    encoder_checkpoint: str = ""
-    encoder_sha256: str = ""
-    encoder_seed: int = 0
-    head_hidden: int = 0
-    feature_projection: int = 64  # classify: fixed whitening projection from public phantoms (0: off)
-    projection_reference: str = ""  # data spec of the public reference images (default: phantoms)
-    public_cache_dir: str = ""  # where the coordinator caches public reference features
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    max_grad_norm: float = 1.0
-    target_epsilon: float = 8.0
-    noise_multiplier: float = 0.0
-    seed: int = 0
-    min_sites: int = 1
-    max_update_norm: float = 0.0
-    outlier_factor: float = 5.0
-    proximal_mu: float = 0.01
-    server_lr: float = 0.1
-    trim_beta: float = 0.2
-    central_dp_noise: float = 0.0
-    central_dp_clip: float = 1.0
-    num_sites: int = 0  # expected sites (central DP population); 0 = whatever connects
-    val_fraction: float = 0.2
-    run_dir: str = "runs/latest"
-    resume: bool = False
-    sim_sites_dir: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_run_config(cls, rc: dict) -> "ServerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs, extra = {}, {}
-        for k, v in dict(rc).items():
-            name = k.replace("-", "_")
-            if name in names and name != "extra":
-                ftype = type(getattr(cls(), name))
-                kwargs[name] = (str(v).lower() in ("1", "true", "yes")) if ftype is bool else ftype(v)
-            else:
-                extra[k] = v
-        return cls(**kwargs, extra=extra)
-
-    def as_run_config(self) -> dict:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-
-    def encoder_ref(self) -> EncoderRef:
-        sha = self.encoder_sha256 or None
-        if self.encoder_checkpoint and not sha and Path(self.encoder_checkpoint).exists():
-            from echocare.models.encoder import sha256_file
-
-            sha = sha256_file(self.encoder_checkpoint)
-        return EncoderRef(self.encoder_config, self.encoder_checkpoint or None, sha, self.encoder_seed)
-
-    def task_labels(self) -> list[str]:
-        labels = [s.strip() for s in self.labels.split(",") if s.strip()]
-        if self.task == "classify":
-            return labels
-        default = ["background", "head"] if self.task == "hc" else ["background", "lesion"]
-        return labels if self.labels != ServerConfig.labels and len(labels) >= 2 else default
-
-    def round_config(self, run_key: str) -> RoundConfig:
-        from echocare.preprocess import PreprocessSpec
-
-        return RoundConfig(task=self.task, labels=self.task_labels(),
-                           encoder=self.encoder_ref(),
-                           head={"hidden": self.head_hidden, **({"proj_dim": self.feature_projection} if self.feature_projection > 0 else {})}
-                           if self.task == "classify" else {"variant": "light"},
-                           preprocess=PreprocessSpec().to_dict(), local_epochs=self.local_epochs,
-                           batch_size=self.batch_size, lr=self.lr, max_grad_norm=self.max_grad_norm,
-                           target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier,
-                           num_rounds=self.num_server_rounds, seed=self.seed, run_key=run_key,
-                           proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
-                           val_fraction=self.val_fraction)
-
-
-def initial_head(rc: RoundConfig, cfg: "ServerConfig | None" = None) -> dict[str, np.ndarray]:
+def initial_head(rc: RoundConfig, cfg: RunConfig | None = None) -> dict[str, np.ndarray]:
     """Deterministic initial head weights (seeded), as numpy arrays; with the public projection set."""
     import torch
 
@@ -144,7 +62,7 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def run_federation(grid: Grid, cfg: ServerConfig, progress=None) -> dict:
+def run_federation(grid: Grid, cfg: RunConfig, progress=None) -> dict:
     """Run (or resume) a federation to completion. Returns the run report."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,9 +114,27 @@ def run_federation(grid: Grid, cfg: ServerConfig, progress=None) -> dict:
     if remaining > 0:
         result = guard.start(grid=grid, initial_arrays=final, num_rounds=remaining, train_config=config,
                              evaluate_config=ConfigRecord(rc.to_record()), evaluate_fn=after_round)
-        final = result.arrays if result.arrays is not None else final
+        # Flower's Result holds an empty ArrayRecord when no round aggregated: the global head stays.
+        final = result.arrays if result.arrays else final
     final_weights = {k: v.numpy() for k, v in final.items()}
     return _finish(run_dir, cfg, rc, guard, final_weights)
+
+
+def no_training_reason(guard: SiteGuard) -> str | None:
+    """Why no site trained in any round so far (None when at least one update was accepted).
+
+    A federation in which no site trained has no model to write: the run ends with this reason
+    (and the per-site replies in report.json) instead of saving the untrained initial head."""
+    rounds = {r: rl for r, rl in guard.rounds.items() if r > 0}
+    if any(e.get("status") == "ok" and site not in rl.rejected for rl in rounds.values() for site, e in rl.train.items()):
+        return None
+    why: dict[str, None] = {}  # distinct reasons, first seen first
+    for rl in rounds.values():
+        for reason in list(rl.rejected.values()) + [f"{s}: budget exhausted" for s in rl.excluded]:
+            why.setdefault(" ".join(str(reason).split())[:300])
+    sites = len({s for rl in rounds.values() for s in (*rl.train, *rl.rejected)})
+    detail = "; ".join(list(why)[:3]) or "no site answered"
+    return f"no site trained in {len(rounds)} round(s) ({sites} site(s) answered): {detail}"
 
 
 def _roundlog(d: dict):
@@ -217,7 +153,7 @@ def _evaluate_initial(grid: Grid, guard: SiteGuard, weights: dict[str, np.ndarra
     guard.round_offset = offset
 
 
-def _finish(run_dir: Path, cfg: ServerConfig, rc: RoundConfig, guard: SiteGuard, weights: dict[str, np.ndarray]) -> dict:
+def _finish(run_dir: Path, cfg: RunConfig, rc: RoundConfig, guard: SiteGuard, weights: dict[str, np.ndarray]) -> dict:
     import torch
 
     from echocare.models.task_model import TaskModelSpec, save_task_model
@@ -234,8 +170,17 @@ def _finish(run_dir: Path, cfg: ServerConfig, rc: RoundConfig, guard: SiteGuard,
                "noise_multiplier": rc.noise_multiplier or "calibrated per site", "accountant": "rdp"},
         "central_dp": {"noise_multiplier": cfg.central_dp_noise, "clip": cfg.central_dp_clip} if cfg.central_dp_noise else None,
         "config": cfg.as_run_config(), "metric": metric,
+        "stopped_early": guard.stopped,  # why the run ended before num_rounds (every site exhausted), else None
     }
-    report = write_report(run_dir, run, rounds, metric)
+    problem = no_training_reason(guard)
+    if problem is not None:
+        # No model to describe: report.json/csv name every site's answer; no model card, no global head.
+        report = build_report({**run, "global_model": None, "problem": problem}, rounds)
+        atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
+        write_csv(report, run_dir / "report.csv")
+        log.error("%s; no global model written (report: %s)", problem, run_dir / "report.json")
+        return report
+    report = write_report(run_dir, {**run, "global_model": "global"}, rounds, metric)
     last_eps = {}
     for r in report["rounds"]:
         for site, e in r["sites"].items():
@@ -266,6 +211,8 @@ def _deltas(report: dict) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = ServerConfig.from_run_config(dict(context.run_config))
+    cfg = RunConfig.from_run_config(context.run_config)
     report = run_federation(grid, cfg)
+    if report.get("global_model") is None:
+        return  # run_federation logged why no site trained; the report is written
     log.info("run report written to %s (final: %s)", cfg.run_dir, json.dumps(report["rounds"][-1]["aggregated"]))
