@@ -27,7 +27,8 @@ any masked integers (see docs/privacy.md, "Secure aggregation").
 
 :func:`secure_aggregation_mod` is the ClientApp mod: SecAgg+ messages go to Flower's
 ``secaggplus_mod`` around :func:`masked_fit_reply`; every other message (plain training rounds,
-evaluation) goes to the app's own handlers unchanged.
+evaluation) goes to the app's own handlers unchanged, except that a site whose policy requires
+secure aggregation refuses plain training rounds (the coordinator cannot downgrade it).
 """
 
 from __future__ import annotations
@@ -144,6 +145,24 @@ def check_unmask_request(msg: Message) -> None:
                          "masked update; refusing to reveal its key shares")
 
 
+def requires_secure_aggregation(policy: SitePolicy) -> bool:
+    """The site's policy says ``require_secure_aggregation = true`` (the coordinator cannot switch it off)."""
+    return bool(getattr(policy, "require_secure_aggregation", False))
+
+
+def refuse_plain_training(msg: Message, policy: SitePolicy) -> Message:
+    """A plain (unmasked) training request to a site whose policy requires secure aggregation:
+    nothing is trained, nothing is charged, the reply says why."""
+    from fed.client_app import to_content  # the ClientApp module imports this one
+    from fed.task import STATUS_REFUSED
+
+    log.warning("%s: refused a training round without secure aggregation (the site's policy requires it)",
+                policy.site_name)
+    return Message(to_content(Reply(STATUS_REFUSED, policy.site_name,
+                                    reason="this site trains only under secure aggregation (its policy requires it)")),
+                   reply_to=msg)
+
+
 def secure_aggregation_mod(policy_of: Callable[[Context], SitePolicy], train: TrainFn = train_round):
     """The ClientApp mod: SecAgg+ rounds through Flower's ``secaggplus_mod``, anything else unchanged.
 
@@ -152,6 +171,8 @@ def secure_aggregation_mod(policy_of: Callable[[Context], SitePolicy], train: Tr
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if not is_secagg_message(msg):
+            if msg.metadata.message_type == MessageType.TRAIN and requires_secure_aggregation(policy_of(context)):
+                return refuse_plain_training(msg, policy_of(context))
             return call_next(msg, context)
         check_unmask_request(msg)
         return secaggplus_mod(msg, context, lambda m, c: masked_fit_reply(m, policy_of(c), train))
@@ -160,4 +181,5 @@ def secure_aggregation_mod(policy_of: Callable[[Context], SitePolicy], train: Tr
 
 
 __all__ = ["PARAM_NAMES", "UPDATE_KEYS", "UPDATE_BOUND", "BoundedUpdate", "NonFiniteUpdate", "bound_update",
-           "masked_fit_reply", "is_secagg_message", "check_unmask_request", "secure_aggregation_mod"]
+           "masked_fit_reply", "is_secagg_message", "check_unmask_request", "requires_secure_aggregation",
+           "refuse_plain_training", "secure_aggregation_mod"]

@@ -74,7 +74,8 @@ class SecAggSettings:
     # SecAgg+'s per-coordinate clipping range. Replaces max-update-norm/outlier-factor.
     secagg_update_bound: float = 10.0
     # share of the round's sites each site shares its key material with (1.0: all; SecAgg+ with a
-    # sparse graph for large federations), and the share of those needed to unmask (dropouts)
+    # sparse graph for large federations), and the share of those needed to unmask: lower tolerates
+    # more dropouts, above one half keeps a lying coordinator from collecting both kinds of shares
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67
     secagg_timeout: float = 3600.0  # seconds to wait for the sites at each of the four stages
@@ -86,7 +87,8 @@ class SecAggSettings:
 
         need(self.secagg_update_bound > 0 and math.isfinite(self.secagg_update_bound), "secagg_update_bound", "must be > 0")
         need(0 < self.secagg_num_shares <= 1, "secagg_num_shares", "must be in (0, 1]")
-        need(0 < self.secagg_reconstruction_threshold <= 1, "secagg_reconstruction_threshold", "must be in (0, 1]")
+        # above one half: a coordinator that lies about dropouts cannot collect both kinds of a site's shares
+        need(0.5 < self.secagg_reconstruction_threshold <= 1, "secagg_reconstruction_threshold", "must be in (0.5, 1]")
         need(self.secagg_timeout > 0, "secagg_timeout", "must be > 0")
 
     @classmethod

@@ -75,6 +75,8 @@ def test_settings_and_incompatible_run_configs_are_refused_naming_the_key():
         SecAggSettings(secagg_update_bound=0.0)
     with pytest.raises(RunConfigError, match="'secagg-num-shares'"):
         SecAggSettings(secagg_num_shares=1.5)
+    with pytest.raises(RunConfigError, match="'secagg-reconstruction-threshold' must be in \\(0.5, 1\\]"):
+        SecAggSettings(secagg_reconstruction_threshold=0.5)
     assert SecAggSettings.from_run_config(RunConfig()).secagg_update_bound == SecAggSettings.secagg_update_bound
     # once the RunConfig has the keys, they are read from it
     cfg = SimpleNamespace(secure_aggregation=True, secagg_update_bound=3.0)
@@ -263,7 +265,7 @@ def test_a_site_that_skips_its_bound_gets_the_aggregate_rejected(head):
 
 
 def test_plain_messages_pass_through_the_mod_unchanged():
-    mod = secure_aggregation_mod(lambda ctx: None)
+    mod = secure_aggregation_mod(lambda ctx: SimpleNamespace(site_name="site-0"))
     msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1, message_type="train")
     sentinel = object()
     assert mod(msg, None, lambda m, c: sentinel) is sentinel
@@ -401,3 +403,17 @@ def test_secagg_federation_in_simulation_sums_the_private_updates(tmp_path):
         assert vec.min() >= 0 and vec.max() < 2**32 and np.ptp(vec) > 2**31  # uniform over the modulus
         assert np.abs(vec.astype(np.float64) - QUANTIZATION_RANGE / 2).mean() > 2**28  # a plain update sits near 2**21
 
+
+
+def test_a_site_whose_policy_requires_secure_aggregation_refuses_plain_training():
+    policy = SimpleNamespace(site_name="site-0", require_secure_aggregation=True)
+    mod = secure_aggregation_mod(lambda ctx: policy)
+    plain = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1, message_type="train")
+    trained = []
+    reply = mod(plain, None, lambda m, c: trained.append(m))
+    assert trained == []  # nothing trained, nothing charged
+    site = reply.content.config_records["site"]
+    assert site["status"] == "refused" and "only under secure aggregation" in site["reason"]
+    assert "arrays" not in reply.content
+    ev = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate")
+    assert mod(ev, None, lambda m, c: "evaluated") == "evaluated"  # evaluation is not an update: unchanged
