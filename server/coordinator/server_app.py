@@ -64,6 +64,9 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def run_federation(grid: Grid, cfg: RunConfig, progress=None) -> dict:
     """Run (or resume) a federation to completion. Returns the run report."""
+    from server.coordinator.secagg import SecAggSettings, run_federation_secagg  # (it imports this module)
+    if SecAggSettings.from_run_config(cfg).secure_aggregation:  # training rounds under SecAgg+: only sums here
+        return run_federation_secagg(grid, cfg, progress=progress)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     chash = config_hash(cfg.as_run_config())
