@@ -103,7 +103,7 @@ def main(
     from echocare.preprocess import PreprocessSpec
     from edge.device.backends import open_session
     from edge.bench.latency import Candidate, bench_candidates
-    from echofleet.cli.edge import print_bench
+    from edge.report import print_bench
     from edge.build.evaluate import evaluate, load_calibration, load_eval_set
     from edge.build.export import export_task_model
     from edge.build.gate import check_gate

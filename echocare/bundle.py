@@ -47,6 +47,11 @@ class BundleError(Exception):
     """A bundle (or key) is unusable. ``str(e)`` names the file or artifact and the reason."""
 
 
+def safe_name(text: str) -> str:
+    """``text`` in the alphabet of bundle names and versions (anything else becomes ``-``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.")[:100] or "model"
+
+
 # --------------------------------------------------------------------------------------- keys
 def generate_keypair(prefix: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a new Ed25519 key pair: private key (PEM, PKCS8, mode 0600) at ``prefix``, public at ``prefix.pub``.

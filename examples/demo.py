@@ -55,9 +55,9 @@ def main() -> int:
     except ImportError as e:  # pragma: no cover - edge extra missing
         console.print(f"[yellow]edge build skipped: {e}[/yellow]")
         return 0
-    from edge.build.pipeline import BuildConfig
-    from echofleet.cli.edge import _print_build
     from edge.build.gate import GateFailed
+    from edge.build.pipeline import BuildConfig
+    from edge.report import print_build
 
     key, pub = OUT / "keys" / "release", OUT / "keys" / "release.pub"
     if not key.exists():
@@ -76,7 +76,7 @@ def main() -> int:
         console.print(f"[yellow]INT8 refused by the accuracy gate: {e}[/yellow]\nbuilding FP32 instead")
         summary = build(OUT / "federation", "openvino-cpu", None, val, key, OUT / "edge",
                         config=BuildConfig(precision="fp32", inference_precision="f32"), progress=say)
-    _print_build(console, summary)
+    print_build(console, summary)
     console.print(f"\npublic key for scanners: {pub}")
     console.print(f"try: .venv/bin/echofleet edge infer {summary.bundle_dir} IMAGE.png --pubkey {pub}")
     return 0 if summary.ok else 1

@@ -10,93 +10,100 @@
     echofleet edge infer    dist/NAME-VERSION.tar.gz image.png clip.mp4 scan.dcm --pubkey keys/release.pub
     echofleet edge bench    dist/NAME-VERSION.tar.gz --pubkey keys/release.pub
 
-Only typer and rich are imported here; each command imports what it needs (torch only for
-export/quantize/build/bench baselines), so ``infer``, ``verify`` and ``bench`` run on a scanner
-with ``echofleet[edge]`` alone. Exit codes: 0 ok, 1 the model or bundle was refused (parity,
-gate, signature, self-test), 2 bad input (missing file, bad option, unreadable data).
+A thin layer: each command checks its arguments, calls one library function per step
+(:mod:`edge.build`, :mod:`edge.device`, :mod:`edge.bench`; the targets come from
+:data:`edge.targets.TARGETS`) and prints with :mod:`edge.report`. Only typer and rich are imported
+here; each command imports what it needs (torch only for export/quantize/build/bench baselines),
+so ``infer``, ``verify`` and ``bench`` run on a scanner with ``echofleet[edge]`` alone.
+
+Exit codes: 0 ok, 1 the model or bundle was refused (parity, gate, signature, self-test),
+2 bad input (missing file, bad option, unreadable data), always as one ``error: ...`` line.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from echofleet.cli.agent import agent
+from echofleet.cli.common import fail
+from edge.targets import PRECISIONS, TARGET_NAMES, TARGETS, EdgeTarget, UnknownTarget, get_target
 
 edge_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
 edge_app.command("agent", help="Keep this scanner on the registry's current release (verify, install, self-test, roll back).")(agent)
 
+# choices, from the table of targets where they come from there
+INFERENCE_PRECISIONS = tuple(dict.fromkeys(p for t in TARGETS.values() for p in t.inference_precisions))
+METHODS = ("nncf", "qdq", "fp16")
+ACTIVATIONS = ("symmetric", "asymmetric")
+BACKENDS = ("auto", "openvino", "onnxruntime")
 
-class Target(str, Enum):
-    openvino_cpu = "openvino-cpu"
-    onnxruntime_cpu = "onnxruntime-cpu"
-    tensorrt = "tensorrt"
-
-
-class Precision(str, Enum):
-    int8 = "int8"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class OVPrecision(str, Enum):
-    f32 = "f32"
-    bf16 = "bf16"
-    f16 = "f16"
+_TARGET_HELP = " | ".join(f"{t.name} ({t.description})" for t in TARGETS.values())
+_IGNORE_OP_HELP = "Keep an op kind in float (repeatable): layernorm, softmax, gelu, add (residual adds)."
+_IGNORE_NAME_HELP = "Keep nodes whose name matches this regex in float (repeatable)."
+_AUROC_HELP = "Gate: largest accepted AUROC drop in points (classify)."
+_DICE_HELP = "Gate: largest accepted Dice drop (segment)."
+_MAE_HELP = "Gate: largest accepted increase of the head-circumference MAE in mm (hc)."
 
 
-class Method(str, Enum):
-    nncf = "nncf"
-    qdq = "qdq"
-    fp16 = "fp16"
-
-
-class Activations(str, Enum):
-    symmetric = "symmetric"
-    asymmetric = "asymmetric"
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    openvino = "openvino"
-    onnxruntime = "onnxruntime"
-
-
+# ------------------------------------------------------------------------- argument checks
 def _console(as_json: bool = False) -> Console:
     """Human output on stdout, or on stderr when stdout carries JSON."""
     return Console(stderr=as_json, highlight=False)
 
 
-def _fail(console: Console, message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(code)
+def _file(path: Path, what: str) -> Path:
+    """``path`` must be an existing file (else: one error line, exit 2)."""
+    if not path.exists():
+        raise fail(f"{path}: no such {what}", 2)
+    if not path.is_file():
+        raise fail(f"{path}: the {what} must be a file, not a directory", 2)
+    return path
+
+
+def _exists(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise fail(f"{path}: no such {what}", 2)
+    return path
+
+
+def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise fail(f"{option} {value!r}: choose one of {', '.join(choices)}", 2)
+    return value
+
+
+def _target(name: str) -> EdgeTarget:
+    try:
+        return get_target(name)
+    except UnknownTarget as e:
+        raise fail(f"--target: {e}", 2) from None
+
+
+def _inference_precision(value: str, target: EdgeTarget | None = None) -> str:
+    allowed = target.inference_precisions if target is not None and target.inference_precisions else INFERENCE_PRECISIONS
+    return _choice(value, allowed, "--inference-precision")
+
+
+def _at_least(value: float, low: float, option: str) -> None:
+    if value < low:
+        raise fail(f"{option} {value:g}: must be at least {low:g}", 2)
 
 
 def _print_json(data) -> None:
-    from edge.build.export import _json_default
+    from edge.report import to_json
 
-    typer.echo(json.dumps(data, indent=2, default=_json_default))
+    typer.echo(to_json(data))
 
 
 def _bounds(max_auroc_drop: float, max_dice_drop: float, max_mae_increase: float):
     from edge.build.gate import GateBounds
 
     return GateBounds(auroc_points=max_auroc_drop, dice=max_dice_drop, hc_mae_mm=max_mae_increase)
-
-
-# Options shared by quantize and build
-_IGNORE_OP_HELP = "Keep an op kind in float (repeatable): layernorm, softmax, gelu, add (residual adds)."
-_IGNORE_NAME_HELP = "Keep nodes whose name matches this regex in float (repeatable)."
-_AUROC_HELP = "Gate: largest accepted AUROC drop in points (classify)."
-_DICE_HELP = "Gate: largest accepted Dice drop (segment)."
-_MAE_HELP = "Gate: largest accepted increase of the head-circumference MAE in mm (hc)."
 
 
 # ------------------------------------------------------------------------------------ keygen
@@ -108,12 +115,11 @@ def keygen(
     """Write an Ed25519 release-signing key pair (PEM): sign bundles with PREFIX, pin PREFIX.pub on scanners."""
     from echocare.bundle import BundleError, generate_keypair
 
-    console = _console()
     try:
         priv, pub = generate_keypair(out, overwrite=force)
-    except BundleError as e:
-        _fail(console, str(e), 2)
-    console.print(f"private key: {priv} (keep it secret)\npublic key:  {pub} (give to scanners and the registry)")
+    except (BundleError, OSError) as e:
+        raise fail(str(e), 2) from None
+    _console().print(f"private key: {priv} (keep it secret)\npublic key:  {pub} (give to scanners and the registry)")
 
 
 # ------------------------------------------------------------------------------------ export
@@ -131,19 +137,21 @@ def export(
     from edge.build.export import ExportConfig, ExportError, export_task_model, resolve_model_dir
 
     console = _console()
-    x = None
+    _at_least(opset, 7, "--opset")
     try:
+        model_dir = resolve_model_dir(source)
+        x = None
         if samples:
             from echocare.models.task_model import read_task_model_spec
 
-            spec = read_task_model_spec(resolve_model_dir(source))
-            x = load_calibration(samples, spec.preprocess_spec(), limit=4)
+            x = load_calibration(samples, read_task_model_spec(model_dir).preprocess_spec(), limit=4)
+    except (EvalDataError, ExportError, ValueError) as e:
+        raise fail(str(e), 2) from None
+    try:
         with console.status("exporting to ONNX and checking parity"):
             r = export_task_model(source, out, samples=x, config=ExportConfig(opset=opset, atol=atol, cosine_min=cosine_min))
-    except EvalDataError as e:
-        _fail(console, str(e), 2)
     except ExportError as e:
-        _fail(console, str(e), 1 if "disagrees" in str(e) else 2)
+        raise fail(str(e), 1 if "disagrees" in str(e) else 2) from None
     console.print(f"{r.onnx_path}  ({r.info['task']}, {len(r.info['labels'])} labels, {r.info['flops_per_image'] / 1e9:.2f} GFLOP/image)")
     console.print(r.parity.describe())
 
@@ -151,352 +159,249 @@ def export(
 # ---------------------------------------------------------------------------------- quantize
 @edge_app.command()
 def quantize(
-    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="FP32 model.onnx from `edge export` (export.json beside it)."),
+    model: Path = typer.Argument(..., help="FP32 model.onnx from `edge export` (export.json beside it)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (INT8), e.g. busi:/data/BUSI?limit=64."),
     val: Optional[str] = typer.Option(None, "--val", help="Labelled validation data spec for the accuracy gate (skipped without it)."),
-    method: Method = typer.Option(Method.nncf, help="nncf: OpenVINO INT8 IR; qdq: ONNX Runtime / TensorRT INT8 Q/DQ ONNX; fp16: float16 ONNX."),
-    activations: Activations = typer.Option(Activations.symmetric, help="qdq: symmetric (S8S8, TensorRT) or asymmetric (U8S8, fast on x86 ONNX Runtime)."),
+    method: str = typer.Option("nncf", help="nncf: OpenVINO INT8 IR; qdq: ONNX Runtime / TensorRT INT8 Q/DQ ONNX; fp16: float16 ONNX."),
+    activations: str = typer.Option("symmetric", help="qdq: symmetric (S8S8, TensorRT) or asymmetric (U8S8, fast on x86 ONNX Runtime)."),
     ignore_op: List[str] = typer.Option([], "--ignore-op", help=_IGNORE_OP_HELP),
     ignore_name: List[str] = typer.Option([], "--ignore-name", help=_IGNORE_NAME_HELP),
     smooth_quant: float = typer.Option(-1.0, help="nncf: SmoothQuant alpha for MatMuls (0..1); negative = off (NNCF's setting for Swin)."),
     calib_size: int = typer.Option(64, help="Calibration images used."),
-    inference_precision: OVPrecision = typer.Option(OVPrecision.f32, help="nncf gate: OpenVINO inference precision to evaluate with."),
+    inference_precision: str = typer.Option("f32", help="nncf gate: OpenVINO inference precision to evaluate with (f32 | bf16 | f16)."),
     max_auroc_drop: float = typer.Option(1.0, help=_AUROC_HELP),
     max_dice_drop: float = typer.Option(0.01, help=_DICE_HELP),
     max_mae_increase: float = typer.Option(1.0, help=_MAE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: beside the model)."),
 ) -> None:
     """INT8 post-training quantization (or FP16), then the accuracy gate: FP32 vs quantized on --val; exit 1 beyond the bound."""
-    from edge.build.pipeline import fp32_metrics_of, gate_session
-    from edge.build.evaluate import EvalDataError, load_calibration, load_eval_set, metrics_from_outputs, predict_all
+    _file(model, "model")
+    _choice(method, METHODS, "--method")
+    _choice(activations, ACTIVATIONS, "--activations")
+    _inference_precision(inference_precision)
+    _at_least(calib_size, 1, "--calib-size")
+    if method != "fp16" and not calib:
+        raise fail(f"--method {method} is INT8 and needs calibration images: --calib DATA_SPEC", 2)
+
+    from echocare.preprocess import PreprocessSpec
+    from edge.build.evaluate import EvalDataError, load_calibration, load_eval_set
     from edge.build.export import ExportError, read_export_info, write_json_atomic
-    from edge.build.gate import check_gate
+    from edge.build.pipeline import run_gate
     from edge.build.quantize import QuantizeConfig, QuantizeError
     from edge.build.quantize import quantize as run_quantize
+    from edge.report import metrics_table
 
     console = _console()
     try:
-        qcfg = QuantizeConfig(method=method.value, ignore_ops=tuple(ignore_op), ignore_names=tuple(ignore_name), calib_size=calib_size,
-                              smooth_quant=smooth_quant, activations=activations.value)
+        qcfg = QuantizeConfig(method=method, ignore_ops=tuple(ignore_op), ignore_names=tuple(ignore_name), calib_size=calib_size,
+                              smooth_quant=smooth_quant, activations=activations)
     except (ValueError, re.error) as e:  # re.error: a bad --ignore-name regex
-        raise typer.BadParameter(str(e)) from None
+        raise fail(str(e), 2) from None
     out = out or model.parent
     try:
         info = read_export_info(model)
-        from echocare.preprocess import PreprocessSpec
-
         pre = PreprocessSpec.from_dict(info["preprocess"])
         x = load_calibration(calib, pre, limit=calib_size) if calib and qcfg.method != "fp16" else None
         ev = load_eval_set(val, info["task"], info["labels"], pre) if val else None
+    except (ExportError, EvalDataError, ValueError) as e:
+        raise fail(str(e), 2) from None
+    try:
         with console.status(f"quantizing ({qcfg.method})"):
             q = run_quantize(model, x, out, qcfg)
-    except (ExportError, EvalDataError) as e:
-        _fail(console, str(e), 2)
     except QuantizeError as e:
-        _fail(console, str(e), 1 if x is not None else 2)
+        raise fail(str(e), 1) from None
     console.print(f"{q.model_path}  ({q.precision}, {q.seconds:.1f} s; kept in float: {len(q.ignored_nodes)} nodes/types)")
     if ev is None:
         console.print("[yellow]no --val: accuracy gate skipped[/]")
         return
     with console.status("gate: evaluating FP32 and quantized"):
-        fp32 = fp32_metrics_of(model, ev)
-        sess = gate_session(q, inference_precision.value)
-        cand = metrics_from_outputs(predict_all(sess.run, ev.inputs), ev)
-    result = check_gate(info["task"], fp32, cand, _bounds(max_auroc_drop, max_dice_drop, max_mae_increase),
-                        candidate_name=f"{q.precision} ({sess.info.backend})")
-    write_json_atomic(out / "gate.json", {**result.to_dict(), "fp32_metrics": fp32, "candidate_metrics": cand,
-                                          "validation_samples": len(ev), "model": str(q.model_path)})
-    _metrics_table(console, fp32, cand, q.precision)
-    if not result.passed:
-        _fail(console, result.reason, 1)
-    console.print(f"[green]{result.reason}[/]")
-
-
-def _metrics_table(console: Console, fp32: dict, cand: dict, name: str) -> None:
-    t = Table(title="validation metrics")
-    t.add_column("metric")
-    t.add_column("fp32", justify="right")
-    t.add_column(name, justify="right")
-    for k in fp32:
-        t.add_row(k, f"{fp32[k]:.4f}", f"{cand.get(k, float('nan')):.4f}")
-    console.print(t)
+        g = run_gate(info["task"], model, q.model_path, q.format, q.precision, ev,
+                     _bounds(max_auroc_drop, max_dice_drop, max_mae_increase), inference_precision=inference_precision)
+    write_json_atomic(out / "gate.json", g.record(q.model_path))
+    console.print(metrics_table(g.fp32_metrics, g.candidate_metrics, q.precision))
+    if not g.result.passed:
+        raise fail(g.result.reason, 1)
+    console.print(f"[green]{g.result.reason}[/]")
 
 
 # ----------------------------------------------------------------------------------- compile
 @edge_app.command("compile")
 def compile_(
-    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="ONNX model, or an OpenVINO IR .xml (openvino-cpu)."),
-    target: Target = typer.Option(..., "--target", help="openvino-cpu | onnxruntime-cpu | tensorrt (TensorRT: run on the device)."),
+    model: Path = typer.Argument(..., help="ONNX model, or an OpenVINO IR .xml (openvino-cpu)."),
+    target: str = typer.Option(..., "--target", help=f"{' | '.join(TARGET_NAMES)} (tensorrt: run on the device)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: beside the model)."),
-    precision: OVPrecision = typer.Option(OVPrecision.f32, "--inference-precision", help="openvino-cpu: inference precision, set explicitly and recorded."),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="tensorrt: build config (tensorrt.json from the bundle)."),
+    precision: str = typer.Option("f32", "--inference-precision", help="openvino-cpu: inference precision (f32 | bf16 | f16), set explicitly and recorded."),
+    config: Optional[Path] = typer.Option(None, "--config", help="tensorrt: build config (tensorrt.json from the bundle)."),
     engine: Optional[Path] = typer.Option(None, "--engine", help="tensorrt: engine path (default: OUT/model.engine)."),
     max_batch: int = typer.Option(8, help="tensorrt: optimisation profile max batch (without --config)."),
-    trt_precision: Precision = typer.Option(Precision.int8, "--trt-precision", help="tensorrt: precision of the ONNX graph (without --config)."),
+    trt_precision: str = typer.Option("int8", "--trt-precision", help="tensorrt: precision of the ONNX graph (without --config): int8 | fp16 | fp32."),
 ) -> None:
     """Compile a model for a target: OpenVINO IR, an ONNX Runtime-checked ONNX, or a TensorRT engine (on the NVIDIA device)."""
-    from edge.build.compiled import CompileError
+    _file(model, "model")
+    t = _target(target)
+    _inference_precision(precision, t)
+    if config is not None:
+        _file(config, "build config")
+    _choice(trt_precision, PRECISIONS, "--trt-precision")
+    _at_least(max_batch, 1, "--max-batch")
+
+    from edge.build.compiled import CompileError, CompileOptions, compile_model, graph_precision, target_function
+    from edge.report import print_compiled
 
     console = _console()
     out = out or model.parent
     try:
-        if target is Target.openvino_cpu:
-            from edge.build.compile_openvino import compile_openvino
-
-            graph = _detect_precision(model)
-            with console.status("compiling OpenVINO IR"):
-                c = compile_openvino(model, out, inference_precision=precision.value, graph_precision=graph)
-        elif target is Target.onnxruntime_cpu:
-            from edge.build.compile_onnxruntime import compile_onnxruntime
-
-            with console.status("checking with ONNX Runtime"):
-                c = compile_onnxruntime(model, out, graph_precision=_detect_precision(model),
-                                        out_name="model.onnx" if model.parent != out or model.name != "model.onnx" else "model.ort.onnx")
+        if t.device_build:  # the model runs as an engine built here, on the device
+            with console.status(f"building the {t.name} engine on this device (minutes on a Jetson)"):
+                c = target_function(t.device_build)(model, out, config=config, engine=engine, precision=trt_precision,
+                                                    max_batch=max_batch)
         else:
-            from edge.build.compile_tensorrt import TensorRTBuildConfig, build_engine
-
-            tcfg = TensorRTBuildConfig.load(config) if config else TensorRTBuildConfig(precision=trt_precision.value, max_batch=max_batch)
-            with console.status("building the TensorRT engine (minutes on a Jetson)"):
-                c = build_engine(model, engine or out / "model.engine", tcfg)
+            options = CompileOptions(graph_precision=graph_precision(model), inference_precision=precision)
+            with console.status(f"compiling for {t.name}"):
+                c = compile_model(t, model, out, options)
     except CompileError as e:
-        _fail(console, str(e), 2)
-    t = Table(title=f"compiled for {c.target}", show_header=False)
-    t.add_row("model", str(c.model_path))
-    t.add_row("files", ", ".join(str(f) for f in c.files))
-    t.add_row("precision", c.precision + (f" (inference {c.inference_precision})" if c.inference_precision else ""))
-    for k, v in c.details.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-    console.print(t)
-
-
-def _detect_precision(model: Path) -> str:
-    """int8 when the graph holds Q/DQ or FakeQuantize ops, fp16 when its weights are float16, else fp32."""
-    if model.suffix == ".xml":
-        text = model.read_text(errors="replace")
-        return "int8" if 'type="FakeQuantize"' in text else "fp32"
-    import onnx
-
-    m = onnx.load(str(model), load_external_data=False)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger") for n in m.graph.node):
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer):
-        return "fp16"
-    return "fp32"
+        raise fail(str(e), 2) from None
+    print_compiled(console, c)
 
 
 # ------------------------------------------------------------------------------------ bundle
 @edge_app.command()
 def bundle(
-    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="Compiled model: OpenVINO model.xml (with .bin) or an ONNX file."),
-    target: Target = typer.Option(..., "--target", help="The target the model was compiled for."),
-    key: Path = typer.Option(..., "--key", exists=True, dir_okay=False, help="Ed25519 private key (from `edge keygen`)."),
+    model: Path = typer.Argument(..., help="Compiled model: OpenVINO model.xml (with .bin) or an ONNX file."),
+    target: str = typer.Option(..., "--target", help="The target the model was compiled for."),
+    key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
-    export_info: Optional[Path] = typer.Option(None, "--export-info", exists=True, dir_okay=False, help="export.json of the model (default: searched beside it)."),
+    export_info: Optional[Path] = typer.Option(None, "--export-info", help="export.json of the model (default: searched beside it)."),
     selftest: Optional[str] = typer.Option(None, "--selftest-data", help="Data spec for the self-test sample (default: the parity inputs are random: use real images)."),
-    gate_json: Optional[Path] = typer.Option(None, "--gate", exists=True, dir_okay=False, help="gate.json from `edge quantize` (FP32 vs quantized metrics for the model card)."),
+    gate_json: Optional[Path] = typer.Option(None, "--gate", help="gate.json from `edge quantize` (FP32 vs quantized metrics for the model card)."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: TASK-ENCODER-TARGET)."),
     version: Optional[str] = typer.Option(None, help="Bundle version (default: UTC timestamp)."),
     device_class: Optional[str] = typer.Option(None, "--device-class", help="Sign the bundle for one scanner class."),
-    inference_precision: OVPrecision = typer.Option(OVPrecision.f32, help="openvino-cpu: the inference precision the IR was compiled and gated with."),
+    inference_precision: str = typer.Option("f32", help="openvino-cpu: the inference precision the IR was compiled and gated with."),
 ) -> None:
     """Sign a compiled model into a versioned bundle (manifest + Ed25519 signature) and a tarball."""
+    _file(model, "model")
+    t = _target(target)
+    _file(key, "private key")
+    for path, what in ((export_info, "export info"), (gate_json, "gate record")):
+        if path is not None:
+            _file(path, what)
+    _inference_precision(inference_precision, t)
+
     import numpy as np
 
+    from echocare.bundle import BundleError, load_private_key
     from echocare.preprocess import PreprocessSpec
-    from edge.build.pipeline import _slug, assemble_bundle
-    from echocare.bundle import BundleError
+    from edge.build.bundling import assemble_bundle, bundle_identity, validation_from_gate_record
+    from edge.build.compiled import CompileError, describe_compiled
     from edge.build.evaluate import EvalDataError, load_calibration
     from edge.build.export import ExportError, read_export_info
 
     console = _console()
     try:
-        info = json.loads(export_info.read_text()) if export_info else read_export_info(model)
+        load_private_key(key)
+        info = read_export_info(model, export_info)
         pre = PreprocessSpec.from_dict(info["preprocess"])
+        compiled = describe_compiled(t, model, inference_precision=inference_precision)
+        extra = {"model_card_validation": validation_from_gate_record(gate_json, compiled.precision)} if gate_json else {}
         x = load_calibration(selftest, pre, limit=2) if selftest else None
-    except (ExportError, EvalDataError, ValueError) as e:
-        _fail(console, str(e), 2)
+    except (BundleError, ExportError, EvalDataError, CompileError, ValueError) as e:
+        raise fail(str(e), 2) from None
     if x is None:
         console.print("[yellow]no --selftest-data: the self-test sample is random noise (real images test more)[/]")
         x = np.random.default_rng(0).standard_normal((2, 3, pre.size, pre.size)).astype(np.float32)
-    precision = _detect_precision(model)
-    if model.suffix == ".xml":
-        files = {"model/model.xml": model, "model/model.bin": model.with_suffix(".bin")}
-        desc = [{"path": "model/model.xml", "role": "model", "format": "openvino-ir", "precision": precision, "target": target.value,
-                 "inference_precision": inference_precision.value, "weights": "model/model.bin"},
-                {"path": "model/model.bin", "role": "weights", "precision": precision, "target": target.value}]
-    else:
-        files = {"model/model.onnx": model}
-        desc = [{"path": "model/model.onnx", "role": "model", "format": "onnx", "precision": precision, "target": target.value}]
-        trt_cfg = model.parent / "tensorrt.json"
-        if target is Target.tensorrt and trt_cfg.is_file():
-            files["tensorrt.json"] = trt_cfg
-            desc.append({"path": "tensorrt.json", "role": "build-config", "target": target.value})
-    extra: dict = {}
-    if gate_json:
-        g = json.loads(gate_json.read_text())
-        extra["model_card_validation"] = {"fp32": g.get("fp32_metrics"), precision: g.get("candidate_metrics"),
-                                          "gate": {k: g[k] for k in ("metric", "fp32", "candidate", "drop", "bound", "passed", "reason") if k in g},
-                                          "samples": g.get("validation_samples")}
-    name = _slug(name or f"{info['task']}-{info['encoder']['config']}-{target.value}")
-    from datetime import datetime, timezone
-
-    version = _slug(version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S"))
+    name, version = bundle_identity(info["task"], info["encoder"]["config"], t.name, name, version)
     try:
-        tar = assemble_bundle(out, key, info=info, target=target.value, precision=precision, files=files, desc=desc,
-                              selftest_inputs=x, name=name, version=version, work=out / f".work-{name}",
-                              device_class=device_class, extra=extra)
+        tar = assemble_bundle(out, key, info=info, compiled=compiled, selftest_inputs=x, name=name, version=version,
+                              work=out / f".work-{name}", device_class=device_class, extra=extra)
     except BundleError as e:
-        _fail(console, str(e), 2)
+        raise fail(str(e), 2) from None
     console.print(f"{tar}\n{out / f'{name}-{version}'}/")
 
 
 # ------------------------------------------------------------------------------------ verify
 @edge_app.command()
 def verify(
-    bundle_path: Path = typer.Argument(..., exists=True, help="Bundle directory or .tar.gz."),
-    pubkey: Path = typer.Option(..., "--pubkey", exists=True, dir_okay=False, help="Release-signing public key (PEM)."),
+    bundle_path: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
+    pubkey: Path = typer.Option(..., "--pubkey", help="Release-signing public key (PEM)."),
     as_json: bool = typer.Option(False, "--json", help="Print the verified manifest as JSON."),
 ) -> None:
     """Check the Ed25519 signature and every artifact hash; exit 1 on any flipped byte, unlisted file or unsafe tar member."""
-    from echocare.bundle import BundleError, verify_bundle
+    _exists(bundle_path, "bundle")
+    _file(pubkey, "public key")
 
-    console = _console(as_json)
+    from echocare.bundle import BundleError, verify_bundle
+    from edge.report import print_verified
+
     try:
         manifest = verify_bundle(bundle_path, pubkey)
     except BundleError as e:
-        _fail(console, f"REFUSED: {e}", 1)
+        raise fail(f"REFUSED: {e}", 1) from None
     if as_json:
         _print_json(manifest)
-        return
-    t = Table(title=f"{manifest.get('name')}-{manifest.get('version')}: signature OK, all hashes OK")
-    for col in ("artifact", "role", "precision", "target", "bytes", "sha256"):
-        t.add_column(col, overflow="fold")
-    for a in manifest["artifacts"]:
-        t.add_row(a["path"], str(a.get("role", "")), str(a.get("precision") or ""), str(a.get("target") or ""), f"{a['size']:,}", a["sha256"][:16])
-    console.print(t)
-    card = manifest.get("model_card", {})
-    console.print(f"task {manifest.get('task')} · labels {manifest.get('labels')} · encoder sha256 {str(manifest.get('encoder', {}).get('sha256'))[:16]}")
-    if card.get("sites"):
-        eps = ", ".join(f"{s} ε={p.get('epsilon'):.2f}" for s, p in card.get("privacy", {}).items() if p.get("epsilon") is not None)
-        console.print(f"federation: {len(card['sites'])} sites, {card.get('rounds')} rounds; {eps}")
-    if "validation" in card:
-        console.print(f"gate: {card['validation'].get('gate', {}).get('reason', '-')}")
+    else:
+        print_verified(_console(), manifest)
 
 
 # ------------------------------------------------------------------------------------- infer
 @edge_app.command()
 def infer(
-    bundle_path: Path = typer.Argument(..., exists=True, help="Bundle directory or .tar.gz."),
+    bundle_path: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
     inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/BMP/TIFF images, DICOM files (multi-frame too), or video clips (mp4...)."),
-    pubkey: Optional[Path] = typer.Option(None, "--pubkey", exists=True, dir_okay=False, envvar="ECHOFLEET_PUBKEY",
+    pubkey: Optional[Path] = typer.Option(None, "--pubkey", envvar="ECHOFLEET_PUBKEY",
                                           help="Release-signing public key: the bundle is verified before it runs."),
     skip_verify: bool = typer.Option(False, "--skip-verify", help="Run without checking the signature (only for a bundle the agent already verified)."),
-    backend: Backend = typer.Option(Backend.auto, help="auto picks the best installed backend for the bundle's models."),
+    backend: str = typer.Option("auto", help="auto picks the best installed backend for the bundle's models; or openvino | onnxruntime."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object: bundle info and a result per input."),
     masks_dir: Path = typer.Option(Path("masks"), "--masks-dir", help="segment/hc: where predicted mask PNGs (at the input's own size) are written."),
     pixel_mm: Optional[float] = typer.Option(None, "--pixel-mm", help="hc: source pixel size in mm when the file does not carry it (DICOM does)."),
     max_frames: int = typer.Option(16, help="Clips / multi-frame DICOM: frames run per file (evenly spaced); classify averages them."),
 ) -> None:
-    """Run a bundle on images: class probabilities, or mask PNGs (+ foreground fraction), or head circumference in mm."""
-    from echocare.data.base import UnreadableImage
+    """Run a bundle on images: class probabilities, or mask PNGs (+ foreground fraction), or head circumference in mm.
+
+    A file that cannot be read is reported (``error: FILE: reason``) and the others still run; the exit code is then 2."""
+    _exists(bundle_path, "bundle")
+    if pubkey is None and not skip_verify:
+        raise fail("no --pubkey (or ECHOFLEET_PUBKEY): refusing to run an unverified bundle (use --skip-verify for one the agent installed)", 2)
+    if pubkey is not None and not skip_verify:
+        _file(pubkey, "public key")
+    _choice(backend, BACKENDS, "--backend")
+    for path in inputs:
+        _file(path, "input file")
+    if pixel_mm is not None and not pixel_mm > 0:
+        raise fail(f"--pixel-mm {pixel_mm:g}: must be a positive pixel size in mm", 2)
+    _at_least(max_frames, 1, "--max-frames")
+
     from echocare.bundle import BundleError
-    from edge.device.inputs import read_frames
+    from edge.device.infer import infer_files
     from edge.device.runtime import load_bundle
+    from edge.report import print_infer
 
     console = _console(as_json)
-    if pubkey is None and not skip_verify:
-        _fail(console, "no --pubkey (or ECHOFLEET_PUBKEY): refusing to run an unverified bundle (use --skip-verify for one the agent installed)", 2)
     try:
-        rt = load_bundle(bundle_path, backend.value, public_key=None if skip_verify else pubkey)
+        rt = load_bundle(bundle_path, backend, public_key=None if skip_verify else pubkey)
     except BundleError as e:
-        _fail(console, f"REFUSED: {e}", 1)
+        raise fail(f"REFUSED: {e}", 1) from None
     except Exception as e:  # backend cannot load the model
-        _fail(console, f"{bundle_path}: cannot load ({e})", 2)
-    results, failed = [], 0
+        raise fail(f"{bundle_path}: cannot load ({e})", 2) from None
     with rt:
-        for path in inputs:
-            try:
-                frames = read_frames(path, max_frames=max_frames)
-            except UnreadableImage as e:
-                failed += 1
-                results.append({"input": str(path), "error": e.reason})
-                continue
-            preds = rt.predict([f.image for f in frames], pixel_mm=[f.pixel_mm or pixel_mm for f in frames])
-            results.append(_summarise(rt, path, frames, preds, masks_dir))
+        res = infer_files(rt, inputs, masks_dir=masks_dir, pixel_mm=pixel_mm, max_frames=max_frames)
         info = rt.describe()
     if as_json:
-        _print_json({"bundle": info, "results": results})
-    else:
-        _print_results(console, info, rt.task, results)
-    if failed:
+        _print_json({"bundle": info, "results": res.results})
+    elif res.succeeded:
+        print_infer(console, info, rt.task, res.succeeded)
+    for r in res.failed:
+        fail(f"{r['input']}: {r['error']}", 2)  # printed; the exit code follows below
+    if res.failed:
         raise typer.Exit(2)
-
-
-def _summarise(rt, path: Path, frames, preds: list[dict], masks_dir: Path) -> dict:
-    """One result per input file (clips: mean probabilities / per-frame masks)."""
-    import numpy as np
-    from PIL import Image
-
-    r: dict = {"input": str(path), "frames": len(frames)}
-    if rt.task == "classify":
-        labels = list(preds[0]["probabilities"])
-        mean = np.mean([[p["probabilities"][k] for k in labels] for p in preds], axis=0)
-        r["probabilities"] = {k: float(v) for k, v in zip(labels, mean)}
-        r["label"] = labels[int(np.argmax(mean))]
-        if len(preds) > 1:
-            r["per_frame_labels"] = [p["label"] for p in preds]
-        return r
-    masks_dir.mkdir(parents=True, exist_ok=True)
-    r["masks"], r["foreground_fraction"] = [], []
-    for f, p in zip(frames, preds):
-        suffix = f"_f{f.frame}" if f.frame is not None else ""
-        out = masks_dir / f"{path.stem}{suffix}_mask.png"
-        Image.fromarray((p["mask"] > 0).astype(np.uint8) * 255).save(out)
-        r["masks"].append(str(out))
-        r["foreground_fraction"].append(p["foreground_fraction"])
-    if rt.task == "hc":
-        r["hc_mm"] = [p.get("hc_mm") for p in preds]
-        if all(v is None for v in r["hc_mm"]):
-            r["note"] = "no pixel size: pass --pixel-mm (or use DICOM with an ultrasound calibration region) for HC in mm"
-    return r
-
-
-def _print_results(console: Console, info: dict, task: str, results: list[dict]) -> None:
-    console.print(f"{info['bundle']} · {info['artifact']} on {info['backend']} ({info['precision']}"
-                  + (f", inference {info['session'].get('inference_precision')}" if info["session"].get("inference_precision") else "") + ")")
-    t = Table()
-    t.add_column("input", overflow="fold")
-    t.add_column("frames", justify="right")
-    if task == "classify":
-        labels = next((list(r["probabilities"]) for r in results if "probabilities" in r), [])
-        t.add_column("label")
-        for k in labels:
-            t.add_column(k, justify="right")
-        for r in results:
-            if "error" in r:
-                t.add_row(r["input"], "-", f"[red]{r['error']}[/]", *["" for _ in labels])
-            else:
-                t.add_row(r["input"], str(r["frames"]), r["label"], *[f"{r['probabilities'][k]:.3f}" for k in labels])
-    else:
-        t.add_column("mask PNG", overflow="fold")
-        t.add_column("foreground", justify="right")
-        if task == "hc":
-            t.add_column("HC (mm)", justify="right")
-        for r in results:
-            if "error" in r:
-                t.add_row(r["input"], "-", f"[red]{r['error']}[/]", "", *([""] if task == "hc" else []))
-                continue
-            hc = [f"{v:.1f}" if v is not None and v == v else "-" for v in r.get("hc_mm", [])]
-            t.add_row(r["input"], str(r["frames"]), r["masks"][0] + (f" (+{len(r['masks']) - 1})" if len(r["masks"]) > 1 else ""),
-                      f"{r['foreground_fraction'][0]:.3f}", *([", ".join(hc)] if task == "hc" else []))
-    console.print(t)
 
 
 # ------------------------------------------------------------------------------------- bench
 @edge_app.command()
 def bench(
-    bundle_path: Path = typer.Argument(..., exists=True, help="Bundle directory or .tar.gz."),
-    pubkey: Optional[Path] = typer.Option(None, "--pubkey", exists=True, dir_okay=False, help="Verify the bundle first."),
+    bundle_path: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
+    pubkey: Optional[Path] = typer.Option(None, "--pubkey", help="Verify the bundle first."),
     batch: int = typer.Option(8, help="Batch size for the throughput figure."),
     iters: int = typer.Option(20, help="Timed runs at batch 1 per model (p50/p95)."),
     torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Task-model directory for the PyTorch FP32 eager baseline (default: the one the bundle was built from, if present)."),
@@ -506,8 +411,19 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Latency p50/p95 (batch 1), throughput (batch N), GFLOP/s vs the matmul peak, and speed-up over PyTorch FP32 eager, in one run."""
-    from edge.bench.latency import bench_bundle
+    _exists(bundle_path, "bundle")
+    if pubkey is not None:
+        _file(pubkey, "public key")
+    if torch_model is not None:
+        _exists(torch_model, "task-model directory")
+    _at_least(batch, 1, "--batch")
+    _at_least(iters, 1, "--iters")
+    if threads is not None:
+        _at_least(threads, 1, "--threads")
+
     from echocare.bundle import BundleError
+    from edge.bench.latency import bench_bundle
+    from edge.report import print_bench
 
     console = _console(as_json)
     try:
@@ -516,52 +432,24 @@ def bench(
                                   with_peak=not no_peak, num_threads=threads, profile=profile,
                                   progress=lambda s: status.update(f"benchmarking {s}"))
     except BundleError as e:
-        _fail(console, f"REFUSED: {e}", 1)
+        raise fail(f"REFUSED: {e}", 1) from None
     if as_json:
         _print_json(report.to_dict())
-        return
-    print_bench(console, report)
-
-
-def print_bench(console: Console, report) -> None:
-    """The bench table (also used by bench/bench_edge.py)."""
-    from rich.markup import escape  # labels such as "model.xml [openvino/f32]" are not markup
-    gf = f"{report.flops_per_image / 1e9:.2f} GFLOP/image" if report.flops_per_image else "FLOPs unknown"
-    t = Table(title=f"{report.image_size}² · {gf} · {report.machine.get('cpu', '?')} ({report.machine.get('cpu_count')} CPUs)")
-    for col in ("model", "backend", "precision", "p50 ms", "p95 ms", f"img/s @b{report.rows[0].batch if report.rows else ''}",
-                "GFLOP/s", "peak GFLOP/s", "% of peak", f"% of peak @b{report.rows[0].batch if report.rows else ''}", "× torch"):
-        t.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right", overflow="fold")
-    for r in report.rows:
-        t.add_row(escape(r.label), r.backend, r.precision if r.precision == r.compute_precision else f"{r.precision} ({r.compute_precision})",
-                  f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.throughput_ips:.2f}",
-                  f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_gflops:.0f}" if r.peak_gflops else "-",
-                  f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
-                  f"{100 * r.throughput_peak_fraction:.0f}%" if r.throughput_peak_fraction else "-",
-                  f"{r.speedup_vs_torch:.2f}" if r.speedup_vs_torch else "-")
-    console.print(t)
-    for label, p in report.profiles.items():
-        top = sorted(p["by_type_ms"].items(), key=lambda kv: -kv[1])[:6]
-        total = sum(p["by_type_ms"].values()) or 1.0
-        line = f"{escape(label)}: matmul kernels {100 * p['matmul_share']:.0f}% of the time"
-        if "kernel_peak_fraction" in p:
-            line += (f" at {100 * p['kernel_peak_fraction']:.0f}% of the peak; ceiling with every matmul at the peak "
-                     f"{100 * p['ceiling_fraction']:.0f}%")
-        console.print(line + "; top: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in top))
-    for n in report.notes:
-        console.print(f"[yellow]note:[/] {n}")
+    else:
+        print_bench(console, report)
 
 
 # ------------------------------------------------------------------------------------- build
 @edge_app.command()
 def build(
     run_dir: Path = typer.Argument(..., help="Federation run directory (uses RUN/global) or a task-model directory."),
-    target: Target = typer.Option(..., "--target", help="openvino-cpu (Intel carts) | onnxruntime-cpu (generic) | tensorrt (Jetson Orin)."),
+    target: str = typer.Option(..., "--target", help=_TARGET_HELP),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8)."),
     val: str = typer.Option(..., "--val", help="Labelled validation data spec for the accuracy gate."),
-    key: Path = typer.Option(..., "--key", exists=True, dir_okay=False, help="Ed25519 private key (from `edge keygen`)."),
+    key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Output folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
-    precision: Precision = typer.Option(Precision.int8, help="int8 (default), fp16 or fp32."),
-    inference_precision: OVPrecision = typer.Option(OVPrecision.f32, help="openvino-cpu: OpenVINO inference precision (explicit; recorded)."),
+    precision: str = typer.Option("int8", help="int8 (default), fp16 or fp32."),
+    inference_precision: str = typer.Option("f32", help="openvino-cpu: OpenVINO inference precision f32 | bf16 | f16 (explicit; recorded)."),
     ignore_op: List[str] = typer.Option([], "--ignore-op", help=_IGNORE_OP_HELP),
     ignore_name: List[str] = typer.Option([], "--ignore-name", help=_IGNORE_NAME_HELP),
     smooth_quant: float = typer.Option(-1.0, help="openvino-cpu int8: NNCF SmoothQuant alpha (negative = off)."),
@@ -576,31 +464,43 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the build summary as JSON."),
 ) -> None:
     """export → quantize → gate → compile → bundle → verify, with a summary table; exit 1 when the gate or self-test fails."""
-    from edge.build.pipeline import BuildConfig, default_quantize_config
-    from edge.build.pipeline import build as run_build
+    _exists(run_dir, "run or task-model directory")
+    t = _target(target)
+    _file(key, "private key")
+    _choice(precision, t.precisions, "--precision")
+    _inference_precision(inference_precision, t)
+    if precision == "int8" and not calib:
+        raise fail("an INT8 build needs calibration images: --calib DATA_SPEC (or --precision fp16 / fp32)", 2)
+    _at_least(calib_limit, 1, "--calib-limit")
+    if val_limit is not None:
+        _at_least(val_limit, 1, "--val-limit")
+
+    from dataclasses import replace
+
     from echocare.bundle import BundleError
     from edge.build.compiled import CompileError
     from edge.build.evaluate import EvalDataError
     from edge.build.export import ExportError
     from edge.build.gate import GateFailed
+    from edge.build.pipeline import BuildConfig, default_quantize_config
+    from edge.build.pipeline import build as run_build
     from edge.build.quantize import QuantizeError
+    from edge.report import print_build
 
     console = _console(as_json)
-    q = default_quantize_config(target.value, precision.value)
-    if q is not None:
-        from dataclasses import replace
-
-        try:
+    try:
+        q = default_quantize_config(t, precision)
+        if q is not None:
             q = replace(q, ignore_ops=tuple(ignore_op), ignore_names=tuple(ignore_name), smooth_quant=smooth_quant, calib_size=calib_limit)
-        except (ValueError, re.error) as e:
-            raise typer.BadParameter(str(e)) from None
-    cfg = BuildConfig(precision=precision.value, inference_precision=inference_precision.value, quantize=q,
-                      bounds=_bounds(max_auroc_drop, max_dice_drop, max_mae_increase), calib_limit=calib_limit,
-                      val_limit=val_limit, name=name, version=version, device_class=device_class)
+        cfg = BuildConfig(precision=precision, inference_precision=inference_precision, quantize=q,
+                          bounds=_bounds(max_auroc_drop, max_dice_drop, max_mae_increase), calib_limit=calib_limit,
+                          val_limit=val_limit, name=name, version=version, device_class=device_class)
+    except (ValueError, re.error) as e:
+        raise fail(str(e), 2) from None
     summary, code, error = None, 0, None
     try:
         with console.status("edge build") as status:
-            summary = run_build(run_dir, target.value, calib, val, key, out, config=cfg, progress=lambda s: status.update(s))
+            summary = run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s))
         if not summary.ok:
             code, error = 1, f"self-test failed: {summary.selftest[1] if summary.selftest else 'not run'}"
     except GateFailed as e:
@@ -611,33 +511,11 @@ def build(
         code, error = 2, str(e)
     if summary is not None:
         if as_json:
-            _print_json(_summary_dict(summary))
+            _print_json(summary.to_dict())
         else:
-            _print_build(console, summary)
+            print_build(console, summary)
     if error:
-        _fail(console, error, code)
-
-
-def _summary_dict(s) -> dict:
-    return {"target": s.target, "precision": s.precision, "ok": s.ok, "tarball": s.tarball, "bundle_dir": s.bundle_dir,
-            "gate": s.gate.to_dict() if s.gate else None, "fp32_metrics": s.fp32_metrics, "candidate_metrics": s.candidate_metrics,
-            "selftest": list(s.selftest) if s.selftest else None,
-            "steps": [{"name": st.name, "seconds": round(st.seconds, 2), "detail": st.detail} for st in s.steps]}
-
-
-def _print_build(console: Console, s) -> None:
-    t = Table(title=f"edge build · {s.target} · {s.precision}")
-    t.add_column("step")
-    t.add_column("time", justify="right")
-    t.add_column("result", overflow="fold")
-    for st in s.steps:
-        style = "red" if (st.name == "gate" and s.gate and not s.gate.passed) else ""
-        t.add_row(st.name, f"{st.seconds:.1f} s", f"[{style}]{st.detail}[/]" if style else st.detail)
-    console.print(t)
-    if s.fp32_metrics:
-        _metrics_table(console, s.fp32_metrics, s.candidate_metrics, s.precision)
-    if s.tarball:
-        console.print(f"[green]bundle:[/] {s.tarball}")
+        raise fail(error, code)
 
 
 if __name__ == "__main__":  # python -m echofleet.cli.edge ...

@@ -21,7 +21,8 @@ import numpy as np
 
 from edge.device.backends import backend_installed, open_session
 from edge.bench.peak import SHAPES, compute_precision, matmul_peak_gflops
-from edge.device.runtime import FORMAT_BACKENDS, load_bundle
+from edge.device.runtime import load_bundle
+from edge.targets import FORMAT_BACKENDS
 
 
 @dataclass

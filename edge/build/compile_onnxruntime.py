@@ -15,23 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.build.compiled import CompiledModel, CompileError
+from edge.build.compiled import CompiledModel, CompileError, CompileOptions
+from edge.targets import get_target
 
-TARGET = "onnxruntime-cpu"
+TARGET = get_target("onnxruntime-cpu")
 LEVELS = ("none", "basic")
 
 
 def compile_onnxruntime(model_path: str | Path, out_dir: str | Path, *, graph_precision: str = "fp32",
-                        optimization: str = "basic", out_name: str = "model.onnx") -> CompiledModel:
-    """Write ``out_dir/<out_name>`` (optimised offline at ``optimization`` level) and smoke-run it."""
+                        optimization: str = "basic", out_name: str | None = None) -> CompiledModel:
+    """Write ``out_dir/<out_name>`` (optimised offline at ``optimization`` level) and smoke-run it.
+
+    ``out_name`` defaults to ``model.onnx``, or ``model.ort.onnx`` when that would overwrite the source."""
     import onnxruntime as ort
 
     if optimization not in LEVELS:
-        raise CompileError(f"{model_path}: optimisation level {optimization!r} for {TARGET}: choose one of {LEVELS}")
+        raise CompileError(f"{model_path}: optimisation level {optimization!r} for {TARGET.name}: choose one of {LEVELS}")
     src, out_dir = Path(model_path), Path(out_dir)
     if not src.is_file():
         raise CompileError(f"{src}: no such model")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if out_name is None:
+        out_name = "model.ort.onnx" if (out_dir / "model.onnx").resolve() == src.resolve() else "model.onnx"
     out = out_dir / out_name
     t0 = time.perf_counter()
     fd, tmp = tempfile.mkstemp(prefix=f".{out_name}.", suffix=".onnx", dir=out_dir)
@@ -52,6 +57,16 @@ def compile_onnxruntime(model_path: str | Path, out_dir: str | Path, *, graph_pr
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return CompiledModel(TARGET, out, [out], "onnx", graph_precision, None,
+    return CompiledModel(TARGET.name, out, [out], TARGET.artifact_format, graph_precision, None,
                          {"compile_seconds": round(time.perf_counter() - t0, 2), "offline_optimization": optimization,
                           "onnxruntime": ort.__version__})
+
+
+def compile_for_bundle(model_path: Path, out_dir: Path, options: CompileOptions) -> CompiledModel:
+    """The table's compile step for ``onnxruntime-cpu`` (see :mod:`edge.build.compiled`)."""
+    return compile_onnxruntime(model_path, out_dir, graph_precision=options.graph_precision)
+
+
+def describe_compiled(model_path: Path, options: CompileOptions) -> CompiledModel:
+    """An ONNX model compiled earlier: it ships alone."""
+    return CompiledModel(TARGET.name, model_path, [model_path], TARGET.artifact_format, options.graph_precision)

@@ -14,10 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge.device.backends import OV_PRECISIONS, OpenVINOSession
-from edge.build.compiled import CompiledModel, CompileError
+from edge.build.compiled import CompiledModel, CompileError, CompileOptions
+from edge.device.backends import OpenVINOSession
+from edge.targets import get_target
 
-TARGET = "openvino-cpu"
+TARGET = get_target("openvino-cpu")
 
 
 def compile_openvino(model_path: str | Path, out_dir: str | Path, *, inference_precision: str = "f32",
@@ -29,8 +30,9 @@ def compile_openvino(model_path: str | Path, out_dir: str | Path, *, inference_p
     """
     import openvino as ov
 
-    if inference_precision not in OV_PRECISIONS:
-        raise CompileError(f"{model_path}: inference precision {inference_precision!r} for {TARGET}: choose one of {OV_PRECISIONS}")
+    if inference_precision not in TARGET.inference_precisions:
+        raise CompileError(f"{model_path}: inference precision {inference_precision!r} for {TARGET.name}: "
+                           f"choose one of {', '.join(TARGET.inference_precisions)}")
     src, out_dir = Path(model_path), Path(out_dir)
     if not src.is_file():
         raise CompileError(f"{src}: no such model")
@@ -59,6 +61,24 @@ def compile_openvino(model_path: str | Path, out_dir: str | Path, *, inference_p
             f"{src}: asked OpenVINO for {inference_precision} inference but this CPU runs {effective}; "
             f"choose --precision {effective} (or f32) for this machine"
         )
-    return CompiledModel(TARGET, xml, [xml, bin_], "openvino-ir", graph_precision, inference_precision,
+    return CompiledModel(TARGET.name, xml, [xml, bin_], "openvino-ir", graph_precision, inference_precision,
                          {"compile_seconds": round(time.perf_counter() - t0, 2), "weights_fp16": compress_to_fp16,
-                          "openvino": ov.get_version()})
+                          "openvino": ov.get_version()}, sidecars={"weights": bin_})
+
+
+def compile_for_bundle(model_path: Path, out_dir: Path, options: CompileOptions) -> CompiledModel:
+    """The table's compile step for ``openvino-cpu`` (see :mod:`edge.build.compiled`)."""
+    return compile_openvino(model_path, out_dir, inference_precision=options.inference_precision,
+                            graph_precision=options.graph_precision)
+
+
+def describe_compiled(model_path: Path, options: CompileOptions) -> CompiledModel:
+    """An IR compiled earlier (``edge compile``): the ``.xml`` and its ``.bin`` weights beside it."""
+    weights = model_path.with_suffix(".bin")
+    if not weights.is_file():
+        raise CompileError(f"{model_path}: its weights {weights.name} are not beside it")
+    if options.inference_precision not in TARGET.inference_precisions:
+        raise CompileError(f"{model_path}: inference precision {options.inference_precision!r} for {TARGET.name}: "
+                           f"choose one of {', '.join(TARGET.inference_precisions)}")
+    return CompiledModel(TARGET.name, model_path, [model_path, weights], TARGET.artifact_format, options.graph_precision,
+                         options.inference_precision, sidecars={"weights": weights})

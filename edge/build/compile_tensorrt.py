@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from echocare.atomic import atomic_write_bytes
-from edge.build.compiled import CompiledModel, CompileError
+from edge.build.compiled import CompiledModel, CompileError, CompileOptions
+from edge.targets import get_target
 
-TARGET = "tensorrt"
-PRECISIONS = ("fp32", "fp16", "int8")
+TARGET = get_target("tensorrt")
+PRECISIONS = TARGET.precisions
+BUILD_CONFIG = "tensorrt.json"  # beside the ONNX model, and at the top of a bundle
 
 
 class TensorRTUnavailable(CompileError):
@@ -182,7 +184,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorR
     atomic_write_bytes(engine_path, bytes(serialized), 0o600)
     atomic_write_bytes(cache_path, bytes(bconf.get_timing_cache().serialize()), 0o600)
     return CompiledModel(
-        TARGET, engine_path, [engine_path], "tensorrt-engine", config.precision, None,
+        TARGET.name, engine_path, [engine_path], "tensorrt-engine", config.precision, None,
         {"tensorrt": str(trt.__version__), "strongly_typed": plan.strongly_typed, "builder_flags": plan.builder_flags,
          "profile": [config.min_batch, config.opt_batch, config.max_batch], "timing_cache": str(cache_path),
          "build_seconds": round(time.perf_counter() - t0, 2), "notes": plan.notes},
@@ -194,3 +196,37 @@ def write_build_config(config: TensorRTBuildConfig, path: str | Path) -> Path:
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(config.to_dict(), indent=2) + "\n").encode(), 0o600)
     return path
+
+
+# ------------------------------------------------------------------------ the table's entries
+def compile_for_bundle(model_path: Path, out_dir: Path, options: CompileOptions) -> CompiledModel:
+    """On the build machine: the ONNX model ships as is, with ``tensorrt.json`` saying how to build the engine.
+
+    The engine itself is built on the device (:func:`build_engine_on_device`): it only runs on the
+    GPU model and TensorRT version that built it."""
+    tcfg = TensorRTBuildConfig(precision=options.graph_precision, input_chw=options.input_chw, max_batch=options.max_batch)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    cfg_path = write_build_config(tcfg, Path(out_dir) / BUILD_CONFIG)
+    return CompiledModel(
+        TARGET.name, Path(model_path), [Path(model_path), cfg_path], TARGET.artifact_format, options.graph_precision, None,
+        {"engine": f"built on the device: echofleet edge compile model/model.onnx --target tensorrt --config {BUILD_CONFIG}",
+         "tensorrt": tcfg.to_dict()},
+        sidecars={"build-config": cfg_path}, manifest={"tensorrt": tcfg.to_dict()})
+
+
+def describe_compiled(model_path: Path, options: CompileOptions) -> CompiledModel:
+    """An ONNX model prepared earlier: it ships with the ``tensorrt.json`` beside it, when there is one."""
+    cfg_path = model_path.parent / BUILD_CONFIG
+    if not cfg_path.is_file():
+        return CompiledModel(TARGET.name, model_path, [model_path], TARGET.artifact_format, options.graph_precision)
+    tcfg = TensorRTBuildConfig.load(cfg_path)
+    return CompiledModel(TARGET.name, model_path, [model_path, cfg_path], TARGET.artifact_format, options.graph_precision,
+                         None, {"tensorrt": tcfg.to_dict()}, sidecars={"build-config": cfg_path},
+                         manifest={"tensorrt": tcfg.to_dict()})
+
+
+def build_engine_on_device(model_path: Path, out_dir: Path, *, config: Path | None = None, engine: Path | None = None,
+                           precision: str = "int8", max_batch: int = 8) -> CompiledModel:
+    """On the device: the engine from the bundle's ONNX and ``tensorrt.json`` (or these defaults)."""
+    tcfg = TensorRTBuildConfig.load(config) if config else TensorRTBuildConfig(precision=precision, max_batch=max_batch)
+    return build_engine(model_path, engine or Path(out_dir) / "model.engine", tcfg)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from echocare.atomic import atomic_write_bytes
+from edge.report import json_default
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -234,30 +235,26 @@ def _output_shape(spec: "TaskModelSpec", size: int) -> list[int]:
     return [-1, k] if spec.task == "classify" else [-1, k, size, size]
 
 
-def read_export_info(model_path: str | Path) -> dict:
-    """The ``export.json`` beside a model file (``model.onnx``, a quantized variant, an IR ``.xml``)."""
+def read_export_info(model_path: str | Path, info_path: str | Path | None = None) -> dict:
+    """``info_path``, or else the ``export.json`` beside a model file (``model.onnx``, a quantized
+    variant, an IR ``.xml``) or one folder up."""
     p = Path(model_path)
-    for d in (p.parent, p.parent.parent):
-        f = d / EXPORT_INFO
+    candidates = [Path(info_path)] if info_path is not None else [p.parent / EXPORT_INFO, p.parent.parent / EXPORT_INFO]
+    for f in candidates:
         if f.is_file():
             try:
-                return json.loads(f.read_text())
-            except ValueError as e:
-                raise ExportError(f"{f}: not valid JSON ({e})") from None
+                info = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise ExportError(f"{f}: not a readable export info ({e})") from None
+            missing = [k for k in ("task", "labels", "preprocess", "encoder", "input", "output") if k not in info]
+            if missing:
+                raise ExportError(f"{f}: not an export info of `echofleet edge export` (no {', '.join(missing)})")
+            return info
+    if info_path is not None:
+        raise ExportError(f"{info_path}: no such export info")
     raise ExportError(f"{p}: no {EXPORT_INFO} beside it (export the model with `echofleet edge export` first)")
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     """JSON to ``path`` via a temporary file and ``os.replace``."""
-    return atomic_write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode(), 0o600)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
+    return atomic_write_bytes(path, (json.dumps(data, indent=2, default=json_default) + "\n").encode(), 0o600)

@@ -30,9 +30,7 @@ from echocare.preprocess import Geometry, PreprocessSpec, preprocess_image
 from edge.device import postprocess as post
 from edge.device.backends import backend_installed, open_session
 from echocare.bundle import BundleError, read_manifest_unverified, safe_extract, verify_bundle
-
-# Which backends can run which artifact format, best first.
-FORMAT_BACKENDS = {"openvino-ir": ["openvino"], "onnx": ["onnxruntime", "openvino"]}
+from edge.targets import FORMAT_BACKENDS  # which backends run which artifact format, best first
 
 
 @dataclass

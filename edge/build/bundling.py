@@ -1,0 +1,148 @@
+"""Step 5 of an edge build: a compiled model -> a signed bundle (manifest, model card, self-test).
+
+:func:`assemble_bundle` is the one implementation, used by :func:`edge.build.pipeline.build` and by
+``echofleet edge bundle`` (a model compiled step by step). It writes
+
+- the manifest: task, labels, input and preprocessing spec, encoder identity, the model card
+  (:func:`model_card`: sites, rounds, epsilon per site, FP32 vs candidate metrics), the artifacts
+  laid out by :func:`edge.build.compiled.bundle_artifacts`, and the target's manifest sections;
+- a self-test sample with the outputs this machine computes for it, and the target's tolerance
+  (:data:`edge.targets.TARGETS`), which the scanner checks after every install;
+- the Ed25519 signature (:func:`echocare.bundle.write_bundle`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from echocare.bundle import safe_name, write_bundle
+from edge.build.compiled import CompiledModel, bundle_artifacts
+from edge.device import postprocess as post
+from edge.device.backends import backend_installed, open_session
+from edge.targets import FORMAT_BACKENDS, get_target
+
+GATE_RECORD_KEYS = ("metric", "fp32", "candidate", "drop", "bound", "passed", "reason")
+
+
+def bundle_identity(task: str, encoder_config: str, target: str, name: str | None = None,
+                    version: str | None = None) -> tuple[str, str]:
+    """(name, version) of a bundle: ``TASK-ENCODER-TARGET`` and a UTC timestamp unless given."""
+    return (safe_name(name or f"{task}-{encoder_config}-{target}"),
+            safe_name(version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")))
+
+
+def model_card(info: dict, report: dict | None) -> dict:
+    """Model card: the task model's provenance plus, for a federation run, its ``report.json`` digest.
+
+    From the report (``{..., "dp": {...}, "rounds": [{"round", "sites": {site: {"privacy": {...},
+    "evaluate": {...}}}, "excluded", "aggregated": {"evaluate": {...}}}]}``): the sites, the number
+    of rounds, each site's final privacy figures (epsilon, delta, noise multiplier, DP-SGD steps),
+    excluded sites, the final aggregated evaluation metrics and the DP settings. Nothing else of
+    the run (e.g. local data paths) is copied into a manifest that ships to scanners.
+    """
+    card: dict[str, Any] = {"provenance": dict(info.get("provenance") or {})}
+    if not report:
+        return card
+    rounds = [r for r in report.get("rounds", []) if isinstance(r, dict)]
+    sites = sorted({s for r in rounds for s in r.get("sites", {})})
+    privacy: dict[str, dict] = {}
+    for r in rounds:
+        for site, entry in r.get("sites", {}).items():
+            p = entry.get("privacy") or {}
+            if p.get("epsilon") is not None:
+                privacy[site] = {k: p[k] for k in ("epsilon", "delta", "noise_multiplier", "steps") if k in p}
+    card.update({
+        "sites": sites,
+        "rounds": len(rounds),
+        "privacy": privacy,
+        "excluded_sites": sorted({s for r in rounds for s in r.get("excluded", [])}),
+        "federated_metrics": rounds[-1].get("aggregated", {}).get("evaluate", {}) if rounds else {},
+    })
+    if isinstance(report.get("dp"), dict):
+        card["dp"] = report["dp"]
+    return card
+
+
+def validation_from_gate_record(path: Path, precision: str) -> dict:
+    """The model card's ``validation`` from a ``gate.json`` written by ``echofleet edge quantize``."""
+    try:
+        g = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable gate record ({e})") from None
+    return {"fp32": g.get("fp32_metrics"), precision: g.get("candidate_metrics"),
+            "gate": {k: g[k] for k in GATE_RECORD_KEYS if k in g}, "samples": g.get("validation_samples")}
+
+
+def _selftest_expectations(files: dict[str, Path], desc: list[dict], x: np.ndarray, task: str, size: int,
+                           work: Path) -> tuple[dict, dict[str, Path]]:
+    """Expected self-test outputs of each model artifact, computed here with the backend the runtime would pick."""
+    outputs, extra = {}, {}
+    for d in desc:
+        if d.get("role") != "model":
+            continue
+        backend = next(b for b in FORMAT_BACKENDS[d["format"]] if backend_installed(b))
+        sess = open_session(files[d["path"]], backend, inference_precision=d.get("inference_precision") or "f32",
+                            graph_precision=d["precision"])
+        out = sess.run(x)
+        if task == "classify":
+            outputs[d["path"]] = {"probabilities": post.softmax(out).tolist(), "backend": backend}
+        else:
+            masks = post.foreground(post.masks_from_logits(out, size))
+            name = f"selftest/expected-{safe_name(Path(d['path']).stem)}.npy"
+            p = work / "selftest" / Path(name).name
+            np.save(p, masks)
+            extra[name] = p
+            outputs[d["path"]] = {"masks": name, "foreground_fraction": [float(m.mean()) for m in masks], "backend": backend}
+    return outputs, extra
+
+
+def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: CompiledModel, selftest_inputs: np.ndarray,
+                    name: str, version: str, work: Path, device_class: str | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write the signed bundle: manifest from the export info, self-test sample + expected outputs, artifacts.
+
+    ``info`` is the export's ``export.json``; ``extra`` may carry ``quantization``, ``source`` and
+    ``model_card_validation`` (FP32 vs candidate metrics and the gate result). Returns the tarball path.
+    """
+    extra = dict(extra or {})
+    target = get_target(compiled.target)
+    task, size = info["task"], int(info["input"]["shape"][-1])
+    files, desc = bundle_artifacts(compiled)
+    (work / "selftest").mkdir(parents=True, exist_ok=True)
+    np.save(work / "selftest" / "input.npy", np.asarray(selftest_inputs, np.float32))
+    expected, expected_files = _selftest_expectations(files, desc, selftest_inputs, task, size, work)
+    files = {**files, "selftest/input.npy": work / "selftest" / "input.npy", **expected_files}
+    desc = desc + [{"path": "selftest/input.npy", "role": "selftest"}] + [{"path": p, "role": "selftest"} for p in expected_files]
+    card = model_card(info, info.get("run_report"))
+    if "model_card_validation" in extra:
+        card["validation"] = extra.pop("model_card_validation")
+    manifest = {
+        "name": name,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": task,
+        "labels": list(info["labels"]),
+        "target": target.name,
+        "precision": compiled.precision,
+        "input": info["input"],
+        "output": info["output"],
+        "preprocess": info["preprocess"],
+        "encoder": info["encoder"],
+        "head": info.get("head"),
+        "flops_per_image": info.get("flops_per_image"),
+        "export": {"opset": info.get("opset"), "parity": info.get("parity")},
+        "source": {"model_dir": info.get("source")},  # for `edge bench`'s PyTorch baseline on the build machine
+        "model_card": card,
+        "selftest": {"input": "selftest/input.npy", "outputs": expected, "tolerance": target.selftest.to_dict()},
+        "artifacts": desc,
+        **compiled.manifest,
+        **extra,
+    }
+    if device_class:
+        manifest["device_class"] = device_class
+    return write_bundle(out, manifest, files, key)

@@ -1,0 +1,126 @@
+"""The one table of edge targets: every build step, the runtime and the CLI read it.
+
+A target is where a bundle runs (an Intel cart, any CPU, a Jetson). Its row says what the build
+ships (artifact format, file suffix), which precisions it builds and how the default INT8/FP16
+model is quantized, the self-test tolerance the scanner applies, which module compiles it, and
+what runs it on the device. Adding a target means one row here plus one ``edge/build/compile_*.py``
+module (with ``compile_for_bundle`` and ``describe_compiled``, see :mod:`edge.build.compiled`).
+
+This module is read by the scanner side too (:mod:`edge.device.runtime` takes
+:data:`FORMAT_BACKENDS` from here), so it imports nothing heavy: no torch, and not
+:mod:`edge.build` (import-linter checks). The compile functions are named as import paths
+(``"module:function"``) that the build side resolves (:func:`edge.build.compiled.target_function`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+PRECISIONS = ("int8", "fp16", "fp32")  # graph precision of a shipped model
+
+# Which device backends can run which artifact format, best first (the runtime's "auto" choice).
+FORMAT_BACKENDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "openvino-ir": ("openvino",),
+    "onnx": ("onnxruntime", "openvino"),
+})
+
+
+class UnknownTarget(ValueError):
+    """A target name that is not in :data:`TARGETS` (the message lists the known ones)."""
+
+
+@dataclass(frozen=True)
+class SelfTestTolerance:
+    """How far the scanner's self-test may drift from the outputs recorded at build time."""
+
+    probability_atol: float = 0.05  # classify: max |p_device - p_build|
+    mask_min_agreement: float = 0.98  # segment/hc: share of equal mask pixels
+    mask_min_dice: float = 0.9  # segment/hc: Dice per sample (masks of >= 1 % foreground)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"probability_atol": self.probability_atol, "mask_min_agreement": self.mask_min_agreement,
+                "mask_min_dice": self.mask_min_dice}
+
+
+@dataclass(frozen=True)
+class EdgeTarget:
+    """One row of the table (see the module docstring)."""
+
+    name: str
+    description: str  # for --help and docs
+    artifact_format: str  # the model artifact a bundle ships: a key of FORMAT_BACKENDS
+    suffix: str  # its file suffix (``model/model<suffix>`` inside a bundle)
+    # keyword arguments of edge.build.quantize.QuantizeConfig per precision; a precision absent
+    # here ships the exported FP32 graph unchanged (fp32)
+    quantize: Mapping[str, Mapping[str, Any]] = field(hash=False)
+    compile: str  # "module:function" -> CompiledModel, run on the build machine for the bundle
+    runs_on: str  # what runs the model on the device (docs and --help)
+    default_precision: str = "int8"
+    precisions: tuple[str, ...] = PRECISIONS
+    inference_precisions: tuple[str, ...] = ()  # OpenVINO's explicit inference precision; () = none to choose
+    selftest: SelfTestTolerance = SelfTestTolerance()
+    # "module:function" of a step that runs on the device itself before the first inference
+    # (a TensorRT engine only runs on the GPU and TensorRT version that built it); None = none
+    device_build: str | None = None
+
+    def quantize_kwargs(self, precision: str) -> dict[str, Any] | None:
+        """QuantizeConfig keyword arguments for ``precision`` (None: the FP32 graph ships as is)."""
+        if precision not in self.precisions:
+            raise ValueError(f"target {self.name} builds {', '.join(self.precisions)}, not {precision!r}")
+        kw = self.quantize.get(precision)
+        return None if kw is None else dict(kw)
+
+
+def _frozen(d: dict[str, dict[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
+    return MappingProxyType({k: MappingProxyType(v) for k, v in d.items()})
+
+
+_FP16 = {"method": "fp16"}
+
+TARGETS: Mapping[str, EdgeTarget] = MappingProxyType({t.name: t for t in (
+    EdgeTarget(
+        name="openvino-cpu",
+        description="Intel carts: OpenVINO IR, NNCF INT8, explicit inference precision",
+        artifact_format="openvino-ir", suffix=".xml",
+        quantize=_frozen({"int8": {"method": "nncf"}, "fp16": _FP16}),
+        compile="edge.build.compile_openvino:compile_for_bundle",
+        runs_on="OpenVINO CPU plugin",
+        inference_precisions=("f32", "bf16", "f16"),
+    ),
+    EdgeTarget(
+        name="onnxruntime-cpu",
+        description="any CPU: ONNX for ONNX Runtime, QDQ U8S8 INT8",
+        artifact_format="onnx", suffix=".onnx",
+        # U8S8: ONNX Runtime's fast x86 path
+        quantize=_frozen({"int8": {"method": "qdq", "activations": "asymmetric"}, "fp16": _FP16}),
+        compile="edge.build.compile_onnxruntime:compile_for_bundle",
+        runs_on="ONNX Runtime CPU (OpenVINO as fallback)",
+    ),
+    EdgeTarget(
+        name="tensorrt",
+        description="Jetson Orin: Q/DQ S8S8 or FP16 ONNX; the engine is built on the device",
+        artifact_format="onnx", suffix=".onnx",
+        # S8S8 Q/DQ for TensorRT's explicit quantization. Percentile calibration: on BUSI with the
+        # tiny config, min-max S8S8 lost ~1.9 AUROC points, percentile ~0.7 (symmetric activation
+        # ranges are wasted on outliers).
+        quantize=_frozen({"int8": {"method": "qdq", "activations": "symmetric", "calibrate_method": "percentile"},
+                          "fp16": _FP16}),
+        compile="edge.build.compile_tensorrt:compile_for_bundle",
+        runs_on="TensorRT engine (ONNX Runtime's TensorRT execution provider, or `edge compile` on the device)",
+        # its own kernels and fp16 accumulation: further from the build machine than the CPU backends
+        selftest=SelfTestTolerance(probability_atol=0.1, mask_min_agreement=0.95, mask_min_dice=0.85),
+        device_build="edge.build.compile_tensorrt:build_engine_on_device",
+    ),
+)})
+
+TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
+
+
+def get_target(name: str) -> EdgeTarget:
+    """The row for ``name``; :class:`UnknownTarget` names the known targets otherwise."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UnknownTarget(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}") from None
