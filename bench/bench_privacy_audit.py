@@ -37,6 +37,8 @@ calibrated as ``train_round`` does, for the site's budget spread over the planne
   predictable  the old behaviour of issue 9: noise seeded from values the coordinator knows; it re-runs
                ``train_head`` with that seed on all-zero features of the same size (its weight gradient is
                exactly 0, so the weight change is the noise alone) and subtracts it. should be far above
+  regenerate-vs-secure  the same subtraction against a site that draws its noise from OS entropy
+               (today's default): must fail, lower bound <= accounted
 
 The ceiling column is what a perfect attacker could certify with these canaries (all its guesses
 right on the canaries that were sampled at least once): one run cannot certify more than about
@@ -85,7 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fed, echocare (r
 console = Console(highlight=False, width=210)
 CONFIDENCE = 0.95
 DATA_DIM = 64  # the site's own (whitened) feature coordinates; canaries use the ones after them
-CASES = ("dp", "no-noise", "predictable")
+CASES = ("dp", "no-noise", "predictable", "regenerate-vs-secure")
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +301,8 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
     delta = SitePolicy(data="audit", site_name="audit").delta_for(n)
     sigma = calibrate_noise(cfg.budget_epsilon, delta, q, steps * cfg.planned_rounds)  # as train_round does
     run_sigma = sigma * 1e-6 if case == "no-noise" else sigma
-    public = public_seed_of(cfg.seed, "site-1", 1) if case == "predictable" else None
-    dp_cfg, source = _dp_config(cfg, run_sigma, public)
+    public = public_seed_of(cfg.seed, "site-1", 1)  # what the coordinator knows
+    dp_cfg, source = _dp_config(cfg, run_sigma, public if case == "predictable" else None)
 
     torch.manual_seed(cfg.seed)  # the coordinator's initial head: it knows W0
     head = ClassifyHead(DATA_DIM + cfg.canaries, cfg.classes)
@@ -315,7 +317,7 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
     if case == "no-noise":
         source += " x1e-6"
 
-    if case == "predictable":  # the coordinator regenerates the noise and subtracts it
+    if case in ("predictable", "regenerate-vs-secure"):  # the coordinator regenerates the noise and subtracts it
         del site.x
         dummy = ClassifyHead(DATA_DIM + cfg.canaries, cfg.classes)
         dummy.load_state_dict(initial)  # the weights it sent
@@ -340,7 +342,7 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
 def verdict(row: dict) -> tuple[str, bool]:
     """(text, as expected?) for one audited case."""
     lb, acc = row["eps_lb"], row["eps_accounted"]
-    if row["case"] == "dp":
+    if row["case"] in ("dp", "regenerate-vs-secure"):
         return ("holds", True) if lb <= acc else ("VIOLATION", False)
     if lb > acc:
         return f"detected ({lb / acc:.1f}x)", True
