@@ -56,11 +56,13 @@ def phantom_default_policy(partition_id: int, num_partitions: int, run: RunConfi
 
 
 def to_content(reply: Reply) -> RecordDict:
-    """Only numbers, head parameters and the site's pseudonym leave the site."""
+    """What leaves the site (docs/privacy.md): the pseudonym, a status, DP head parameters, DP or
+    policy-disclosed metrics, lifetime epsilon/delta. ``num-examples`` is the fixed weight 1 (0 for
+    a reply without an update), never the site's count: FedAvg averages the sites equally."""
     content = RecordDict({
         "site": ConfigRecord({"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp"}),
         # "dp-weight": equal weights for Flower's accounted central-DP FedAvg (it averages unweighted)
-        "metrics": MetricRecord({"num-examples": int(reply.num_examples), "dp-weight": 1.0,
+        "metrics": MetricRecord({"num-examples": int(reply.weight), "dp-weight": 1.0,
                                  **{k: float(v) for k, v in reply.metrics.items()}}),
     })
     if reply.arrays is not None:

@@ -29,9 +29,21 @@ class EncoderRef:
     sha256: str | None = None
     seed: int = 0
 
-    @property
-    def key(self) -> str:
-        return f"{self.config}-{self.sha256[:16]}" if self.sha256 else f"{self.config}-seed{self.seed}"
+
+
+def site_encoder_key(ref: EncoderRef) -> str:
+    """The feature-cache key of ``ref`` **as this machine sees it**: with a checkpoint, the sha256
+    the site computes of its own file (never the coordinator's word, never a ``config-seedN``
+    fallback that would read features of another encoder); a coordinator-announced sha256 that
+    differs is an error. Without a checkpoint: the seeded random initialisation, ``config-seedN``."""
+    if not ref.checkpoint:
+        return f"{ref.config}-seed{ref.seed}"
+    from echocare.models.encoder import checkpoint_sha256
+
+    sha = checkpoint_sha256(ref.checkpoint)
+    if ref.sha256 and sha != ref.sha256.lower():
+        raise RuntimeError(f"encoder checkpoint {ref.checkpoint} has sha256 {sha}, the federation expects {ref.sha256}")
+    return f"{ref.config}-{sha[:16]}"
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +87,7 @@ def pooled_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache
 
     from echocare.models.encoder import encode, pooled_features as pool
 
-    cache = FeatureCache(cache_root, f"{ref.key}-{spec.digest()}-pooled")
+    cache = FeatureCache(cache_root, f"{site_encoder_key(ref)}-{spec.digest()}-pooled")
     kept, keys = [], []
 
     def items():
@@ -108,7 +120,7 @@ def map_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_ro
     from echocare.models.encoder import encode
 
     kind = "maps" + "-".join(map(str, needs)) + ("-img" if needs_image else "")
-    cache = FeatureCache(cache_root, f"{ref.key}-{spec.digest()}-{kind}", shard_rows=64)
+    cache = FeatureCache(cache_root, f"{site_encoder_key(ref)}-{spec.digest()}-{kind}", shard_rows=64)
     kept, keys = [], []
 
     def items():
@@ -139,3 +151,53 @@ def map_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache_ro
     if not keys:
         return {}, []
     return cache.read(keys), kept
+
+
+# -- the public whitening projection of classification heads ----------------------------------------
+DEFAULT_REFERENCE = "phantom:300?profiles=linear-a,convex-b,linear-c&seed=9001"
+
+
+def public_projection(ref: EncoderRef, spec: PreprocessSpec, dim: int, cache_dir: Path,
+                      reference: str = DEFAULT_REFERENCE) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), matrix (D, dim)) whitening projection of the encoder's pooled features on PUBLIC
+    reference images (echofleet's phantoms): their mean and top principal directions, whitened.
+
+    The coordinator computes it to set a classification head's fixed buffers; a site recomputes it
+    to verify the buffers of a head it is asked to evaluate (docs/privacy.md). No site data is
+    involved, so it costs no privacy budget."""
+    mean, matrix = _projection(ref, spec.to_json(), dim, str(cache_dir), reference)
+    return mean.copy(), matrix.copy()
+
+
+@lru_cache(maxsize=4)
+def _projection(ref: EncoderRef, spec_json: str, dim: int, cache_dir: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
+    from echocare.data import open_data
+
+    spec = PreprocessSpec.from_json(spec_json)
+    data = open_data(reference)
+    x, _ = pooled_features(data, ref, spec, Path(cache_dir))
+    if len(x) < dim + 1:
+        raise ValueError(f"public reference {reference} has {len(x)} images: too few for a {dim}-dim projection")
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    scale = np.sqrt(len(x) - 1) / np.maximum(s[:dim], 1e-6)
+    matrix = (vt[:dim].T * scale).astype(np.float32)  # projected features have unit variance on the reference
+    log.info("public projection: %d -> %d dims from %d reference images (%s)", x.shape[1], dim, len(x), reference)
+    return mean.astype(np.float32), matrix
+
+
+def projection_mismatch(mean: np.ndarray, matrix: np.ndarray, own_mean: np.ndarray, own_matrix: np.ndarray,
+                        rtol: float = 1e-2) -> str | None:
+    """Why received projection buffers differ from the site's own recomputation, or None.
+
+    Columns may differ in sign (an SVD's sign is arbitrary; a flipped column is the same head with
+    flipped weights); beyond that, 1% relative tolerance (float differences across machines)."""
+    if mean.shape != own_mean.shape or matrix.shape != own_matrix.shape:
+        return f"projection shapes {mean.shape}, {matrix.shape} differ from the public ones {own_mean.shape}, {own_matrix.shape}"
+    mean, matrix = mean.astype(np.float64), matrix.astype(np.float64)
+    if np.linalg.norm(mean - own_mean) > rtol * (np.linalg.norm(own_mean) + 1e-6):
+        return "proj_mean differs from the public projection this site computed"
+    signs = np.where((matrix * own_matrix).sum(0) < 0, -1.0, 1.0)
+    if np.linalg.norm(matrix * signs - own_matrix) > rtol * (np.linalg.norm(own_matrix) + 1e-6):
+        return "proj_matrix differs from the public projection this site computed"
+    return None

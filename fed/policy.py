@@ -8,21 +8,28 @@ A policy is a small TOML file whose path the SuperNode receives through its node
 
     site_name = "hospital-a"            # pseudonym shown in the coordinator's report
     data = "busi:/data/BUSI"            # data spec (never leaves the site)
-    state_dir = "/var/lib/echofleet"    # feature cache + privacy ledger
+    state_dir = "/var/lib/echofleet"    # feature cache, lifetime privacy ledger, stored replies
     allowed_tasks = ["classify"]
-    target_epsilon = 8.0                # total privacy budget for one federated run
-    delta = 1e-5                        # default: below 1/N for N local images
+    target_epsilon = 8.0                # LIFETIME privacy budget of this dataset, over all runs
+    delta = 1e-5                        # must be below 1/N (default: min(1e-5, 0.1/N))
     max_local_epochs = 2
+    max_grad_norm = 1.0                 # the largest clipping bound a coordinator may ask for
+    evaluation = "accounted"            # or "disclosed": exact metrics, a documented disclosure
     device = "auto"                     # auto: CUDA when present, else CPU
+
+See docs/privacy.md for the threat model these fields serve.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TASKS = ("classify", "segment", "hc")
+EVALUATION_MODES = ("accounted", "disclosed")
 
 
 class PolicyError(ValueError):
@@ -35,12 +42,24 @@ class SitePolicy:
 
     Privacy meaning of the fields:
 
-    - ``target_epsilon``: the most privacy loss (epsilon of (epsilon, delta)-DP, example-level,
-      cumulative over all rounds of one run) the site will spend. When the next round would exceed
-      it, the site answers "budget exhausted" and trains no more.
-    - ``delta``: the delta of the guarantee; ``None`` means ``min(1e-5, 0.1 / N)`` for N local
-      training images, i.e. well below 1/N.
-    - ``max_grad_norm`` (optional cap): per-example gradient clipping bound the site accepts at most.
+    - ``target_epsilon``: the most privacy loss (epsilon of (epsilon, delta)-DP, per image) the
+      site will ever spend on this dataset: the lifetime total over every run and every release
+      (training rounds and accounted evaluations), whatever run key or round the coordinator claims.
+      When the next release would exceed it, the site answers "budget exhausted".
+    - ``delta``: the delta of the guarantee, which must be below 1/N for the site's N images (else
+      the site refuses); ``None`` means ``min(1e-5, 0.1 / N)``.
+    - ``max_grad_norm`` (optional cap): the largest per-example clipping bound the site accepts.
+    - ``evaluation``: ``"accounted"`` (default): evaluation metrics are noisy (Gaussian noise with
+      ``evaluation_noise_multiplier``) and charged to the ledger; ``"disclosed"``: exact metrics, at
+      most ``disclosed_evaluations_per_run`` per run key, each logged in the ledger (a disclosure
+      the hospital chooses, not a DP guarantee).
+    - ``disclose_accounting``: also send the accountant's inputs (noise multiplier, sampling rate,
+      steps), which reveal the number of training images; default: only epsilon and delta leave.
+    - ``projection_reference``: the public reference images (a data spec) from which this site
+      recomputes a classification head's fixed projection to verify it before evaluating.
+    - ``insecure_deterministic_noise``: TESTS ONLY. DP noise and sampling are seeded from values the
+      coordinator knows, so it can remove the noise: nothing this site releases is private, and
+      every reply, ledger entry and report says so.
     """
 
     data: str
@@ -50,6 +69,13 @@ class SitePolicy:
     target_epsilon: float = 8.0
     delta: float | None = None
     max_local_epochs: int = 5
+    max_grad_norm: float | None = None
+    evaluation: str = "accounted"
+    evaluation_noise_multiplier: float = 8.0
+    disclosed_evaluations_per_run: int = 12
+    disclose_accounting: bool = False
+    insecure_deterministic_noise: bool = False
+    projection_reference: str = ""  # public images a head's projection must come from ("": echofleet's default phantoms)
     device: str = "auto"
     # Simulation only: which share of ``data`` this simulated hospital holds.
     partition: str | None = None  # "iid" | "dirichlet:ALPHA" | "by-device"
@@ -69,14 +95,41 @@ class SitePolicy:
             raise PolicyError(f"delta must be in (0, 1), got {self.delta}")
         if self.max_local_epochs < 1:
             raise PolicyError(f"max_local_epochs must be >= 1, got {self.max_local_epochs}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise PolicyError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.evaluation not in EVALUATION_MODES:
+            raise PolicyError(f"evaluation must be one of {list(EVALUATION_MODES)}, got {self.evaluation!r}")
+        if not self.evaluation_noise_multiplier > 0:
+            raise PolicyError(f"evaluation_noise_multiplier must be > 0, got {self.evaluation_noise_multiplier}")
+        if self.disclosed_evaluations_per_run < 0:
+            raise PolicyError(f"disclosed_evaluations_per_run must be >= 0, got {self.disclosed_evaluations_per_run}")
 
     @property
     def features_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.state_dir) / "features"
 
-    def delta_for(self, n_train: int) -> float:
-        """The delta used for a site with ``n_train`` training images (policy value or < 1/N)."""
-        return self.delta if self.delta is not None else min(1e-5, 0.1 / max(1, n_train))
+    def delta_for(self, n: int) -> float:
+        """The delta for a site with ``n`` images (policy value, or ``min(1e-5, 0.1/N)``)."""
+        return self.delta if self.delta is not None else min(1e-5, 0.1 / max(1, n))
+
+    def delta_problem(self, n: int, delta: float | None = None) -> str | None:
+        """Why ``delta`` (default: this policy's) is not acceptable for ``n`` images (it must be
+        below 1/N), or None. The message names N: for the site's log, not for a reply."""
+        delta = self.delta_for(n) if delta is None else delta
+        if delta >= 1.0 / max(1, n):
+            return f"delta {delta:g} is not below 1/N = {1.0 / max(1, n):g} for this site's N = {n} images"
+        return None
+
+    @property
+    def data_identity(self) -> str:
+        """What the lifetime ledger is keyed by: the site's dataset (spec and share), never the
+        coordinator's run key."""
+        ident = json.dumps([self.data, self.partition, self.partition_index, self.partition_count, self.partition_seed])
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.state_dir) / "ledger" / f"{self.data_identity}.json"
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
@@ -135,4 +188,8 @@ def refusal_reason(policy: SitePolicy, ins: Instruction) -> str | None:
         return f"task '{ins.task}' is not allowed by this site's policy (allowed: {list(policy.allowed_tasks)})"
     if ins.local_epochs > policy.max_local_epochs:
         return f"local_epochs={ins.local_epochs} exceeds this site's max_local_epochs={policy.max_local_epochs}"
+    if policy.max_grad_norm is not None and ins.max_grad_norm > policy.max_grad_norm:
+        return f"max_grad_norm={ins.max_grad_norm:g} exceeds this site's cap of {policy.max_grad_norm:g}"
+    if not ins.max_grad_norm > 0:
+        return f"max_grad_norm must be > 0, got {ins.max_grad_norm:g}"
     return None

@@ -1,8 +1,11 @@
 """What a hospital does in a round, as plain functions (the ClientApp only moves messages).
 
 ``train_round`` and ``evaluate_round`` take the site's policy, the coordinator's round config and
-the global head weights, and return only what may leave the site: head parameters, the number of
-examples, metrics and privacy figures. Never an image, a feature, a file name or a patient field.
+the global head weights, and return only what may leave the site (docs/privacy.md): DP head
+parameters, DP (accounted) or policy-disclosed metrics, a fixed weight instead of the number of
+examples, and the site's lifetime epsilon and delta. Never a loss, a count, an image, a feature, a
+file name or a patient field. Every release is charged to the site's lifetime ledger first; an
+identical re-delivered request gets its stored reply.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from echocare.atomic import atomic_write_bytes
 from echocare.preprocess import PreprocessSpec
-from fed.config import RunConfig
-from fed.dp import DPConfig, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
+from fed.dp import DPConfig, DPRandom, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
 from fed.features import EncoderRef, map_features, pooled_features
-from fed.ledger import ACCOUNTANT, PrivacyLedger, Release, calibrate_noise
+from fed.ledger import ACCOUNTANT, Disclosure, PrivacyLedger, Release, ReplyStore, calibrate_noise, locked_ledger
 from fed.policy import Instruction, SitePolicy, refusal_reason
 
 log = logging.getLogger(__name__)
@@ -31,26 +36,25 @@ STATUS_OK, STATUS_EXHAUSTED, STATUS_REFUSED = "ok", "budget-exhausted", "refused
 
 @dataclass
 class RoundConfig:
-    """The coordinator's instructions for one round (built by ``RunConfig.round_config``, sent every
-    round). Defaults are the run config's (fed/config.py), never typed twice."""
+    """The coordinator's instructions for one round (built from the run config, sent every round)."""
 
-    task: str = RunConfig.task
-    labels: list[str] = field(default_factory=lambda: RunConfig().task_labels())
-    encoder: EncoderRef = field(default_factory=lambda: RunConfig().encoder_ref())
+    task: str = "classify"
+    labels: list[str] = field(default_factory=lambda: ["benign", "malignant", "normal"])
+    encoder: EncoderRef = field(default_factory=lambda: EncoderRef("echocare-tiny"))
     head: dict = field(default_factory=dict)
     preprocess: dict = field(default_factory=dict)
-    local_epochs: int = RunConfig.local_epochs
-    batch_size: int = RunConfig.batch_size
-    lr: float = RunConfig.lr
-    max_grad_norm: float = RunConfig.max_grad_norm
-    target_epsilon: float = RunConfig.target_epsilon
-    noise_multiplier: float = RunConfig.noise_multiplier  # 0: each site calibrates sigma to target_epsilon over num_rounds
-    num_rounds: int = RunConfig.num_server_rounds
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0
+    noise_multiplier: float = 0.0  # 0: each site calibrates sigma to target_epsilon over num_rounds
+    num_rounds: int = 3
     server_round: int = 1
-    seed: int = RunConfig.seed
+    seed: int = 0
     run_key: str = "run"
-    proximal_mu: float = 0.0  # the FedProx pull actually asked for (0 unless the strategy is fedprox)
-    val_fraction: float = RunConfig.val_fraction
+    proximal_mu: float = 0.0
+    val_fraction: float = 0.2
 
     def to_record(self) -> dict:
         """Flat dict of str/int/float for a Flower ConfigRecord."""
@@ -67,23 +71,22 @@ class RoundConfig:
 
     @classmethod
     def from_record(cls, r) -> "RoundConfig":
-        """Read :meth:`to_record`'s dict back; a missing key takes this class's default."""
-        d = cls.to_record(cls())
-        g = lambda k: r[k] if k in r else d[k]  # noqa: E731
+        g = lambda k, d: r[k] if k in r else d  # noqa: E731
         return cls(
-            task=str(g("task")), labels=json.loads(g("labels")),
-            encoder=EncoderRef(str(g("encoder-config")), str(g("encoder-checkpoint")) or None,
-                               str(g("encoder-sha256")) or None, int(g("encoder-seed"))),
-            head=json.loads(g("head")), preprocess=json.loads(g("preprocess")),
-            local_epochs=int(g("local-epochs")), batch_size=int(g("batch-size")), lr=float(g("lr")),
-            max_grad_norm=float(g("max-grad-norm")), target_epsilon=float(g("target-epsilon")),
-            noise_multiplier=float(g("noise-multiplier")), num_rounds=int(g("num-rounds")),
-            server_round=int(g("server-round")), seed=int(g("seed")), run_key=str(g("run-key")),
-            proximal_mu=float(g("proximal-mu")), val_fraction=float(g("val-fraction")),
+            task=str(g("task", "classify")), labels=json.loads(g("labels", "[]")),
+            encoder=EncoderRef(str(g("encoder-config", "echocare-tiny")), str(g("encoder-checkpoint", "")) or None,
+                               str(g("encoder-sha256", "")) or None, int(g("encoder-seed", 0))),
+            head=json.loads(g("head", "{}")), preprocess=json.loads(g("preprocess", "{}")),
+            local_epochs=int(g("local-epochs", 1)), batch_size=int(g("batch-size", 32)), lr=float(g("lr", 0.1)),
+            max_grad_norm=float(g("max-grad-norm", 1.0)), target_epsilon=float(g("target-epsilon", 8.0)),
+            noise_multiplier=float(g("noise-multiplier", 0.0)), num_rounds=int(g("num-rounds", 3)),
+            server_round=int(g("server-round", 1)), seed=int(g("seed", 0)), run_key=str(g("run-key", "run")),
+            proximal_mu=float(g("proximal-mu", 0.0)), val_fraction=float(g("val-fraction", 0.2)),
         )
 
 
 def _seed(*parts) -> int:
+    """A seed from public values: ONLY for the policy's insecure_deterministic_noise (tests)."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
@@ -186,23 +189,124 @@ def _load_arrays(head, arrays: dict[str, np.ndarray]) -> None:
 
 @dataclass
 class Reply:
-    """Everything that leaves the site after a round."""
+    """Everything that leaves the site after a round (docs/privacy.md: only private outputs).
+
+    ``weight`` is the fixed weight FedAvg sees as ``num-examples``: 1 for every answering site,
+    never its count of examples. ``metrics`` hold DP results (accounted evaluation metrics), the
+    site's lifetime epsilon and delta, and the accountant's inputs only if the policy discloses them."""
 
     status: str
     site: str
-    num_examples: int = 0
+    weight: int = 0
     arrays: dict[str, np.ndarray] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
 
+    def fields(self) -> dict:
+        return {"status": self.status, "site": self.site, "weight": self.weight, "metrics": self.metrics,
+                "reason": self.reason}
 
-def ledger_for(policy: SitePolicy, cfg: RoundConfig, n_train: int) -> PrivacyLedger:
-    path = Path(policy.state_dir) / "ledger" / f"{cfg.run_key}.json"
-    return PrivacyLedger.open(path, policy.delta_for(n_train), policy.target_epsilon)
+
+NOT_PRIVATE = ("NOT PRIVATE: this site's policy sets insecure_deterministic_noise (tests only); "
+               "its noise is predictable from the run seed, site and round")
+SITE_ERROR = "the site could not answer this request (details in the site's own log)"
+DELTA_REFUSAL = "this site's delta is not below 1/N for its data (details in the site's own log)"
+# Accounted evaluation: per-image contributions bounded so that one image changes the released
+# sums by at most sqrt(K + 3) (classification) or sqrt(5) (segmentation) in L2 norm.
+LOSS_CAP, HC_CAP_MM, AUROC_BINS = 5.0, 100.0, 10
 
 
+def request_hash(kind: str, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> str:
+    """What makes two requests identical: the kind, the whole round config (run key and round
+    included) and the exact bytes of every global array."""
+    h = hashlib.sha256(kind.encode())
+    h.update(json.dumps(cfg.to_record(), sort_keys=True).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _site_size(policy: SitePolicy, cfg: RoundConfig) -> int:
+    """N: the images of this site's dataset (train + validation split)."""
+    return len(site_split(policy, cfg, "train").samples) + len(site_split(policy, cfg, "val").samples)
+
+
+@contextmanager
+def ledger_for(policy: SitePolicy, n: int) -> Iterator[PrivacyLedger]:
+    """The site's lifetime ledger of its dataset (keyed by the data, never the run), locked."""
+    with locked_ledger(policy.ledger_path, policy.delta_for(n), policy.target_epsilon) as ledger:
+        yield ledger
+
+
+def _replies(policy: SitePolicy) -> ReplyStore:
+    return ReplyStore(policy.ledger_path.parent / f"replies-{policy.data_identity}")
+
+
+def _stored(store: ReplyStore, request: str) -> Reply | None:
+    got = store.get(request)
+    if got is None:
+        return None
+    fields, arrays = got
+    log.info("identical request %s… re-delivered: the stored reply, no new privacy charge", request[:12])
+    return Reply(fields["status"], fields["site"], int(fields["weight"]), arrays, dict(fields["metrics"]), fields["reason"])
+
+
+def _figures(policy: SitePolicy, ledger: PrivacyLedger) -> dict[str, float]:
+    """The privacy figures a reply carries: lifetime epsilon (rounded) and delta; the accountant's
+    inputs (they reveal N) only when the policy discloses them."""
+    f = ledger.figures()
+    out = {"epsilon": round(f["epsilon"], 3), "delta": f["delta"]}
+    if policy.disclose_accounting:
+        out.update(noise_multiplier=f["noise_multiplier"], sample_rate=f["sample_rate"], steps=f["steps"])
+    if not all(r.private for r in ledger.releases):
+        out["not-private"] = 1.0
+    return out
+
+
+def _insecure_seed(policy: SitePolicy, cfg: RoundConfig, kind: str) -> int | None:
+    """Tests only (policy ``insecure_deterministic_noise``): a seed the coordinator knows. Else None: OS entropy."""
+    return _seed(cfg.seed, policy.site_name, cfg.server_round, kind) if policy.insecure_deterministic_noise else None
+
+
+def _guarded(fn):
+    """An unexpected error is logged at the site and answered with a fixed reason: an exception's
+    text can name paths, files or counts, which must not leave the site."""
+
+    @wraps(fn)
+    def run(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
+        try:
+            return fn(policy, cfg, arrays)
+        except Exception:
+            log.exception("%s failed at site %s", fn.__name__, policy.site_name)
+            return Reply(STATUS_REFUSED, policy.site_name, reason=SITE_ERROR)
+
+    return run
+
+
+def _planned_sigma(policy: SitePolicy, cfg: RoundConfig, ledger: PrivacyLedger, q: float, steps: int) -> float | None:
+    """The run's noise multiplier, planned once per run key so that the lifetime epsilon after the
+    run's planned rounds and evaluations stays within min(policy budget, spent + run target);
+    None when that is out of reach (the budget is spent)."""
+    if cfg.run_key not in ledger.plans:
+        planned_evals = 0
+        if policy.evaluation == "accounted":
+            done = sum(1 for r in ledger.releases if r.kind == "evaluate" and r.run == cfg.run_key)
+            planned_evals = max(0, cfg.num_rounds + 1 - done)
+        base = tuple(ledger.history()) + ((policy.evaluation_noise_multiplier, 1.0, planned_evals),) * (planned_evals > 0)
+        target = min(policy.target_epsilon, ledger.epsilon() + cfg.target_epsilon)
+        try:
+            ledger.plans[cfg.run_key] = calibrate_noise(target, ledger.delta, q, steps * cfg.num_rounds, base=base)
+        except ValueError:
+            return None
+        ledger.save()
+    return ledger.plans[cfg.run_key]
+
+
+@_guarded
 def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
-    """One round of local DP-SGD on the head, within the site's policy and privacy budget."""
+    """One round of local DP-SGD on the head, within the site's policy and lifetime privacy budget."""
     import torch
 
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
@@ -219,88 +323,222 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     n = len(y)
     if n == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no readable, labelled training images at this site")
+    size = _site_size(policy, cfg)
+    request = request_hash("train", cfg, arrays)
+    store = _replies(policy)
+    with ledger_for(policy, size) as ledger:
+        stored = _stored(store, request)
+        if stored is not None:
+            return stored
+        problem = policy.delta_problem(size, ledger.delta)
+        if problem:
+            log.error("site %s refuses: %s", policy.site_name, problem)
+            return Reply(STATUS_REFUSED, policy.site_name, reason=DELTA_REFUSAL)
+        q = sample_rate(n, cfg.batch_size)
+        steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+        sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else _planned_sigma(policy, cfg, ledger, q, steps)
+        release = Release("train", sigma or 0.0, q, steps, cfg.max_grad_norm, run=cfg.run_key, round=cfg.server_round,
+                          request=request, private=not policy.insecure_deterministic_noise)
+        if sigma is None or ledger.would_exceed(release):
+            spent = ledger.epsilon()
+            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
+                         reason=f"privacy budget exhausted: spent epsilon {spent:.3f} of this site's lifetime budget "
+                                f"{policy.target_epsilon}; the next round would exceed it")
+        stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
+            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+            noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train")),
+            loss_fn=loss_fn)
+        if (stats["sample_rate"], stats["steps"]) != (q, steps):  # the trainer must spend exactly what is charged
+            raise RuntimeError(f"trained at q={stats['sample_rate']}, {stats['steps']} steps; charged q={q}, {steps} steps")
+        ledger.charge(release)  # durable before anything leaves the site
+        # Only trainable parameters leave the site (fixed buffers such as the public projection stay).
+        state = {k: v.detach().cpu().numpy() for k, v in head.named_parameters()}
+        reply = Reply(STATUS_OK, policy.site_name, 1, state, _figures(policy, ledger),
+                      NOT_PRIVATE if policy.insecure_deterministic_noise else "")
+        store.put(request, reply.fields(), reply.arrays)
+        return reply
 
-    ledger = ledger_for(policy, cfg, n)
-    q = sample_rate(n, cfg.batch_size)
-    steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
-    if cfg.noise_multiplier > 0:
-        sigma = cfg.noise_multiplier
-    else:
-        if ledger.planned_noise_multiplier is None:
-            # Spread the run's budget over every planned round; the site never plans above its own budget.
-            ledger.planned_noise_multiplier = calibrate_noise(min(cfg.target_epsilon, policy.target_epsilon),
-                                                              ledger.delta, q, steps * cfg.num_rounds)
-        sigma = ledger.planned_noise_multiplier
-    release = Release(cfg.server_round, sigma, q, steps, cfg.max_grad_norm)
-    if ledger.would_exceed(release):
-        figures = ledger.figures()
-        return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=figures,
-                     reason=f"privacy budget exhausted: spent epsilon {figures['epsilon']:.3f} of {policy.target_epsilon}; "
-                            f"this round would reach {ledger.epsilon(release):.3f}")
 
-    torch.manual_seed(_seed(cfg.seed, policy.site_name, cfg.server_round))
-    stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
-        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
-        noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, seed=_seed(cfg.seed, policy.site_name, cfg.server_round, "dp")),
-        loss_fn=loss_fn)
-    ledger.record(Release(cfg.server_round, sigma, stats["sample_rate"], stats["steps"], cfg.max_grad_norm))
-    # Only trainable parameters leave the site (fixed buffers such as the public projection stay).
-    state = {k: v.detach().cpu().numpy() for k, v in head.named_parameters()}
-    return Reply(STATUS_OK, policy.site_name, n, state, {"train_loss": stats["loss"], **ledger.figures()})
+def _verify_fixed_parts(policy: SitePolicy, cfg: RoundConfig, head) -> str | None:
+    """Why the head's fixed (non-trainable) buffers are not ones this site can vouch for, or None.
+
+    A classification head's projection must equal the site's own recomputation from the public
+    reference phantoms; a head with any other buffer is refused (the site cannot tell what it does)."""
+    from fed.features import DEFAULT_REFERENCE, projection_mismatch, public_projection
+
+    buffers = {k: v.detach().cpu().numpy() for k, v in head.named_buffers()}
+    if not buffers:
+        return None
+    if cfg.task != "classify" or set(buffers) != {"proj_mean", "proj_matrix"}:
+        return f"the head has fixed buffers {sorted(buffers)} this site cannot verify"
+    spec = PreprocessSpec.from_dict(cfg.preprocess) if cfg.preprocess else PreprocessSpec()
+    reference = policy.projection_reference or DEFAULT_REFERENCE
+    mean, matrix = public_projection(cfg.encoder, spec, int(head.proj_dim), policy.features_dir, reference)
+    problem = projection_mismatch(buffers["proj_mean"], buffers["proj_matrix"], mean, matrix)
+    return f"evaluation refused: {problem} (public reference {reference})" if problem else None
 
 
+@_guarded
 def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
-    """Evaluate the global head on the site's held-out split."""
+    """Evaluate the global head on the site's held-out split: noisy metrics charged to the lifetime
+    ledger (default), or exact metrics as a counted policy disclosure; only on a verified head."""
     import torch
-
-    from echocare.metrics import auroc_macro_ovr, balanced_accuracy
 
     if cfg.task not in policy.allowed_tasks:
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
     head = _build_head(cfg)
     _load_arrays(head, arrays)
     head.eval()
-    if cfg.task != "classify":
-        return _evaluate_segmentation(policy, cfg, head)
-    x, y = site_features(policy, cfg, "val")
-    if len(y) == 0:
+    unverified = _verify_fixed_parts(policy, cfg, head)
+    if unverified:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=unverified)
+    if cfg.task == "classify":
+        x, y = site_features(policy, cfg, "val")
+        with torch.no_grad():
+            logits = head(torch.from_numpy(x)) if len(y) else torch.zeros(0, len(cfg.labels))
+        per_image = _classify_contributions(logits, torch.from_numpy(y), len(cfg.labels))
+        exact = lambda: _exact_classify_metrics(logits, y, len(cfg.labels))  # noqa: E731
+    else:
+        per_image, seg_exact = _segment_contributions(policy, cfg, head)
+        exact = lambda: seg_exact  # noqa: E731
+    if len(per_image) == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
-    with torch.no_grad():
-        logits = head(torch.from_numpy(x))
-        loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))
-        probs = torch.softmax(logits, 1).numpy()
-    return Reply(STATUS_OK, policy.site_name, len(y), metrics={
-        "val_loss": loss,
-        "auroc": float(auroc_macro_ovr(y, probs, len(cfg.labels))),
-        "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(1))),
-    })
+    size = _site_size(policy, cfg)
+    request = request_hash("evaluate", cfg, arrays)
+    store = _replies(policy)
+    with ledger_for(policy, size) as ledger:
+        stored = _stored(store, request)
+        if stored is not None:
+            return stored
+        problem = policy.delta_problem(size, ledger.delta)
+        if problem:
+            log.error("site %s refuses: %s", policy.site_name, problem)
+            return Reply(STATUS_REFUSED, policy.site_name, reason=DELTA_REFUSAL)
+        if policy.evaluation == "disclosed":
+            if ledger.disclosed_in_run("evaluate", cfg.run_key) >= policy.disclosed_evaluations_per_run:
+                return Reply(STATUS_REFUSED, policy.site_name, reason=(
+                    f"this site discloses at most {policy.disclosed_evaluations_per_run} exact evaluations per run"))
+            ledger.disclose(Disclosure("evaluate", cfg.run_key, cfg.server_round, request))
+            metrics = exact()
+        else:
+            sensitivity = _SENSITIVITY[cfg.task](len(cfg.labels))
+            release = Release("evaluate", policy.evaluation_noise_multiplier, 1.0, 1, sensitivity, run=cfg.run_key,
+                              round=cfg.server_round, request=request, private=not policy.insecure_deterministic_noise)
+            if ledger.would_exceed(release):
+                return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
+                             reason="privacy budget exhausted: an accounted evaluation would exceed this site's lifetime budget")
+            rng = DPRandom(_insecure_seed(policy, cfg, "evaluate"))
+            sums = per_image.sum(0).double() + rng.gaussian(policy.evaluation_noise_multiplier * sensitivity,
+                                                             (per_image.shape[1],), torch.float64)
+            ledger.charge(release)
+            metrics = _metrics_of(cfg, sums)
+        reply = Reply(STATUS_OK, policy.site_name, 1, None, {**metrics, **_figures(policy, ledger)},
+                      NOT_PRIVATE if policy.insecure_deterministic_noise else "")
+        store.put(request, reply.fields(), None)
+        return reply
 
 
-def _evaluate_segmentation(policy: SitePolicy, cfg: RoundConfig, head) -> Reply:
+def _classify_contributions(logits, y, k: int):
+    """Per-image rows [loss / LOSS_CAP, one-hot class, one-hot class if correct, per class c: the
+    score bin of p_c among positives or negatives of c]; each row has L2 norm <= sqrt(K + 3)."""
+    import torch
+
+    n = len(y)
+    rows = torch.zeros(n, 1 + 2 * k + 2 * k * AUROC_BINS, dtype=torch.float64)
+    if n == 0:
+        return rows
+    probs = torch.softmax(logits.double(), 1)
+    loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="none").clamp(0, LOSS_CAP) / LOSS_CAP
+    idx = torch.arange(n)
+    rows[:, 0] = loss
+    rows[idx, 1 + y] = 1.0
+    rows[idx, 1 + k + y] = (probs.argmax(1) == y).double()
+    bins = (probs * AUROC_BINS).long().clamp(max=AUROC_BINS - 1)
+    for c in range(k):
+        col = 1 + 2 * k + c * 2 * AUROC_BINS + (y == c).long() * AUROC_BINS + bins[:, c]
+        rows[idx, col] = 1.0
+    return rows
+
+
+def _exact_classify_metrics(logits, y: np.ndarray, k: int) -> dict[str, float]:
+    """Exact metrics (a policy disclosure, not DP)."""
+    import torch
+
+    from echocare.metrics import auroc_macro_ovr, balanced_accuracy
+
+    probs = torch.softmax(logits, 1).numpy()
+    return {"val_loss": float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))),
+            "auroc": float(auroc_macro_ovr(y, probs, k)), "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(1)))}
+
+
+def _segment_contributions(policy: SitePolicy, cfg: RoundConfig, head):
+    """Per-image rows [loss / LOSS_CAP, Dice, 1, HC error / HC_CAP_MM, has HC] (L2 norm <= sqrt(5)),
+    and the exact metrics (global Dice, mean loss, HC MAE: a policy disclosure, not DP)."""
     import torch
 
     from echocare.hc import measured_hc_mm
     from echocare.metrics import dice, hc_mae_mm
 
     xs, y, meta = site_maps(policy, cfg, "val", head)
+    rows = torch.zeros(len(y), 5, dtype=torch.float64)
     if len(y) == 0:
-        return Reply(STATUS_REFUSED, policy.site_name, reason="no readable validation images at this site")
-    preds, losses = [], []
+        return rows, {}
     model, loss_fn = MapsHead(head), PerImageSegLoss(reduction="none")
+    losses, preds, est, truth = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(y), 16):
             logits = model(*(torch.from_numpy(a[i:i + 16]) for a in xs))
-            losses.append(loss_fn(logits, torch.from_numpy(y[i:i + 16])).numpy())
-            preds.append(logits.argmax(1).numpy().astype(np.uint8))
-    pred = np.concatenate(preds)
-    metrics = {"val_loss": float(np.concatenate(losses).mean()), "dice": float(dice(pred > 0, y > 0))}
-    if cfg.task == "hc":
-        rows = [(p, m) for p, m in zip(pred, meta) if m[0] is not None and m[1] is not None]
-        if rows:
-            est = [measured_hc_mm(p, px / scale) for p, (px, _, scale) in rows]
-            metrics["hc_mae_mm"] = float(hc_mae_mm(np.array(est), np.array([m[1] for _, m in rows])))
-    return Reply(STATUS_OK, policy.site_name, len(y), metrics=metrics)
+            loss = loss_fn(logits, torch.from_numpy(y[i:i + 16])).double()
+            losses.append(loss.numpy())
+            rows[i:i + 16, 0] = loss.clamp(0, LOSS_CAP) / LOSS_CAP
+            pred = logits.argmax(1).numpy().astype(np.uint8)
+            preds.append(pred)
+            for j, (p, g) in enumerate(zip(pred > 0, y[i:i + 16] > 0)):
+                total = p.sum() + g.sum()
+                rows[i + j, 1] = 1.0 if total == 0 else 2.0 * (p & g).sum() / total
+                rows[i + j, 2] = 1.0
+                px, hc, scale = meta[i + j]
+                if cfg.task == "hc" and px is not None and hc is not None:
+                    est.append(measured_hc_mm(pred[j], px / scale))
+                    truth.append(hc)
+                    rows[i + j, 3] = min(abs(est[-1] - hc), HC_CAP_MM) / HC_CAP_MM
+                    rows[i + j, 4] = 1.0
+    exact = {"val_loss": float(np.concatenate(losses).mean()), "dice": float(dice(np.concatenate(preds) > 0, y > 0))}
+    if est:
+        exact["hc_mae_mm"] = float(hc_mae_mm(np.array(est), np.array(truth)))
+    return rows, exact
 
 
-__all__ = ["RoundConfig", "Reply", "train_round", "evaluate_round", "site_features", "ACCOUNTANT",
+_SENSITIVITY = {"classify": lambda k: math.sqrt(k + 3), "segment": lambda k: math.sqrt(5), "hc": lambda k: math.sqrt(5)}
+
+
+def _metrics_of(cfg: RoundConfig, sums) -> dict[str, float]:
+    """The metrics from (noisy) sums of per-image contributions: post-processing, no extra privacy cost.
+    Noisy counts are clamped at zero; a metric without enough (noisy) support is left out."""
+    s = sums.clamp(min=0.0).numpy()
+    if cfg.task != "classify":
+        n = max(float(s[2]), 1.0)
+        metrics = {"val_loss": float(s[0]) / n * LOSS_CAP, "dice": min(1.0, float(s[1]) / n)}
+        if cfg.task == "hc" and s[4] >= 1.0:
+            metrics["hc_mae_mm"] = float(s[3]) / float(s[4]) * HC_CAP_MM
+        return metrics
+    k = len(cfg.labels)
+    counts, correct = s[1:1 + k], s[1 + k:1 + 2 * k]
+    metrics = {"val_loss": float(s[0]) / max(float(counts.sum()), 1.0) * LOSS_CAP}
+    has = counts >= 1.0
+    if has.any():
+        metrics["balanced_accuracy"] = float(np.mean(np.minimum(correct[has] / counts[has], 1.0)))
+    aucs = []
+    for c in range(k):
+        hist = s[1 + 2 * k + c * 2 * AUROC_BINS: 1 + 2 * k + (c + 1) * 2 * AUROC_BINS]
+        neg, pos = hist[:AUROC_BINS], hist[AUROC_BINS:]
+        if pos.sum() > 0 and neg.sum() > 0:  # P(score_pos > score_neg), ties (same bin) count half
+            below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+            aucs.append(float((pos * (below + neg / 2)).sum() / (pos.sum() * neg.sum())))
+    if aucs:
+        metrics["auroc"] = float(np.mean(aucs))
+    return metrics
+
+
+__all__ = ["RoundConfig", "Reply", "train_round", "evaluate_round", "site_features", "request_hash", "ACCOUNTANT",
            "STATUS_OK", "STATUS_EXHAUSTED", "STATUS_REFUSED"]

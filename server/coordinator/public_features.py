@@ -12,40 +12,8 @@ rose from ~0.56 (raw features) to ~0.65-0.70 with a 64-dim projection from 600 p
 
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
-from pathlib import Path
+# The computation lives on the hospital side (fed/features.py) so that a site can recompute the
+# projection itself and verify the buffers of a head it is asked to evaluate (docs/privacy.md).
+from fed.features import DEFAULT_REFERENCE, public_projection
 
-import numpy as np
-
-from echocare.preprocess import PreprocessSpec
-from fed.features import EncoderRef, pooled_features
-
-log = logging.getLogger("echofleet.server")
-
-DEFAULT_REFERENCE = "phantom:300?profiles=linear-a,convex-b,linear-c&seed=9001"
-
-
-def public_projection(ref: EncoderRef, spec: PreprocessSpec, dim: int, cache_dir: Path,
-                      reference: str = DEFAULT_REFERENCE) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), matrix (D, dim)) whitening projection of the encoder's pooled features on public data."""
-    mean, matrix = _projection(ref, spec.to_json(), dim, str(cache_dir), reference)
-    return mean.copy(), matrix.copy()
-
-
-@lru_cache(maxsize=4)
-def _projection(ref: EncoderRef, spec_json: str, dim: int, cache_dir: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
-    from echocare.data import open_data
-
-    spec = PreprocessSpec.from_json(spec_json)
-    cache_dir = Path(cache_dir)
-    data = open_data(reference)
-    x, _ = pooled_features(data, ref, spec, cache_dir)
-    if len(x) < dim + 1:
-        raise ValueError(f"public reference {reference} has {len(x)} images: too few for a {dim}-dim projection")
-    mean = x.mean(0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    scale = np.sqrt(len(x) - 1) / np.maximum(s[:dim], 1e-6)
-    matrix = (vt[:dim].T * scale).astype(np.float32)  # projected features have unit variance on the reference
-    log.info("public projection: %d -> %d dims from %d reference images (%s)", x.shape[1], dim, len(x), reference)
-    return mean.astype(np.float32), matrix
+__all__ = ["DEFAULT_REFERENCE", "public_projection"]

@@ -22,24 +22,25 @@ warnings.filterwarnings("ignore", category=UserWarning)
 def test_ledger_is_cumulative_persistent_and_matches_independent_accounting(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger.open(path, delta=1e-5, budget_epsilon=10.0)
-    ledger.record(Release(1, 1.1, 0.05, 40, 1.0))
+    ledger.charge(Release("train", 1.1, 0.05, 40, 1.0, round=1))
     eps1 = ledger.epsilon()
     # a new process opens the same ledger: the spend carries over and keeps growing
     again = PrivacyLedger.open(path, delta=0.5, budget_epsilon=10.0)
     assert again.delta == 1e-5  # delta is fixed when the ledger is created
-    again.record(Release(2, 1.1, 0.05, 40, 1.0))
+    again.charge(Release("train", 1.1, 0.05, 40, 1.0, round=2))
     assert again.epsilon() > eps1
     assert again.steps == 80
     assert again.epsilon() == pytest.approx(independent_epsilon([(1.1, 0.05, 80)], 1e-5), rel=0.02)
-    # re-running round 2 with the same seed is the same release: replaced, not double counted
-    again.record(Release(2, 1.1, 0.05, 40, 1.0))
-    assert again.steps == 80
+    # privacy change: a release claiming round 2 again is a new release, charged (the round number
+    # is the coordinator's claim); only an identical request gets its stored reply (fed.task)
+    again.charge(Release("train", 1.1, 0.05, 40, 1.0, round=2))
+    assert again.steps == 120 and PrivacyLedger.open(path, 1e-5, 10.0).steps == 120
 
 
 def test_ledger_refuses_a_round_beyond_budget(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / "l.json", delta=1e-5, budget_epsilon=1.0)
-    assert ledger.would_exceed(Release(1, 0.8, 0.1, 100, 1.0))
-    assert not ledger.would_exceed(Release(1, 5.0, 0.01, 10, 1.0))
+    assert ledger.would_exceed(Release("train", 0.8, 0.1, 100, 1.0))
+    assert not ledger.would_exceed(Release("train", 5.0, 0.01, 10, 1.0))
 
 
 def test_corrupt_ledger_is_an_error_not_a_reset(tmp_path):
