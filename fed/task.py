@@ -24,6 +24,7 @@ import numpy as np
 
 from echocare.atomic import atomic_write_bytes
 from echocare.preprocess import PreprocessSpec
+from fed.config import RunConfig
 from fed.dp import DPConfig, DPRandom, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
 from fed.features import EncoderRef, map_features, pooled_features
 from fed.ledger import ACCOUNTANT, Disclosure, PrivacyLedger, Release, ReplyStore, calibrate_noise, locked_ledger
@@ -36,25 +37,26 @@ STATUS_OK, STATUS_EXHAUSTED, STATUS_REFUSED = "ok", "budget-exhausted", "refused
 
 @dataclass
 class RoundConfig:
-    """The coordinator's instructions for one round (built from the run config, sent every round)."""
+    """The coordinator's instructions for one round (built by ``RunConfig.round_config``, sent every
+    round). Defaults are the run config's (fed/config.py), never typed twice."""
 
-    task: str = "classify"
-    labels: list[str] = field(default_factory=lambda: ["benign", "malignant", "normal"])
-    encoder: EncoderRef = field(default_factory=lambda: EncoderRef("echocare-tiny"))
+    task: str = RunConfig.task
+    labels: list[str] = field(default_factory=lambda: RunConfig().task_labels())
+    encoder: EncoderRef = field(default_factory=lambda: RunConfig().encoder_ref())
     head: dict = field(default_factory=dict)
     preprocess: dict = field(default_factory=dict)
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    max_grad_norm: float = 1.0
-    target_epsilon: float = 8.0
-    noise_multiplier: float = 0.0  # 0: each site calibrates sigma to target_epsilon over num_rounds
-    num_rounds: int = 3
+    local_epochs: int = RunConfig.local_epochs
+    batch_size: int = RunConfig.batch_size
+    lr: float = RunConfig.lr
+    max_grad_norm: float = RunConfig.max_grad_norm
+    target_epsilon: float = RunConfig.target_epsilon
+    noise_multiplier: float = RunConfig.noise_multiplier  # 0: each site calibrates sigma to target_epsilon over num_rounds
+    num_rounds: int = RunConfig.num_server_rounds
     server_round: int = 1
-    seed: int = 0
+    seed: int = RunConfig.seed
     run_key: str = "run"
-    proximal_mu: float = 0.0
-    val_fraction: float = 0.2
+    proximal_mu: float = 0.0  # the FedProx pull actually asked for (0 unless the strategy is fedprox)
+    val_fraction: float = RunConfig.val_fraction
 
     def to_record(self) -> dict:
         """Flat dict of str/int/float for a Flower ConfigRecord."""
@@ -71,17 +73,19 @@ class RoundConfig:
 
     @classmethod
     def from_record(cls, r) -> "RoundConfig":
-        g = lambda k, d: r[k] if k in r else d  # noqa: E731
+        """Read :meth:`to_record`'s dict back; a missing key takes this class's default."""
+        d = cls.to_record(cls())
+        g = lambda k: r[k] if k in r else d[k]  # noqa: E731
         return cls(
-            task=str(g("task", "classify")), labels=json.loads(g("labels", "[]")),
-            encoder=EncoderRef(str(g("encoder-config", "echocare-tiny")), str(g("encoder-checkpoint", "")) or None,
-                               str(g("encoder-sha256", "")) or None, int(g("encoder-seed", 0))),
-            head=json.loads(g("head", "{}")), preprocess=json.loads(g("preprocess", "{}")),
-            local_epochs=int(g("local-epochs", 1)), batch_size=int(g("batch-size", 32)), lr=float(g("lr", 0.1)),
-            max_grad_norm=float(g("max-grad-norm", 1.0)), target_epsilon=float(g("target-epsilon", 8.0)),
-            noise_multiplier=float(g("noise-multiplier", 0.0)), num_rounds=int(g("num-rounds", 3)),
-            server_round=int(g("server-round", 1)), seed=int(g("seed", 0)), run_key=str(g("run-key", "run")),
-            proximal_mu=float(g("proximal-mu", 0.0)), val_fraction=float(g("val-fraction", 0.2)),
+            task=str(g("task")), labels=json.loads(g("labels")),
+            encoder=EncoderRef(str(g("encoder-config")), str(g("encoder-checkpoint")) or None,
+                               str(g("encoder-sha256")) or None, int(g("encoder-seed"))),
+            head=json.loads(g("head")), preprocess=json.loads(g("preprocess")),
+            local_epochs=int(g("local-epochs")), batch_size=int(g("batch-size")), lr=float(g("lr")),
+            max_grad_norm=float(g("max-grad-norm")), target_epsilon=float(g("target-epsilon")),
+            noise_multiplier=float(g("noise-multiplier")), num_rounds=int(g("num-rounds")),
+            server_round=int(g("server-round")), seed=int(g("seed")), run_key=str(g("run-key")),
+            proximal_mu=float(g("proximal-mu")), val_fraction=float(g("val-fraction")),
         )
 
 
