@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from fed.dp import DPConfig, DPRandom, train_head
+from fed.dp import DPConfig, train_head
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -84,6 +84,8 @@ def test_released_noise_has_std_sigma_times_c(path):
 def test_sampling_rate_and_steps_are_the_accounted_ones(path, monkeypatch):
     """Both paths sample at q = B/N (the ledger's rate; Opacus' loader would use 1/len(loader))
     for epochs * ceil(N/B) steps, and an empty batch is still a noisy step."""
+    from fed.dp import DPRandom
+
     calls: list[tuple[int, float]] = []
     real = DPRandom.poisson_batch
 
@@ -104,6 +106,8 @@ def test_sampling_rate_and_steps_are_the_accounted_ones(path, monkeypatch):
 
 def test_empty_batches_release_noise_only(monkeypatch):
     """All batches empty: the head still moves, by noise of std lr*sigma*C/(qN) per step."""
+    from fed.dp import DPRandom
+
     monkeypatch.setattr(DPRandom, "poisson_batch", lambda self, n, q: torch.zeros(0, dtype=torch.long))
     for path in (dict(fast_linear=True), dict(fast_linear=False)):
         x, y = _data(100, 200, 3)
@@ -130,6 +134,8 @@ def test_noise_is_not_reproducible_unless_the_insecure_seed_is_set():
 
 def test_dp_random_draws_from_os_entropy_and_is_gaussian(monkeypatch):
     import os
+
+    from fed.dp import DPRandom
 
     r = DPRandom()
     z = r.gaussian(2.0, (200_000,))
