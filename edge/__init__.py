@@ -9,6 +9,10 @@ Two sides, kept apart by import-linter (pyproject.toml):
                 postprocessing and the scanner agent that keeps a scanner on the registry's release.
 ``edge.bench``  latency / throughput vs PyTorch eager and vs the measured matmul peak.
 
+Shared by both sides: ``edge.targets`` (the one table of targets: what each ships, how it is
+quantized, compiled, self-tested and run; torch-free) and ``edge.report`` (the tables the CLI,
+``make demo`` and the benchmarks print).
+
 The signed-bundle format itself (manifest, signing, verification, safe unpacking) is the contract of
 the whole fleet and lives on the ground floor: :mod:`echocare.bundle`.
 """
