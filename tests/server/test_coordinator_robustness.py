@@ -59,10 +59,10 @@ class Site:
                               "metrics": MetricRecord(metrics)})
         if status == "ok":
             self.trained += 1
-            update = msg.content["arrays"]["w"].numpy() + self.step
+            update = {k: (v.numpy() + self.step).astype(np.float32) for k, v in msg.content["arrays"].items()}
             if self.poison is not None:
-                update[0] = self.poison
-            content["arrays"] = ArrayRecord({"w": Array(update.astype(np.float32))})
+                update["w"].flat[0] = self.poison
+            content["arrays"] = ArrayRecord({k: Array(v) for k, v in update.items()})
         return content
 
     def evaluate(self, msg: Message) -> RecordDict:
@@ -240,3 +240,29 @@ def test_evaluation_metrics_are_weighted_with_the_same_cap():
     assert val_loss < 1.9  # without the cap: 2.0, the liar's figure
     r = guard.max_weight_ratio
     assert val_loss == pytest.approx((2 * 1.0 + r * 2.0) / (2 + r))
+
+
+# -- the run report --------------------------------------------------------------------------------
+
+def test_the_report_of_a_run_that_ran_out_of_sites_says_so(tmp_path):
+    """The coordinator end to end (initial head, rounds, checkpoints, report) with sites that stop."""
+    import json
+
+    from fed.config import RunConfig
+    from server.coordinator.server_app import run_federation
+
+    class HeadSite(Site):  # discloses its accountant's figures (the model card lists them)
+        def train(self, msg: Message) -> RecordDict:
+            content = super().train(msg)
+            content["metrics"] = MetricRecord({**content["metrics"], "delta": 1e-5, "noise_multiplier": 1.0,
+                                               "sample_rate": 0.1, "steps": 10})
+            return content
+
+    grid = FakeGrid([HeadSite("a", budget=1), HeadSite("b", budget=1)])
+    cfg = RunConfig.from_run_config({"num-server-rounds": 5, "feature-projection": 0, "run-dir": str(tmp_path / "run")})
+    run_federation(grid, cfg)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["rounds_completed"] == 2 and report["num_rounds"] == 5
+    assert "privacy budget exhausted: a, b" in report["stopped_early"]
+    assert sorted(report["rounds"][-1]["excluded"]) == ["a", "b"]
+    assert (tmp_path / "run" / "global").exists()  # round 1's head is the run's model
