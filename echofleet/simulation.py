@@ -174,7 +174,10 @@ def layout_sites(cfg: SimulationConfig, run_dir: Path) -> Path:
                             allowed_tasks=[cfg.task], target_epsilon=float(budgets[k]),
                             max_local_epochs=max(5, cfg.local_epochs), partition=cfg.partition,
                             partition_index=k, partition_count=cfg.sites, partition_seed=cfg.seed,
-                            cache_dir=cfg.cache_dir)
+                            cache_dir=cfg.cache_dir,
+                            # the researcher holds every virtual hospital's data: exact metrics and the
+                            # accountant's inputs are disclosed (a real site's policy defaults: docs/privacy.md)
+                            evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True)
         write_policy(policy, sites_dir / f"site-{k}" / "policy.toml")
     return sites_dir
 

@@ -114,7 +114,8 @@ def model_card(report: dict) -> str:
         "| site | final epsilon | delta | noise multiplier | sample rate | DP-SGD steps |", "|---|---|---|---|---|---|",
     ]
     for site, p in sorted(final_eps.items()):
-        lines.append(f"| {site} | {p['epsilon']:.3f} | {p['delta']:.2g} | {p['noise_multiplier']:.3f} | {p['sample_rate']:.4f} | {p['steps']} |")
+        shown = lambda k, fmt: "not disclosed" if p.get(k) is None else format(p[k], fmt)  # noqa: E731  (site policy: docs/privacy.md)
+        lines.append(f"| {site} | {p['epsilon']:.3f} | {p['delta']:.2g} | {shown('noise_multiplier', '.3f')} | {shown('sample_rate', '.4f')} | {shown('steps', 'd')} |")
     excluded = sorted({s for r in report["rounds"] for s in r["excluded"]})
     if excluded:
         lines += ["", f"Sites excluded after exhausting their privacy budget: {', '.join(excluded)}"]
