@@ -1,6 +1,7 @@
 """Site-side feature cache: the frozen encoder runs once per image, later rounds read from disk.
 
-Entries are keyed by (encoder checkpoint sha256 or seeded config) + preprocessing spec digest +
+Entries are keyed by (the sha256 the site computes of its own encoder checkpoint, or the seeded
+random-init config; see ``fed.features.site_encoder_key``) + preprocessing spec digest +
 what is cached (e.g. pooled features, or the maps a segmentation decoder needs) — the cache folder
 name — and, inside, by the hash of each image's decoded pixels. Changing the encoder, the
 preprocessing or the image changes the key, so stale features are never read.
