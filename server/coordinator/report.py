@@ -116,6 +116,10 @@ def model_card(report: dict) -> str:
     for site, p in sorted(final_eps.items()):
         shown = lambda k, fmt: "not disclosed" if p.get(k) is None else format(p[k], fmt)  # noqa: E731  (site policy: docs/privacy.md)
         lines.append(f"| {site} | {p['epsilon']:.3f} | {p['delta']:.2g} | {shown('noise_multiplier', '.3f')} | {shown('sample_rate', '.4f')} | {shown('steps', 'd')} |")
+    not_private = sorted({s for r in report["rounds"] for s, e in r["sites"].items() if e.get("train", {}).get("not-private")})
+    if not_private:  # a site's policy set insecure_deterministic_noise (tests only): docs/privacy.md
+        lines += ["", f"**NOT PRIVATE: {', '.join(not_private)} trained with insecure deterministic noise (a test "
+                      "switch); the coordinator could remove it. No privacy guarantee holds for this model.**"]
     excluded = sorted({s for r in report["rounds"] for s in r["excluded"]})
     if excluded:
         lines += ["", f"Sites excluded after exhausting their privacy budget: {', '.join(excluded)}"]
@@ -125,7 +129,7 @@ def model_card(report: dict) -> str:
     lines += ["", "## DP parameters",
               f"- per-example clipping norm: {report['dp']['max_grad_norm']}; accountant: RDP; "
               f"target epsilon per site: {report['dp']['target_epsilon']}",
-              "- Guarantee: (epsilon, delta)-DP per site, at the level of one training image, cumulative over the run.",
+              "- Guarantee: (epsilon, delta)-DP per site, at the level of one training image, epsilon is each site's lifetime total on its dataset (every run and every release, docs/privacy.md).",
               "", "Images, features, file names and patient fields never left the sites.", ""]
     return "\n".join(lines)
 
