@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from echofleet.cli.site import phantom, site_app
+from echofleet.cli.ledger import ledger
 from echofleet.cli.model import model_app
 from echofleet.cli.edge import edge_app
 from echofleet.cli.fed import evaluate, simulate
@@ -25,7 +26,8 @@ app = typer.Typer(
     cls=ShortUsageErrors,  # a usage error in 4 plain lines, not a panel (echofleet/cli/common.py)
 )
 app.add_typer(model_app, name="model", help="Inspect EchoCare encoder configs and checkpoints.")
-app.add_typer(site_app, name="site", help="Check a hospital's data before it joins a federation.")
+site_app.command("ledger")(ledger)  # the site's lifetime privacy ledger (fed/ledger.py)
+app.add_typer(site_app, name="site", help="A hospital's side: check its data, read its lifetime privacy ledger.")
 app.command("phantom", help="Write synthetic (phantom) B-mode images with masks in BUSI's layout.")(phantom)
 app.command("simulate", help="Run a local federation (Flower simulation engine) and write a run report.")(simulate)
 app.command("evaluate", help="Evaluate a run's global model on any data spec.")(evaluate)
