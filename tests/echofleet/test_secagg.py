@@ -303,9 +303,7 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
     for k in range(sites):
         write_policy(SitePolicy(data=PHANTOMS, site_name=f"site-{k}", state_dir=str(sites_dir / f"site-{k}" / "state"),
                                 allowed_tasks=["classify"], target_epsilon=8.0, partition="iid", partition_index=k,
-                                partition_count=sites, cache_dir=cache,
-                                # the run report's model card lists the accountant's figures per site
-                                disclose_accounting=True), sites_dir / f"site-{k}" / "policy.toml")
+                                partition_count=sites, cache_dir=cache), sites_dir / f"site-{k}" / "policy.toml")
     cfg = RunConfig(num_server_rounds=rounds, labels=",".join(open_data(PHANTOMS).classes), encoder_config="echocare-tiny",
                     feature_projection=feature_projection, local_epochs=2, batch_size=16, lr=0.5,
                     run_dir=str(out / "run"), num_sites=sites, sim_sites_dir=str(sites_dir), public_cache_dir=cache)
