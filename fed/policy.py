@@ -57,6 +57,8 @@ class SitePolicy:
       steps), which reveal the number of training images; default: only epsilon and delta leave.
     - ``projection_reference``: the public reference images (a data spec) from which this site
       recomputes a classification head's fixed projection to verify it before evaluating.
+    - ``require_secure_aggregation``: train only inside SecAgg+ rounds (the coordinator then sees
+      only the sum of the sites' updates); a plain training request is refused (fed/secagg.py).
     - ``insecure_deterministic_noise``: TESTS ONLY. DP noise and sampling are seeded from values the
       coordinator knows, so it can remove the noise: nothing this site releases is private, and
       every reply, ledger entry and report says so.
@@ -76,6 +78,7 @@ class SitePolicy:
     disclose_accounting: bool = False
     insecure_deterministic_noise: bool = False
     projection_reference: str = ""  # public images a head's projection must come from ("": echofleet's default phantoms)
+    require_secure_aggregation: bool = False  # refuse plain training rounds (fed/secagg.py)
     device: str = "auto"
     # Simulation only: which share of ``data`` this simulated hospital holds.
     partition: str | None = None  # "iid" | "dirichlet:ALPHA" | "by-device"
