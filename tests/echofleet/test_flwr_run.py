@@ -189,8 +189,12 @@ def test_flwr_run_dot_runs_a_local_simulation_without_installing_dependencies(tm
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     overrides = f'run-dir="{run_dir}" num-server-rounds=1 feature-projection=0'
     try:
-        proc = subprocess.run([str(flwr), "run", ".", "local", "--run-config", overrides, "--stream"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1100)
+        for attempt in range(5):  # Flower gives its local SuperLink a fixed 15 s to start: not always enough on 2 busy cores
+            proc = subprocess.run([str(flwr), "run", ".", "local", "--run-config", overrides, "--stream"], cwd=REPO,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1100)
+            if "Failed to start local SuperLink within" not in proc.stdout:
+                break
+            time.sleep(10 * (attempt + 1))
         # the SuperExec that runs the app was started without the install flag (the SuperLink honoured the switch)
         superexec = [c for _, c in _processes_naming(str(home)) if "flower-superexec" in c]
     finally:
