@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
 
-warnings.filterwarnings("ignore")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the virtual hospitals' processes too
+# No blanket warning filter: the notices a demo used to show (the legacy ONNX exporter's, Flower's
+# run_simulation deprecation) are silenced where they arise, by category and message, and anything
+# else that warns should be seen.
 console = Console()
 OUT = Path(os.environ.get("DEMO_OUT", "demo-run")).resolve()
 DATA = os.environ.get("DEMO_DATA", "phantom:240?profiles=linear-a,convex-b,linear-c&seed=0")
