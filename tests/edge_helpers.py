@@ -27,7 +27,10 @@ def busi_spec(root: Path, limit: int, seed: int) -> str:
 
 
 def trained_classifier(root_dir: Path, busi_root: Path) -> Path:
-    """A tiny classify task model whose linear head is fitted on 48 BUSI images (cached per process)."""
+    """A tiny classify task model whose linear head is fitted on 96 BUSI images (cached per process).
+
+    96, not 48: with EchoCare's own [0, 1] input (preprocessing spec v2) the random-init tiny encoder's
+    features fitted on 48 images reach only AUROC 0.61 on the 60 evaluation images; 96 give 0.70."""
     key = f"classifier:{busi_root}"
     if key in _CACHE and Path(_CACHE[key], "model.json").is_file():
         return _CACHE[key]
@@ -40,7 +43,7 @@ def trained_classifier(root_dir: Path, busi_root: Path) -> Path:
     from echocare.models.task_model import TaskModelSpec, save_task_model
     from echocare.preprocess import preprocess_image
 
-    site = open_data(busi_spec(busi_root, 48, 7))
+    site = open_data(busi_spec(busi_root, 96, 7))
     xs, ys = [], []
     for s, im in site.iter_images():
         xs.append(preprocess_image(im)[0])
@@ -56,7 +59,7 @@ def trained_classifier(root_dir: Path, busi_root: Path) -> Path:
     linear.bias.data = torch.tensor(clf.intercept_ - (clf.coef_ * mu / sd).sum(1), dtype=torch.float32)
     out = Path(root_dir) / "classifier"
     spec = TaskModelSpec("echocare-tiny", None, None, 0, "classify", LABELS, head_kwargs_of(head),
-                         provenance={"note": "test model: linear head fitted on 48 BUSI images"})
+                         provenance={"note": "test model: linear head fitted on 96 BUSI images"})
     save_task_model(out, spec, head.state_dict())
     _CACHE[key] = out
     return out
