@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fed.config import PHANTOM_DATA, RunConfig
+from fed.secagg import secure_aggregation_mod
 from fed.policy import SitePolicy, load_policy
 from fed.task import Reply, RoundConfig, evaluate_round, train_round
 
@@ -88,7 +89,9 @@ def handle_evaluate(msg: Message, context: Context, sites_dir: str | None = None
 
 def make_client_app(sites_dir: str | None = None) -> ClientApp:
     """The ClientApp. ``sites_dir``: where a local simulation laid out its virtual hospitals."""
-    client = ClientApp()
+    # SecAgg+ rounds (run config secure-aggregation) go through Flower's secaggplus_mod; plain and
+    # evaluation messages pass through unchanged, so one ClientApp serves both kinds of run.
+    client = ClientApp(mods=[secure_aggregation_mod(lambda ctx: policy_from_context(ctx, sites_dir))])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

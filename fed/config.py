@@ -84,6 +84,14 @@ class RunConfig:
     # aggregate; neighbouring federations differ in one whole site. 0 = off (FedAvg only)
     central_dp_noise: float = 0.0
     central_dp_clip: float = 1.0  # clipping bound of each site's update for central DP
+    # -- secure aggregation (Flower SecAgg+; server/coordinator/secagg.py, fed/secagg.py) --------------
+    # Privacy meaning: the coordinator unmasks only the SUM of the sites' (already DP) updates; each site
+    # clips its update to secagg_update_bound before masking, since no one can screen single updates.
+    secure_aggregation: bool = False
+    secagg_update_bound: float = 10.0  # L2 bound each site clips its update to before masking
+    secagg_num_shares: float = 1.0  # share of the round's sites each site shares keys with
+    secagg_reconstruction_threshold: float = 0.67  # share of those needed to unmask (> 0.5 for privacy)
+    secagg_timeout: float = 3600.0  # seconds the coordinator waits at each of SecAgg+'s four stages
     # -- where things are written ---------------------------------------------------------------
     run_dir: str = "runs/federation"  # checkpoints, run report, global model (relative: to the working directory)
     resume: bool = False  # continue from the last completed round in run_dir (same config only)
