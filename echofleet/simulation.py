@@ -60,6 +60,9 @@ class SimulationConfig:
     cache_dir: str | None = None  # shared feature cache (default: each site's state dir)
     cpus_per_site: float = 1.0
     quiet: bool = False  # hide Flower's and the virtual sites' own log lines (progress comes from `progress`)
+    # TESTS / reproducible research only: every virtual hospital seeds its DP noise and sampling from values
+    # the coordinator knows, so nothing the run releases is private (reports and model cards say NOT PRIVATE).
+    insecure_deterministic_noise: bool = False
     extra: dict = field(default_factory=dict)  # further run-config keys (dashes), e.g. {"max-update-norm": 5}
 
 
@@ -177,7 +180,8 @@ def layout_sites(cfg: SimulationConfig, run_dir: Path) -> Path:
                             cache_dir=cfg.cache_dir,
                             # the researcher holds every virtual hospital's data: exact metrics and the
                             # accountant's inputs are disclosed (a real site's policy defaults: docs/privacy.md)
-                            evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True)
+                            evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True,
+                            insecure_deterministic_noise=cfg.insecure_deterministic_noise)
         write_policy(policy, sites_dir / f"site-{k}" / "policy.toml")
     return sites_dir
 

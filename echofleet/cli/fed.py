@@ -48,6 +48,10 @@ def simulate(
     central_dp_noise: float = typer.Option(RunConfig.central_dp_noise, help="Central (user-level) DP noise multiplier on the server (0: off)."),
     max_update_norm: float = typer.Option(RunConfig.max_update_norm, help="Reject site updates farther than this from the global head (0: off)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and the virtual sites' log lines."),
+    insecure_deterministic_noise: bool = typer.Option(
+        False, "--insecure-deterministic-noise",
+        help="NOT PRIVATE: seed every virtual hospital's DP noise from values the coordinator knows, for "
+             "bitwise-reproducible runs in tests only. Reports and model cards then say NOT PRIVATE."),
 ) -> None:
     """Run a local federation through Flower's simulation engine and write the run report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -64,7 +68,8 @@ def simulate(
                            site_epsilons=budgets, encoder=encoder, checkpoint=checkpoint, out=str(out),
                            strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                            max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, seed=seed, resume=resume,
-                           cache_dir=cache_dir, extra=extra, quiet=not verbose)
+                           cache_dir=cache_dir, extra=extra, quiet=not verbose,
+                           insecure_deterministic_noise=insecure_deterministic_noise)
     try:
         check(cfg)  # every argument, before any work starts
     except SimulationConfigError as e:

@@ -61,8 +61,11 @@ def test_simulate_option_defaults_are_the_dataclass_defaults():
         assert options[name] == getattr(sim, name), name
     assert str(options["out"]) == sim.out and options["site_epsilons"] is None and sim.site_epsilons == []
     assert options["verbose"] is False  # the CLI shows a progress bar, not Flower's log lines
+    # the NOT PRIVATE test switch is off unless asked for, in the CLI and in SimulationConfig
+    assert options["insecure_deterministic_noise"] is False is sim.insecure_deterministic_noise
     assert not set(options) - set(SHARED_FIELDS) - set(RUN_FIELDS) - {
-        "data", "sites", "partition", "site_epsilons", "central_dp_noise", "max_update_norm", "verbose"}, \
+        "data", "sites", "partition", "site_epsilons", "central_dp_noise", "max_update_norm", "verbose",
+        "insecure_deterministic_noise"}, \
         "a new option: say here where its default comes from"
 
 

@@ -167,15 +167,27 @@ def test_budget_exhausted_site_is_excluded_and_nan_update_rejected(tmp_path, sha
     assert sum(1 for t in trains if t["configs"]["site"] == "site-2") == 1
 
 
+def test_two_runs_with_the_same_seed_give_different_heads(tmp_path, shared_cache):
+    """The coordinator's seed does not fix a site's DP noise (OS entropy): same config, different heads."""
+    a, b = (_cfg(tmp_path, name, shared_cache, rounds=1, local_epochs=1) for name in ("a", "b"))
+    simulate(a)
+    simulate(b)
+    wa, wb = _weights(Path(a.out)), _weights(Path(b.out))
+    assert wa.keys() == wb.keys()
+    assert any(not np.array_equal(wa[k], wb[k]) for k in wa)
+
+
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_checkpoint(tmp_path, shared_cache):
-    full = _cfg(tmp_path, "full", shared_cache, rounds=3)
+    """Bitwise comparison of two separate runs needs the (NOT PRIVATE) deterministic-noise switch; the
+    resumed run itself is exact without it (identical re-deliveries get the sites' stored replies)."""
+    full = _cfg(tmp_path, "full", shared_cache, rounds=3, insecure_deterministic_noise=True)
     simulate(full)
     reference = _weights(Path(full.out))
 
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "echofleet.cli", "simulate", "--data", PHANTOMS, "--sites", "3", "--rounds", "3",
            "--encoder", "echocare-tiny", "--local-epochs", "5", "--batch-size", "64", "--lr", "0.5",
-           "--out", str(run_dir), "--seed", "0", "--cache-dir", shared_cache]
+           "--out", str(run_dir), "--seed", "0", "--cache-dir", shared_cache, "--insecure-deterministic-noise"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
