@@ -287,9 +287,15 @@ def linear_clipped_sum(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor
     with torch.no_grad():
         z = x @ weight.T + bias
         d = torch.softmax(z, 1) - nn.functional.one_hot(y, weight.shape[0]).to(z.dtype)
-        clip = (max_grad_norm / (d.norm(dim=1) * factor + 1e-6)).clamp(max=1.0)
+        # An example whose gradient is not finite (a crafted head can make one image's logits overflow)
+        # contributes zero: a NaN clip factor would otherwise turn the whole noisy sum into NaN, a
+        # release decided by that one image, which no noise hides. Zeroing keeps the sensitivity at C.
+        ok = torch.isfinite(d).all(1) & torch.isfinite(factor) & torch.isfinite(x).all(1)
+        d = torch.where(ok[:, None], d, torch.zeros((), dtype=d.dtype))
+        xs = torch.where(ok[:, None], x, torch.zeros((), dtype=x.dtype))
+        clip = (max_grad_norm / (d.norm(dim=1) * torch.where(ok, factor, torch.ones_like(factor)) + 1e-6)).clamp(max=1.0)
         dc = d * clip[:, None]
-        return dc.T @ x, dc.sum(0), nn.functional.cross_entropy(z, y, reduction="none")
+        return dc.T @ xs, dc.sum(0), nn.functional.cross_entropy(z, y, reduction="none")
 
 
 def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig,

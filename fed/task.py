@@ -185,6 +185,15 @@ def _build_head(cfg: RoundConfig):
     return build_head(cfg.task, get_config(cfg.encoder.config), len(cfg.labels), **cfg.head)
 
 
+NONFINITE_HEAD = "the global head holds non-finite values (NaN or infinity): refused"
+
+
+def _finite_arrays(arrays: dict[str, np.ndarray]) -> bool:
+    """A head with a NaN or infinite value is refused before it touches any data: a decision that
+    depends only on what the coordinator sent, never on the site's images."""
+    return all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in arrays.values())
+
+
 def _load_arrays(head, arrays: dict[str, np.ndarray]) -> None:
     import torch
 
@@ -316,6 +325,8 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
     if reason:
         return Reply(STATUS_REFUSED, policy.site_name, reason=reason)
+    if not _finite_arrays(arrays):
+        return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
     head = _build_head(cfg)
     _load_arrays(head, arrays)
     if cfg.task == "classify":
@@ -390,6 +401,8 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
 
     if cfg.task not in policy.allowed_tasks:
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
+    if not _finite_arrays(arrays):
+        return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
     head = _build_head(cfg)
     _load_arrays(head, arrays)
     head.eval()
@@ -451,16 +464,21 @@ def _classify_contributions(logits, y, k: int):
     rows = torch.zeros(n, 1 + 2 * k + 2 * k * AUROC_BINS, dtype=torch.float64)
     if n == 0:
         return rows
-    probs = torch.softmax(logits.double(), 1)
-    loss = torch.nn.functional.cross_entropy(logits.double(), y, reduction="none").clamp(0, LOSS_CAP) / LOSS_CAP
+    # A crafted head can make one image's logits overflow (inf/NaN): that image's row becomes zero, so
+    # whether it overflowed never shows except through the noisy sum (sensitivity unchanged).
+    ok = torch.isfinite(logits).all(1)
+    safe = torch.where(ok[:, None], logits.double(), torch.zeros((), dtype=torch.float64))
+    probs = torch.softmax(safe, 1)
+    loss = torch.nn.functional.cross_entropy(safe, y, reduction="none").clamp(0, LOSS_CAP) / LOSS_CAP
     idx = torch.arange(n)
     rows[:, 0] = loss
     rows[idx, 1 + y] = 1.0
     rows[idx, 1 + k + y] = (probs.argmax(1) == y).double()
-    bins = (probs * AUROC_BINS).long().clamp(max=AUROC_BINS - 1)
+    bins = (probs * AUROC_BINS).long().clamp(min=0, max=AUROC_BINS - 1)
     for c in range(k):
         col = 1 + 2 * k + c * 2 * AUROC_BINS + (y == c).long() * AUROC_BINS + bins[:, c]
         rows[idx, col] = 1.0
+    rows[~ok] = 0.0
     return rows
 
 
