@@ -188,6 +188,23 @@ def _build_head(cfg: RoundConfig):
 NONFINITE_HEAD = "the global head holds non-finite values (NaN or infinity): refused"
 
 
+def _bad_numbers(cfg: RoundConfig) -> str:
+    """The coordinator's numbers, checked before any data is read or the ledger is locked (an infinite
+    noise multiplier used to hang the RDP accountant while the site held its ledger lock)."""
+    import math
+
+    floats = {"noise-multiplier": cfg.noise_multiplier, "lr": cfg.lr, "max-grad-norm": cfg.max_grad_norm,
+              "target-epsilon": cfg.target_epsilon}
+    for key, v in floats.items():
+        if not math.isfinite(v):
+            return f"run config {key} is not a finite number: refused"
+    if not 0 <= cfg.noise_multiplier <= 1e4:
+        return "run config noise-multiplier outside [0, 10000]: refused"
+    if cfg.batch_size < 1 or cfg.num_rounds < 1 or cfg.local_epochs < 0:
+        return "run config batch-size and num-rounds must be >= 1, local-epochs >= 0: refused"
+    return ""
+
+
 def _finite_arrays(arrays: dict[str, np.ndarray]) -> bool:
     """A head with a NaN or infinite value is refused before it touches any data: a decision that
     depends only on what the coordinator sent, never on the site's images."""
@@ -325,6 +342,9 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
     if reason:
         return Reply(STATUS_REFUSED, policy.site_name, reason=reason)
+    bad = _bad_numbers(cfg)
+    if bad:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=bad)
     if not _finite_arrays(arrays):
         return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
     head = _build_head(cfg)

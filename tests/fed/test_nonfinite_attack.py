@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fed.dp import linear_clipped_sum, linear_input_factor
-from fed.task import _classify_contributions, _finite_arrays
+from fed.task import RoundConfig, _bad_numbers, _classify_contributions, _finite_arrays
 
 
 def _crafted(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +54,11 @@ def test_a_head_with_nan_or_inf_is_refused_before_any_data():
     assert _finite_arrays({"w": np.ones((2, 2), np.float32)})
     assert not _finite_arrays({"w": np.array([[1.0, np.nan]], np.float32)})
     assert not _finite_arrays({"w": np.ones(2, np.float32), "b": np.array([np.inf], np.float32)})
+
+
+def test_non_finite_or_absurd_coordinator_numbers_are_refused_before_the_ledger():
+    assert _bad_numbers(RoundConfig()) == ""
+    for change in ({"noise_multiplier": float("inf")}, {"noise_multiplier": float("nan")}, {"lr": float("inf")},
+                   {"max_grad_norm": float("nan")}, {"noise_multiplier": 1e300}, {"batch_size": 0}, {"num_rounds": 0}):
+        cfg = RoundConfig(**change)
+        assert _bad_numbers(cfg), change
