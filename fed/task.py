@@ -274,6 +274,24 @@ def _replies(policy: SitePolicy) -> ReplyStore:
     return ReplyStore(policy.ledger_path.parent / f"replies-{policy.data_identity}")
 
 
+@contextmanager
+def _release(policy: SitePolicy, cfg: RoundConfig, request: str) -> Iterator[tuple[PrivacyLedger, ReplyStore, Reply | None]]:
+    """The site's ledger, locked for one release, and the reply store. ``early`` is the answer that
+    needs no new release: the stored reply of an identical re-delivered request (no new charge), or a
+    refusal when the policy's delta is not below 1/N. Checked under the lock, so two concurrent
+    requests cannot both pass the budget check before either is recorded."""
+    size = _site_size(policy, cfg)
+    store = _replies(policy)
+    with ledger_for(policy, size) as ledger:
+        early = _stored(store, request)
+        if early is None:
+            problem = policy.delta_problem(size, ledger.delta)
+            if problem:
+                log.error("site %s refuses: %s", policy.site_name, problem)
+                early = Reply(STATUS_REFUSED, policy.site_name, reason=DELTA_REFUSAL)
+        yield ledger, store, early
+
+
 def _stored(store: ReplyStore, request: str) -> Reply | None:
     got = store.get(request)
     if got is None:
@@ -358,17 +376,10 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     n = len(y)
     if n == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no readable, labelled training images at this site")
-    size = _site_size(policy, cfg)
     request = request_hash("train", cfg, arrays)
-    store = _replies(policy)
-    with ledger_for(policy, size) as ledger:
-        stored = _stored(store, request)
-        if stored is not None:
-            return stored
-        problem = policy.delta_problem(size, ledger.delta)
-        if problem:
-            log.error("site %s refuses: %s", policy.site_name, problem)
-            return Reply(STATUS_REFUSED, policy.site_name, reason=DELTA_REFUSAL)
+    with _release(policy, cfg, request) as (ledger, store, early):
+        if early is not None:
+            return early
         q = sample_rate(n, cfg.batch_size)
         steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
         sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else _planned_sigma(policy, cfg, ledger, q, steps)
@@ -440,17 +451,10 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         exact = lambda: seg_exact  # noqa: E731
     if len(per_image) == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
-    size = _site_size(policy, cfg)
     request = request_hash("evaluate", cfg, arrays)
-    store = _replies(policy)
-    with ledger_for(policy, size) as ledger:
-        stored = _stored(store, request)
-        if stored is not None:
-            return stored
-        problem = policy.delta_problem(size, ledger.delta)
-        if problem:
-            log.error("site %s refuses: %s", policy.site_name, problem)
-            return Reply(STATUS_REFUSED, policy.site_name, reason=DELTA_REFUSAL)
+    with _release(policy, cfg, request) as (ledger, store, early):
+        if early is not None:
+            return early
         if policy.evaluation == "disclosed":
             if ledger.disclosed_in_run("evaluate", cfg.run_key) >= policy.disclosed_evaluations_per_run:
                 return Reply(STATUS_REFUSED, policy.site_name, reason=(
