@@ -243,7 +243,8 @@ def test_crafted_evaluation_head_is_refused_and_an_honest_one_is_charged(tmp_pat
     # the honest head is evaluated, with noise, and every evaluation is charged
     a = evaluate_round(policy, _cfg(server_round=3), w)
     b = evaluate_round(policy, _cfg(server_round=4), w)
-    assert a.status == b.status == "ok" and a.metrics["val_loss"] != b.metrics["val_loss"]
+    # (compare every metric: a noisy loss sum below zero is clamped to 0.0 in both, which made this flaky)
+    assert a.status == b.status == "ok" and a.metrics != b.metrics
     assert [r["kind"] for r in _lifetime_ledger(policy)["releases"]] == ["evaluate", "evaluate"]
 
 
