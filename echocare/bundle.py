@@ -25,7 +25,9 @@ import os
 import re
 import shutil
 import tarfile
+import math
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -364,3 +366,126 @@ def artifact_for(manifest: dict, *, role: str | None = None, path: str | None = 
             return a
     return None
 
+
+
+# ------------------------------------------------------------------------ release records (manifest)
+# Two signed manifest sections describe how a release came to be; the registry and `edge verify
+# --explain` read them, the build writes them. Both are plain JSON in the manifest (the signature
+# covers them); the dataclasses below are their schema, with one validating reader each.
+ACCEPTANCE = "acceptance"
+PROVENANCE = "provenance"
+
+
+@dataclass(frozen=True)
+class SiteAcceptance:
+    """One site's acceptance check of the candidate build (the torch-free runtime on its own validation split).
+
+    ``delta`` is the drop of the site's metric from the FP32 reference to the candidate
+    (``fp32 - candidate``: positive means the candidate is worse); the site passes when
+    ``delta <= bound``. ``delta`` is None when the site's policy disclosed only pass/fail;
+    ``p50_ms`` is None when the site did not report its latency. ``reason`` says why a site failed
+    (or did not take part) in words.
+    """
+
+    site: str
+    metric: str
+    delta: float | None
+    bound: float
+    p50_ms: float | None
+    passed: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AcceptanceRecord:
+    """``manifest["acceptance"]``: the gate a release passed (or not) before it was signed.
+
+    - ``passed``: the build's verdict;
+    - ``method``: ``"federated"`` (each site checked the candidate on its own data) or ``"central"``
+      (the build machine's ``--val`` data; ``sites`` then holds one entry named ``"central"``);
+    - ``metric`` / ``bound``: the gate (e.g. ``"auroc"``, 0.02);
+    - ``quorum``: how many sites must pass (the number of entries in ``sites`` when all must);
+    - ``sites``: one :class:`SiteAcceptance` per participating site;
+    - ``reason``: for a refusal, the site(s) and metric that failed.
+
+    :meth:`verdict` does not trust ``passed`` alone: it recounts the sites against the quorum.
+    """
+
+    passed: bool
+    method: str
+    metric: str
+    bound: float
+    quorum: int
+    sites: tuple[SiteAcceptance, ...]
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sites"] = [asdict(s) for s in self.sites]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> "AcceptanceRecord":
+        """Parse and check ``d``; :class:`BundleError` names the field and the reason."""
+        w = f"{where}: {ACCEPTANCE}"
+        if not isinstance(d, dict):
+            raise BundleError(f"{w} is a {type(d).__name__}, expected an object")
+        method = _field(d, "method", str, w)
+        if method not in ("federated", "central"):
+            raise BundleError(f"{w}.method {method!r}: expected 'federated' or 'central'")
+        raw_sites = _field(d, "sites", list, w)
+        sites = []
+        for i, s in enumerate(raw_sites):
+            sw = f"{w}.sites[{i}]"
+            if not isinstance(s, dict):
+                raise BundleError(f"{sw} is a {type(s).__name__}, expected an object")
+            sites.append(SiteAcceptance(
+                site=_field(s, "site", str, sw), metric=_field(s, "metric", str, sw),
+                delta=_number(s, "delta", sw, optional=True), bound=_number(s, "bound", sw),
+                p50_ms=_number(s, "p50_ms", sw, optional=True), passed=_field(s, "passed", bool, sw),
+                reason=str(s.get("reason") or "")))
+        quorum = _field(d, "quorum", int, w)
+        if isinstance(quorum, bool) or not 0 < quorum <= max(len(sites), 1):
+            raise BundleError(f"{w}.quorum {quorum!r}: expected 1 to the number of sites ({len(sites)})")
+        return cls(passed=_field(d, "passed", bool, w), method=method, metric=_field(d, "metric", str, w),
+                   bound=_number(d, "bound", w), quorum=quorum, sites=tuple(sites), reason=str(d.get("reason") or ""))
+
+    def verdict(self) -> tuple[bool, str]:
+        """(accepted, why): the record says passed, and at least ``quorum`` sites passed consistently."""
+        if not self.sites:
+            return False, "the acceptance record lists no site"
+        bad = [s for s in self.sites if s.passed and s.delta is not None and not s.delta <= s.bound]
+        if bad:
+            return False, "inconsistent acceptance record: " + ", ".join(
+                f"site {s.site} is marked passed with a {s.metric} drop of {s.delta:g} > bound {s.bound:g}" for s in bad)
+        ok = [s.site for s in self.sites if s.passed]
+        failed = [f"{s.site} ({s.metric}{': ' + s.reason if s.reason else ''})" for s in self.sites if not s.passed]
+        if not self.passed:
+            return False, "the build refused it: " + (self.reason or "failed: " + ", ".join(failed))
+        if len(ok) < self.quorum:
+            return False, f"only {len(ok)} of the required {self.quorum} sites passed (failed: {', '.join(failed)})"
+        return True, f"{self.method} acceptance passed at {len(ok)}/{len(self.sites)} sites (quorum {self.quorum})"
+
+
+def acceptance_of(manifest: dict, where: str = "manifest") -> AcceptanceRecord | None:
+    """The manifest's acceptance record, None when it has none; :class:`BundleError` when malformed."""
+    raw = manifest.get(ACCEPTANCE)
+    return None if raw is None else AcceptanceRecord.from_dict(raw, where)
+
+
+def _field(d: dict, key: str, kind: type, where: str) -> Any:
+    if key not in d:
+        raise BundleError(f"{where}.{key} is missing")
+    v = d[key]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise BundleError(f"{where}.{key} {v!r}: expected {kind.__name__}")
+    return v
+
+
+def _number(d: dict, key: str, where: str, optional: bool = False) -> float | None:
+    v = d.get(key)
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BundleError(f"{where}.{key} {v!r}: expected a finite number")
+    return float(v)
