@@ -39,8 +39,10 @@ from echocare.atomic import atomic_write_bytes
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT = "echofleet-bundle/1"
-# A bundle name and version become a directory name: keep them to a safe alphabet.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+# A bundle name and version become a directory name: keep them to a safe alphabet (no '/', no
+# leading '.', so never '..'). Scanner agents check the registry's versions against it too.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+_NAME_RE = re.compile(NAME_PATTERN)
 # Unpacking refuses archives that would expand beyond this (a gzip bomb guard); override per call.
 DEFAULT_MAX_UNPACKED_BYTES = 8 * 1024**3
 
@@ -150,7 +152,7 @@ def write_bundle(out_dir: Path, manifest: dict, artifacts: dict[str, Path], priv
     key = load_private_key(private_key)
     name, version = str(manifest.get("name", "")), str(manifest.get("version", ""))
     for field_name, value in (("name", name), ("version", version)):
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise BundleError(f"manifest: {field_name} {value!r} must match {_NAME_RE.pattern} (it names the bundle directory)")
     described = {a["path"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict) and "path" in a}
     unknown = sorted(set(described) - set(artifacts))
@@ -341,7 +343,7 @@ def safe_extract(tar_path: Path, dest: Path, *, max_bytes: int = DEFAULT_MAX_UNP
         if len(tops) != 1:
             raise BundleError(f"{tar_path}: expected one top-level bundle folder, found {sorted(tops) or 'none'}")
         top = tops.pop()
-        if not _NAME_RE.match(top):
+        if not _NAME_RE.fullmatch(top):
             raise BundleError(f"{tar_path}: top-level folder {top!r} is not a valid bundle name")
         dest.mkdir(parents=True, exist_ok=True)
         try:

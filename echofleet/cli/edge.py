@@ -344,6 +344,14 @@ def verify(
 
 
 # ------------------------------------------------------------------------------------- infer
+def _require_pubkey(pubkey: Optional[Path], skip_verify: bool) -> None:
+    """`infer` and `bench` run a bundle's models: only a verified one, unless --skip-verify says it was."""
+    if pubkey is None and not skip_verify:
+        raise fail("no --pubkey (or ECHOFLEET_PUBKEY): refusing to run an unverified bundle (use --skip-verify for one the agent installed)", 2)
+    if pubkey is not None and not skip_verify:
+        _file(pubkey, "public key")
+
+
 @edge_app.command()
 def infer(
     bundle_path: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
@@ -361,10 +369,7 @@ def infer(
 
     A file that cannot be read is reported (``error: FILE: reason``) and the others still run; the exit code is then 2."""
     _exists(bundle_path, "bundle")
-    if pubkey is None and not skip_verify:
-        raise fail("no --pubkey (or ECHOFLEET_PUBKEY): refusing to run an unverified bundle (use --skip-verify for one the agent installed)", 2)
-    if pubkey is not None and not skip_verify:
-        _file(pubkey, "public key")
+    _require_pubkey(pubkey, skip_verify)
     _choice(backend, BACKENDS, "--backend")
     for path in inputs:
         _file(path, "input file")
@@ -401,7 +406,9 @@ def infer(
 @edge_app.command()
 def bench(
     bundle_path: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
-    pubkey: Optional[Path] = typer.Option(None, "--pubkey", help="Verify the bundle first."),
+    pubkey: Optional[Path] = typer.Option(None, "--pubkey", envvar="ECHOFLEET_PUBKEY",
+                                          help="Release-signing public key: the bundle is verified before it runs."),
+    skip_verify: bool = typer.Option(False, "--skip-verify", help="Run without checking the signature (only for a bundle the agent already verified)."),
     batch: int = typer.Option(8, help="Batch size for the throughput figure."),
     iters: int = typer.Option(20, help="Timed runs at batch 1 per model (p50/p95)."),
     torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Task-model directory for the PyTorch FP32 eager baseline (default: the one the bundle was built from, if present)."),
@@ -412,14 +419,13 @@ def bench(
 ) -> None:
     """Latency p50/p95 (batch 1), throughput (batch N), GFLOP/s vs the matmul peak, and speed-up over PyTorch FP32 eager, in one run."""
     _exists(bundle_path, "bundle")
-    if pubkey is not None:
-        _file(pubkey, "public key")
     if torch_model is not None:
         _exists(torch_model, "task-model directory")
     _at_least(batch, 1, "--batch")
     _at_least(iters, 1, "--iters")
     if threads is not None:
         _at_least(threads, 1, "--threads")
+    _require_pubkey(pubkey, skip_verify)
 
     from echocare.bundle import BundleError
     from edge.bench.latency import bench_bundle
@@ -428,7 +434,7 @@ def bench(
     console = _console(as_json)
     try:
         with console.status("benchmarking") as status:
-            report = bench_bundle(bundle_path, public_key=pubkey, batch=batch, iters=iters, torch_model=torch_model,
+            report = bench_bundle(bundle_path, public_key=None if skip_verify else pubkey, batch=batch, iters=iters, torch_model=torch_model,
                                   with_peak=not no_peak, num_threads=threads, profile=profile,
                                   progress=lambda s: status.update(f"benchmarking {s}"))
     except BundleError as e:

@@ -18,8 +18,15 @@ One :meth:`Agent.run_once` cycle:
 6. report status (running version, health, message) to the registry.
 
 :meth:`Agent.run_forever` repeats that every ``interval_s`` (with ±10 % jitter so a fleet does not
-poll in lockstep); while the registry is unreachable it retries with exponential backoff and
-jitter, capped at ``backoff_max_s``. The device directory::
+poll in lockstep); while the registry is unreachable, or the device itself fails (``OSError``: a
+full disk, a read-only mount), it logs, retries with exponential backoff and jitter capped at
+``backoff_max_s``, and keeps running.
+
+Everything the registry says is untrusted until the bundle's signature is checked, and the
+release's ``version`` and ``sha256`` name files here: a release whose version is not a plain bundle
+version (:data:`echocare.bundle.NAME_PATTERN`, so no ``/`` and no ``..``) or whose sha256 is not 64
+hex digits is refused before anything is written (``action="refused"``, reported unhealthy). The
+device directory::
 
     DIR/current -> versions/<version>-<sha12>    what applications load
     DIR/versions/<version>-<sha12>/              installed bundles (current + previous kept)
@@ -39,6 +46,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -50,12 +58,14 @@ from typing import Callable
 import grpc
 
 from echocare.atomic import atomic_write_bytes, fsync_dir
-from echocare.bundle import BundleError, load_public_key, safe_extract, sha256_file, verify_bundle
+from echocare.bundle import NAME_PATTERN, BundleError, load_public_key, safe_extract, sha256_file, verify_bundle
 from server.registry.client import ConnectionConfig, RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
 
 MAX_FAILED_REMEMBERED = 50
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DEVICE_CLASS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # as the registry's device classes
 SelfTest = Callable[[Path], tuple[bool, str]]
 
 
@@ -105,6 +115,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.channel not in ("canary", "stable"):
             raise ValueError(f"channel {self.channel!r}: expected 'canary' or 'stable'")
+        if not _DEVICE_CLASS_RE.fullmatch(self.device_class):
+            raise ValueError(f"device class {self.device_class!r}: use 1-64 letters, digits, '_' or '-'")
 
 
 @dataclass
@@ -282,9 +294,13 @@ class Agent:
         release = self.client.current_release(self.cfg.device_class, self.cfg.channel)
         state = self._load_state()
         running = self.running_version()
+        problem = None if release is None else release_problem(release)
         if release is None:
             result = CycleResult("no-release", running, "", "healthy" if running else "unknown",
                                  f"no release on the {self.cfg.channel} channel yet")
+        elif problem is not None:  # before any path is built from it: nothing is written
+            log.error("refused the registry's release: %s", problem)
+            result = CycleResult("refused", running, "", "unhealthy", f"refused the registry's release: {problem}")
         elif running and self.current_folder() == _folder(release):
             if state["current"]["sha256"] != release.sha256:  # entry rebuilt from the folder name
                 state["current"]["sha256"] = release.sha256
@@ -436,14 +452,17 @@ class Agent:
                     raise
         raise AssertionError("unreachable")
 
-    def run_forever(self, on_cycle: Callable[[CycleResult | RegistryError], None] | None = None) -> None:
-        """Poll until :meth:`stop`. Transient failures back off exponentially (bounded by
-        ``backoff_max_s``); other errors (bad token, unknown class) are logged and retried at the
-        normal interval, since an administrator may fix them on the registry side."""
+    def run_forever(self, on_cycle: Callable[[CycleResult | RegistryError | OSError | AgentError], None] | None = None) -> None:
+        """Poll until :meth:`stop`. Transient registry failures and failures of the device itself
+        (``OSError``: a full disk; :class:`AgentError`: e.g. a ``current`` that someone replaced)
+        back off exponentially (bounded by ``backoff_max_s``) and the loop keeps running; other
+        registry errors (bad token, unknown class) are logged and retried at the normal interval,
+        since an administrator may fix them on the registry side."""
         failures = 0
         while not self._stop.is_set():
+            outcome: CycleResult | RegistryError | OSError | AgentError
             try:
-                outcome: CycleResult | RegistryError = self.run_once()
+                outcome = self.run_once()
                 failures = 0
                 delay = self.cfg.interval_s * self._rng.uniform(0.9, 1.1)
             except RegistryError as e:
@@ -455,11 +474,29 @@ class Agent:
                 else:
                     delay = self.cfg.interval_s
                     log.error("registry refused the agent: %s", e)
+            except (OSError, AgentError) as e:  # the device's own failure: the directory stays consistent
+                outcome = e
+                delay = self.backoff.delay(failures)
+                failures += 1
+                log.error("cycle failed on this device (%s: %s); retrying in %.1f s", type(e).__name__, e, delay)
             if on_cycle:
                 on_cycle(outcome)
             if self._stop.is_set():
                 break
             self._sleep(delay)
+
+
+def release_problem(release) -> str | None:
+    """Why a release announced by the registry must not be used here (its fields name files), or None."""
+    version, sha = getattr(release, "version", None), getattr(release, "sha256", None)
+    if not isinstance(version, str) or not re.fullmatch(NAME_PATTERN, version):
+        return f"version {version!r} is not a bundle version (must match {NAME_PATTERN}); nothing was written"
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+        return f"sha256 {sha!r} of release {version} is not 64 lowercase hex digits; nothing was written"
+    size = getattr(release, "size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        return f"size {size!r} of release {version} is not a positive number of bytes; nothing was written"
+    return None
 
 
 def _folder(release) -> str:

@@ -117,13 +117,13 @@ class DeviceRecord:
 
 def check_name(kind: str, value: str) -> str:
     """Raise :class:`Invalid` unless ``value`` is a plain identifier (letters, digits, ``_``, ``-``)."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise Invalid(f"{kind} {value!r}: use 1-64 letters, digits, '_' or '-' (starting with a letter or digit)")
     return value
 
 
 def check_version(value: str) -> str:
-    if not isinstance(value, str) or not VERSION_RE.match(value):
+    if not isinstance(value, str) or not VERSION_RE.fullmatch(value):
         raise Invalid(f"version {value!r}: use 1-128 letters, digits, '.', '_', '+' or '-'")
     return value
 
