@@ -96,21 +96,28 @@ def agent(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = AgentConfig(
-        registry=registry, device_class=device_class, pubkey=pubkey, dir=device_dir,
-        token=device_token, ca=ca, insecure=insecure, server_name=server_name,
-        channel=channel, interval_s=interval, backoff_max_s=backoff_max,
-    )
+    try:
+        cfg = AgentConfig(
+            registry=registry, device_class=device_class, pubkey=pubkey, dir=device_dir,
+            token=device_token, ca=ca, insecure=insecure, server_name=server_name,
+            channel=channel, interval_s=interval, backoff_max_s=backoff_max,
+        )
+    except ValueError as e:
+        raise fail(f"--device-class/--channel: {e}", 2) from None
     try:
         runner = Agent(cfg)
     except (AgentError, BundleError, RegistryError) as e:
         raise fail(str(e), 2) from None
+    except OSError as e:
+        raise fail(f"{device_dir}: cannot use the device folder ({e})", 2) from None
 
     colors = {"healthy": "green", "unhealthy": "red", "unknown": "yellow"}
 
-    def show(outcome: CycleResult | RegistryError) -> None:
+    def show(outcome: CycleResult | RegistryError | OSError | AgentError) -> None:
         if isinstance(outcome, RegistryError):
             console.print(f"[yellow]registry: {outcome.code.name}: {outcome.details}[/]")
+        elif isinstance(outcome, (OSError, AgentError)):  # the device's own failure (full disk...): retried
+            console.print(f"[red]device: {type(outcome).__name__}: {outcome}[/]")
         else:
             console.print(f"[{colors[outcome.health]}]{outcome.action}[/] running={outcome.running_version or '-'} "
                           f"target={outcome.target_version or '-'}: {outcome.message}")
@@ -119,8 +126,10 @@ def agent(
         if once:
             try:
                 result = runner.run_once_with_retries(max_attempts=retries)
-            except RegistryError as e:
+            except (RegistryError, AgentError) as e:
                 raise fail(str(e), 2) from None
+            except OSError as e:  # e.g. a full disk: one line naming the file, not a traceback
+                raise fail(f"{device_dir}: {e}", 2) from None
             table = Table(title=f"edge agent ({device_class}, {channel})", show_header=False)
             table.add_row("action", result.action)
             table.add_row("running", result.running_version or "-")

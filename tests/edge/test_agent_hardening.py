@@ -147,3 +147,13 @@ def test_edge_bench_refuses_an_unverified_bundle(release, tmp_path, monkeypatch)
     monkeypatch.setenv("ECHOFLEET_PUBKEY", str(other))
     r3 = runner.invoke(app, ["edge", "bench", str(release["tarball"]), "--iters", "1", "--no-peak"])
     assert r3.exit_code == 1 and "REFUSED" in r3.output and "signature" in r3.output, r3.output
+
+
+def test_edge_agent_cli_refuses_a_device_class_that_is_not_a_name(release, tmp_path):
+    from echofleet.cli import app
+
+    r = CliRunner().invoke(app, ["edge", "agent", "--registry", "127.0.0.1:1", "--device-class", "../x",
+                                 "--pubkey", str(release["public"]), "--dir", str(tmp_path / "dev"), "--token", "a.b",
+                                 "--insecure", "--once"])
+    assert r.exit_code == 2 and "device class '../x'" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "dev").exists()
