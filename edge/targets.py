@@ -108,7 +108,7 @@ TARGETS: Mapping[str, EdgeTarget] = MappingProxyType({t.name: t for t in (
         quantize=_frozen({"int8": {"method": "qdq", "activations": "symmetric", "calibrate_method": "percentile"},
                           "fp16": _FP16}),
         compile="edge.build.compile_tensorrt:compile_for_bundle",
-        runs_on="TensorRT engine (ONNX Runtime's TensorRT execution provider, or `edge compile` on the device)",
+        runs_on="TensorRT engine built on the device by `edge compile` (the ONNX on ONNX Runtime where TensorRT is absent)",
         # its own kernels and fp16 accumulation: further from the build machine than the CPU backends
         selftest=SelfTestTolerance(probability_atol=0.1, mask_min_agreement=0.95, mask_min_dice=0.85),
         device_build="edge.build.compile_tensorrt:build_engine_on_device",

@@ -232,7 +232,7 @@ def compile_(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: beside the model)."),
     precision: str = typer.Option("f32", "--inference-precision", help="openvino-cpu: inference precision (f32 | bf16 | f16), set explicitly and recorded."),
     config: Optional[Path] = typer.Option(None, "--config", help="tensorrt: build config (tensorrt.json from the bundle)."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="tensorrt: engine path (default: OUT/model.engine)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="tensorrt: engine path (default: the runtime's engine cache for this ONNX, where `edge infer` finds it)."),
     max_batch: int = typer.Option(8, help="tensorrt: optimisation profile max batch (without --config)."),
     trt_precision: str = typer.Option("int8", "--trt-precision", help="tensorrt: precision of the ONNX graph (without --config): int8 | fp16 | fp32."),
 ) -> None:

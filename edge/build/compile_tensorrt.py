@@ -17,13 +17,23 @@ Versions handled (checked through the documented Python API only):
   engine therefore needs the float16 ONNX (``echofleet edge quantize --method fp16``).
 
 Always: one optimisation profile for the batch (``min/opt/max``), a persistent timing cache (so
-rebuilds on the same device take seconds), and a workspace limit. Without ``tensorrt``
-importable, :func:`build_engine` raises :class:`TensorRTUnavailable` with a clear message.
+rebuilds on the same device take seconds), and a workspace limit. ``set_timing_cache`` returns
+False when TensorRT rejects the saved cache (made by another GPU or TensorRT version, with
+``ignore_mismatch=False``): that cache is discarded (logged) and a fresh one is built and saved.
+Without ``tensorrt`` importable, :func:`build_engine` raises :class:`TensorRTUnavailable` with a
+clear message.
+
+Beside the engine goes its build record (``model.engine.json``, :class:`~edge.device.backends.
+EngineRecord`: the ONNX model's sha256, TensorRT version, GPU name and compute capability), which
+the device runtime checks before it deserializes the engine. Without ``--engine`` the engine goes
+to the runtime's engine cache for that ONNX model (:func:`~edge.device.backends.engine_cache_dir`),
+where the runtime finds it: not into the bundle folder, whose verification refuses unlisted files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +41,10 @@ from typing import Any
 
 from echocare.atomic import atomic_write_bytes
 from edge.build.compiled import CompiledModel, CompileError, CompileOptions
+from edge.device.backends import EngineRecord, cuda_device_identity, default_engine_path, file_sha256, import_cudart
 from edge.targets import get_target
+
+log = logging.getLogger(__name__)
 
 TARGET = get_target("tensorrt")
 PRECISIONS = TARGET.precisions
@@ -141,13 +154,34 @@ def plan_build(trt: Any, config: TensorRTBuildConfig) -> BuildPlan:
     return BuildPlan(strongly, flags, builder_flags, notes)
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorRTBuildConfig, *, trt: Any = None,
-                 log_level: str = "WARNING") -> CompiledModel:
-    """Parse ``onnx_path``, build a serialized engine at ``engine_path`` (atomic), update the timing cache.
+def _use_timing_cache(bconf: Any, cache_path: Path) -> None:
+    """Attach the saved timing cache; one TensorRT rejects is discarded and a fresh one used instead."""
+    saved = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = bconf.create_timing_cache(saved)
+    # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused, never used
+    if cache is not None and bconf.set_timing_cache(cache, False) is True:
+        return
+    if not saved:
+        raise CompileError(f"{cache_path}: TensorRT refused even an empty timing cache")
+    log.warning("%s: TensorRT rejected this timing cache (made by another GPU or TensorRT version); "
+                "discarded, building a new one", cache_path)
+    cache_path.unlink()
+    if bconf.set_timing_cache(bconf.create_timing_cache(b""), False) is not True:
+        raise CompileError(f"{cache_path}: TensorRT refused an empty timing cache")
 
-    ``trt`` defaults to the installed ``tensorrt`` module (tests pass a stand-in).
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorRTBuildConfig, *, trt: Any = None,
+                 cudart: Any = None, log_level: str = "WARNING") -> CompiledModel:
+    """Parse ``onnx_path``, build a serialized engine at ``engine_path`` (atomic) with its build record,
+    update the timing cache.
+
+    ``trt`` and ``cudart`` default to the installed ``tensorrt`` and ``cuda-python`` (tests pass stand-ins).
     """
     trt = trt if trt is not None else import_tensorrt()
+    try:
+        cudart = cudart if cudart is not None else import_cudart()
+    except RuntimeError as e:  # BackendUnavailable: the runtime needs cuda-python too
+        raise TensorRTUnavailable(str(e)) from None
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise CompileError(f"{onnx_path}: no such model")
@@ -174,20 +208,22 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorR
     cache_path = Path(config.timing_cache)
     if not cache_path.is_absolute():
         cache_path = engine_path.parent / cache_path
-    cache = bconf.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    bconf.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is refused
+    _use_timing_cache(bconf, cache_path)
 
     serialized = builder.build_serialized_network(network, bconf)
     if serialized is None:
         raise CompileError(f"{onnx_path}: TensorRT {trt.__version__} failed to build an engine (see the TensorRT log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(engine_path, bytes(serialized), 0o600)
+    gpu, cc = cuda_device_identity(cudart)
+    record = EngineRecord(file_sha256(onnx_path), str(trt.__version__), gpu, cc, config.precision,
+                          [config.min_batch, config.opt_batch, config.max_batch], config.input_name).save(engine_path)
     atomic_write_bytes(cache_path, bytes(bconf.get_timing_cache().serialize()), 0o600)
     return CompiledModel(
-        TARGET.name, engine_path, [engine_path], "tensorrt-engine", config.precision, None,
-        {"tensorrt": str(trt.__version__), "strongly_typed": plan.strongly_typed, "builder_flags": plan.builder_flags,
-         "profile": [config.min_batch, config.opt_batch, config.max_batch], "timing_cache": str(cache_path),
-         "build_seconds": round(time.perf_counter() - t0, 2), "notes": plan.notes},
+        TARGET.name, engine_path, [engine_path, record], "tensorrt-engine", config.precision, None,
+        {"tensorrt": str(trt.__version__), "gpu": f"{gpu} (compute capability {cc})", "strongly_typed": plan.strongly_typed,
+         "builder_flags": plan.builder_flags, "profile": [config.min_batch, config.opt_batch, config.max_batch],
+         "timing_cache": str(cache_path), "build_seconds": round(time.perf_counter() - t0, 2), "notes": plan.notes},
     )
 
 
@@ -227,6 +263,12 @@ def describe_compiled(model_path: Path, options: CompileOptions) -> CompiledMode
 
 def build_engine_on_device(model_path: Path, out_dir: Path, *, config: Path | None = None, engine: Path | None = None,
                            precision: str = "int8", max_batch: int = 8) -> CompiledModel:
-    """On the device: the engine from the bundle's ONNX and ``tensorrt.json`` (or these defaults)."""
+    """On the device: the engine from the bundle's ONNX and ``tensorrt.json`` (or these defaults).
+
+    Without ``engine`` it goes to the runtime's engine cache for this ONNX model (where
+    :class:`~edge.device.runtime.BundleRuntime` looks); ``out_dir`` is then not used."""
     tcfg = TensorRTBuildConfig.load(config) if config else TensorRTBuildConfig(precision=precision, max_batch=max_batch)
-    return build_engine(model_path, engine or Path(out_dir) / "model.engine", tcfg)
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise CompileError(f"{model_path}: no such model")
+    return build_engine(model_path, engine or default_engine_path(file_sha256(model_path)), tcfg)

@@ -1,6 +1,7 @@
 """The on-device runtime: load a bundle, preprocess, run, post-process, self-test. No torch.
 
-Dependencies: numpy, Pillow, cryptography (bundle checks) and OpenVINO and/or ONNX Runtime.
+Dependencies: numpy, Pillow, cryptography (bundle checks) and OpenVINO and/or ONNX Runtime
+(TensorRT bundles on an NVIDIA device: TensorRT and cuda-python).
 The preprocessing is :func:`echocare.preprocess.preprocess_image` with the bundle's own
 :class:`~echocare.preprocess.PreprocessSpec`: byte for byte what training and calibration used.
 
@@ -13,11 +14,17 @@ Typical use (what the scanner agent does after installing a release)::
 Backend choice (``backend="auto"``): the bundle lists its model artifacts best first; the first
 one that a locally installed backend can run wins (OpenVINO IR -> OpenVINO; ONNX -> ONNX Runtime,
 then OpenVINO). ``backend="openvino"`` / ``"onnxruntime"`` forces one.
+
+A ``tensorrt`` bundle ships the ONNX model; the engine is built on the device (``echofleet edge
+compile model/model.onnx --target tensorrt --config tensorrt.json``, into the engine cache
+:func:`~edge.device.backends.engine_cache_dir`). Where TensorRT is installed, ``auto`` (and
+``backend="tensorrt"``) runs that engine, and refuses to start when it is missing or was built
+from another model, by another TensorRT version or for another GPU; where it is not (the build
+machine's self-test), the ONNX model runs on ONNX Runtime / OpenVINO like any other ONNX.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +35,7 @@ import numpy as np
 
 from echocare.preprocess import Geometry, PreprocessSpec, preprocess_image
 from edge.device import postprocess as post
-from edge.device.backends import backend_installed, open_session
+from edge.device.backends import TensorRTSession, backend_installed, default_engine_path, open_session
 from echocare.bundle import BundleError, read_manifest_unverified, safe_extract, verify_bundle
 from edge.targets import FORMAT_BACKENDS  # which backends run which artifact format, best first
 
@@ -42,13 +49,16 @@ class ModelChoice:
 
 
 def choose_model(manifest: dict, backend: str = "auto") -> ModelChoice:
-    """Pick the first model artifact (manifest order = preference) runnable by an installed backend."""
+    """Pick the first model artifact (manifest order = preference) runnable by an installed backend.
+
+    A ``tensorrt`` target's ONNX runs as its engine wherever TensorRT is installed."""
     models = [a for a in manifest.get("artifacts", []) if a.get("role") == "model"]
     if not models:
         raise BundleError(f"bundle {manifest.get('name')}-{manifest.get('version')}: no model artifact in the manifest")
     tried = []
     for a in models:
-        for b in FORMAT_BACKENDS.get(a.get("format", ""), []):
+        engine = ("tensorrt",) if a.get("target") == "tensorrt" else ()
+        for b in engine + tuple(FORMAT_BACKENDS.get(a.get("format", ""), ())):
             if backend not in ("auto", b):
                 continue
             if backend_installed(b):
@@ -62,35 +72,11 @@ def choose_model(manifest: dict, backend: str = "auto") -> ModelChoice:
     )
 
 
-def _trt_providers(manifest: dict, artifact: dict) -> list:
-    """ONNX Runtime providers for a TensorRT bundle: TensorRT EP (engine + timing cache), then CUDA, then CPU.
-
-    The engine cache lives outside the bundle (a verified bundle holds only listed files), keyed
-    by the model's sha256; ``ECHOFLEET_CACHE`` moves it.
-    """
-    build = manifest.get("tensorrt", {})
-    cache = Path(os.environ.get("ECHOFLEET_CACHE", Path.home() / ".cache" / "echofleet")) / "trt" / artifact["sha256"][:16]
-    trt: dict[str, Any] = {
-        "trt_fp16_enable": artifact.get("precision") in ("fp16", "int8"),
-        "trt_int8_enable": artifact.get("precision") == "int8",
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
-    }
-    inp = manifest.get("input", {})
-    if build and inp.get("shape"):
-        name, chw = inp.get("name", "input"), "x".join(str(d) for d in inp["shape"][1:])
-        for key, batch in (("min", build.get("min_batch", 1)), ("opt", build.get("opt_batch", 1)), ("max", build.get("max_batch", 8))):
-            trt[f"trt_profile_{key}_shapes"] = f"{name}:{batch}x{chw}"
-    return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
 class BundleRuntime:
     """A loaded bundle: ``predict`` images, ``predict_arrays`` preprocessed batches, ``self_test``."""
 
     def __init__(self, bundle_dir: Path, manifest: dict, backend: str = "auto", *, num_threads: int | None = None,
-                 _owned_tmp: Path | None = None):
+                 engine: Path | None = None, _owned_tmp: Path | None = None):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self._owned_tmp = _owned_tmp
@@ -101,14 +87,25 @@ class BundleRuntime:
         self.preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
         choice = choose_model(manifest, backend)
         self.artifact, self.backend = choice.artifact, choice.backend
-        providers = _trt_providers(manifest, self.artifact) if self.artifact.get("target") == "tensorrt" else None
-        self.session = open_session(
-            self.bundle_dir / self.artifact["path"], self.backend,
-            inference_precision=self.artifact.get("inference_precision", "f32"),
-            graph_precision=self.artifact.get("precision", "fp32"),
-            num_threads=num_threads, providers=providers,
-        )
+        if self.backend == "tensorrt":
+            self.session = self._open_engine(engine)
+        else:
+            self.session = open_session(
+                self.bundle_dir / self.artifact["path"], self.backend,
+                inference_precision=self.artifact.get("inference_precision", "f32"),
+                graph_precision=self.artifact.get("precision", "fp32"), num_threads=num_threads,
+            )
         self.precision: str = self.artifact.get("precision", "fp32")
+
+    def _open_engine(self, engine: Path | None) -> TensorRTSession:
+        """The engine built on this device from the bundle's ONNX (default: the engine cache)."""
+        sha = self.artifact["sha256"]
+        engine = Path(engine) if engine is not None else default_engine_path(sha)
+        onnx = self.bundle_dir / self.artifact["path"]
+        config = self.bundle_dir / "tensorrt.json"
+        rebuild = (f"build it on this device: echofleet edge compile {onnx} --target tensorrt"
+                   + (f" --config {config}" if config.is_file() else "") + f" --engine {engine}")
+        return TensorRTSession(engine, model_sha256=sha, graph_precision=self.artifact.get("precision", "fp32"), rebuild=rebuild)
 
     # ------------------------------------------------------------------ running
     def predict_arrays(self, x: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -196,6 +193,8 @@ class BundleRuntime:
 
     # ------------------------------------------------------------------ cleanup
     def close(self) -> None:
+        if isinstance(self.session, TensorRTSession):
+            self.session.close()
         self.session = None
         if self._owned_tmp is not None:
             shutil.rmtree(self._owned_tmp, ignore_errors=True)
@@ -219,13 +218,15 @@ class BundleRuntime:
         }
 
 
-def load_bundle(path: Path | str, backend: str = "auto", *, public_key: Any = None, num_threads: int | None = None) -> BundleRuntime:
+def load_bundle(path: Path | str, backend: str = "auto", *, public_key: Any = None, num_threads: int | None = None,
+                engine: Path | None = None) -> BundleRuntime:
     """Open a bundle directory or ``.tar.gz``.
 
     With ``public_key`` the signature and every artifact hash are verified first (raises
     :class:`~echocare.bundle.BundleError` on any mismatch). Without it the manifest is read as is:
     only do that for a bundle that was verified when it was installed (the agent does).
     A tarball is unpacked (safely) into a temporary directory that :meth:`BundleRuntime.close` removes.
+    ``engine``: a TensorRT bundle's engine, when not in the engine cache.
     """
     path = Path(path)
     tmp = None
@@ -238,7 +239,7 @@ def load_bundle(path: Path | str, backend: str = "auto", *, public_key: Any = No
             raise
     try:
         manifest = verify_bundle(path, public_key) if public_key is not None else read_manifest_unverified(path)
-        return BundleRuntime(path, manifest, backend, num_threads=num_threads, _owned_tmp=tmp)
+        return BundleRuntime(path, manifest, backend, num_threads=num_threads, engine=engine, _owned_tmp=tmp)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
