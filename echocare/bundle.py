@@ -461,12 +461,17 @@ class AcceptanceRecord:
             return False, "inconsistent acceptance record: " + ", ".join(
                 f"site {s.site} is marked passed with a {s.metric} drop of {s.delta:g} > bound {s.bound:g}" for s in bad)
         ok = [s.site for s in self.sites if s.passed]
-        failed = [f"{s.site} ({s.metric}{': ' + s.reason if s.reason else ''})" for s in self.sites if not s.passed]
+        failed = ", ".join(_site_failure(s) for s in self.sites if not s.passed) or "none"
         if not self.passed:
-            return False, "the build refused it: " + (self.reason or "failed: " + ", ".join(failed))
+            return False, f"the build refused it{': ' + self.reason if self.reason else ''} (failed sites: {failed})"
         if len(ok) < self.quorum:
-            return False, f"only {len(ok)} of the required {self.quorum} sites passed (failed: {', '.join(failed)})"
+            return False, f"only {len(ok)} of the required {self.quorum} sites passed (failed sites: {failed})"
         return True, f"{self.method} acceptance passed at {len(ok)}/{len(self.sites)} sites (quorum {self.quorum})"
+
+
+def _site_failure(s: SiteAcceptance) -> str:
+    drop = f"drop {s.delta:g} > bound {s.bound:g}" if s.delta is not None else "not disclosed"
+    return f"{s.site} ({s.metric} {drop}{'; ' + s.reason if s.reason else ''})"
 
 
 def acceptance_of(manifest: dict, where: str = "manifest") -> AcceptanceRecord | None:

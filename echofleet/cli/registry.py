@@ -18,6 +18,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from echofleet.cli.common import fail as _fail
@@ -31,8 +32,9 @@ registry_app = typer.Typer(
     no_args_is_help=True,
     help=(
         "Edge release registry (gRPC). The coordinator runs `serve`; release managers `publish` signed "
-        "bundles (to canary) and `promote` them (to stable); IT enrols scanners with `devices add` and "
-        "watches them with `devices list`. Scanners run `echofleet edge agent`."
+        "bundles (to canary) and `promote` them (to stable: only a release whose signed acceptance record "
+        "passed, or with --force --reason, written to the audit log that `audit` prints); IT enrols scanners "
+        "with `devices add` and watches them with `devices list`. Scanners run `echofleet edge agent`."
     ),
 )
 devices_app = typer.Typer(no_args_is_help=True, help="Enrol, list and remove scanners (admin token).")
@@ -168,6 +170,7 @@ def serve(
         None, "--admin-token", envvar=ADMIN_TOKEN_ENV, show_envvar=True,
         help="Admin token for publish/promote/devices (>= 16 chars; prefer the environment variable).",
     ),
+    audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="Append-only audit log of promotions (JSON lines; default: audit.jsonl beside --db)."),
     max_bundle_mb: float = typer.Option(512.0, "--max-bundle-mb", help="Largest bundle tarball accepted at publish."),
     workers: int = typer.Option(64, "--workers", help="Concurrent RPCs served (thread pool size)."),
 ) -> None:
@@ -194,7 +197,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = RegistryConfig(
-            db=db, blobs=blobs, trusted_keys=list(trusted_key), admin_token=admin_token, host=host, port=port,
+            db=db, blobs=blobs, trusted_keys=list(trusted_key), admin_token=admin_token, audit_log=audit_log,
+            host=host, port=port,
             tls_cert=None if insecure else tls_cert, tls_key=None if insecure else tls_key,
             max_bundle_bytes=int(max_bundle_mb * 1024 * 1024), max_workers=workers,
         )
@@ -207,6 +211,7 @@ def serve(
     table.add_row("transport", "TLS" if server.tls else "[yellow]plaintext (--insecure)[/]")
     table.add_row("database", str(db))
     table.add_row("blobs", str(blobs))
+    table.add_row("audit log", str(server.store.audit.path))
     table.add_row("trusted keys", ", ".join(str(k) for k in trusted_key))
     table.add_row("max bundle", f"{max_bundle_mb:g} MiB")
     table.add_row("device classes", ", ".join(server.store.list_classes()) or "(none yet)")
@@ -260,11 +265,54 @@ def promote(
     conn: RegistryConnection,
     device_class: str = typer.Option(..., "--device-class", "-c", help="Device class."),
     version: str = typer.Option(..., "--version", "-v", help="Published version to put on stable (again)."),
+    force: bool = typer.Option(False, "--force", help="Override a missing or failing acceptance record (needs --reason; audited)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why the override is justified (written to the audit log)."),
 ) -> None:
-    """Make a release the current stable one. Promoting an older release rolls the fleet back to it."""
+    """Make a release the current stable one. Promoting an older release rolls the fleet back to it.
+
+    Only a release whose signed manifest carries a passing acceptance record is promoted; --force
+    --reason TEXT overrides that, and the override is written to the registry's audit log."""
+    if force and not (reason or "").strip():
+        raise _fail("--force needs --reason TEXT: an override of the acceptance gate must say why (it is audited)", 2)
+    if reason is not None and not force:
+        raise _fail("--reason goes with --force (a release that passed its acceptance needs no override)", 2)
     with conn.client() as client:
-        r = _registry_call(lambda: client.promote(device_class, version))
-    console.print(f"[green]{r.device_class} {r.version} is now the current stable release[/]")
+        r, event = _registry_call(lambda: client.promote_audited(device_class, version, force=force, reason=reason or ""))
+    if event.event == "promote-forced":
+        console.print(f"[yellow]FORCED: {r.device_class} {r.version} is now the current stable release without a "
+                      f"passing acceptance ({escape(event.acceptance)}); recorded in the audit log[/]")
+    else:
+        console.print(f"[green]{r.device_class} {r.version} is now the current stable release ({escape(event.acceptance)})[/]")
+
+
+@registry_app.command("audit")
+@connection_options
+def audit(
+    conn: RegistryConnection,
+    device_class: str = typer.Option("", "--device-class", "-c", help="Only this class."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line (as stored)."),
+) -> None:
+    """The audit log: every promotion to stable, every forced override with its reason, every refusal."""
+    import json
+
+    with conn.client() as client:
+        events, unreadable = _registry_call(lambda: client.audit(device_class))
+    fields = ("at", "event", "device_class", "version", "sha256", "reason", "acceptance", "actor")
+    if as_json:
+        for e in events:
+            print(json.dumps({k: getattr(e, k) for k in fields}, sort_keys=True))
+    else:
+        table = Table(title=f"audit log: {len(events)} event(s)")
+        for col in ("when", "event", "class", "version", "sha256", "acceptance", "reason", "actor"):
+            table.add_column(col, overflow="fold", no_wrap=col in ("when", "event", "version"))
+        colors = {"promote": "green", "promote-forced": "yellow", "promote-refused": "red"}
+        for e in events:
+            table.add_row(_when(e.at), f"[{colors.get(e.event, 'white')}]{e.event}[/]", e.device_class, e.version,
+                          e.sha256[:12], escape(e.acceptance), escape(e.reason or "-"), escape(e.actor))
+        console.print(table)
+    if unreadable:
+        _fail(f"audit log: line(s) {', '.join(map(str, unreadable))} could not be read (torn by a crash, or edited)")
+        raise typer.Exit(1)
 
 
 @registry_app.command("list")

@@ -92,7 +92,7 @@ def open_channel(cfg: ConnectionConfig) -> grpc.Channel:
 
 
 class RegistryClient:
-    """Typed wrappers around the eight RPCs. Use as a context manager or call :meth:`close`."""
+    """Typed wrappers around the nine RPCs. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, cfg: ConnectionConfig, channel: grpc.Channel | None = None):
         self.cfg = cfg
@@ -149,9 +149,21 @@ class RegistryClient:
         releases = self.list_releases(device_class, channel)
         return releases[0] if releases else None
 
-    def promote(self, device_class: str, version: str) -> pb.Release:
-        reply = self._call("Promote", pb.PromoteRequest(device_class=device_class, version=version))
-        return reply.release  # type: ignore[attr-defined]
+    def promote(self, device_class: str, version: str, *, force: bool = False, reason: str = "") -> pb.Release:
+        """Put a release on stable. Refused (FAILED_PRECONDITION) without a passing acceptance record
+        unless ``force`` with a ``reason`` (audited); :meth:`promote_audited` also returns the event."""
+        return self.promote_audited(device_class, version, force=force, reason=reason)[0]
+
+    def promote_audited(self, device_class: str, version: str, *, force: bool = False,
+                        reason: str = "") -> tuple[pb.Release, pb.AuditEvent]:
+        reply = self._call("Promote", pb.PromoteRequest(device_class=device_class, version=version, force=force,
+                                                        reason=reason))
+        return reply.release, reply.audit  # type: ignore[attr-defined]
+
+    def audit(self, device_class: str = "") -> tuple[list[pb.AuditEvent], list[int]]:
+        """The registry's audit log (oldest first) and the line numbers it could not read."""
+        reply = self._call("ListAudit", pb.ListAuditRequest(device_class=device_class))
+        return list(reply.events), list(reply.unreadable_lines)  # type: ignore[attr-defined]
 
     def download(
         self,

@@ -7,6 +7,12 @@ all with :func:`echocare.bundle.write_bundle`. The edge runtime runs it like any
 head; ``broken=True`` ships weights that differ from the ones the expected outputs were computed
 with, i.e. a bundle whose self-test genuinely fails on the device.
 
+Each bundle carries a measured acceptance record (:class:`echocare.bundle.AcceptanceRecord`, so the
+registry lets it go to stable): the shipped model's top-1 agreement with the reference weights on
+64 synthetic inputs, ``method="central"``, bound 0. It is honest about what it is, a sample with
+no clinical validation: a ``broken`` bundle disagrees and its record fails. ``acceptance=False``
+ships no record at all (what the registry gate must refuse).
+
 Needs ``onnx`` (the ``train`` extra); numpy only otherwise.
 """
 
@@ -18,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from echocare.preprocess import PreprocessSpec
-from echocare.bundle import write_bundle
+from echocare.bundle import AcceptanceRecord, SiteAcceptance, write_bundle
 
 LABELS = ["benign", "malignant", "normal"]
 SIZE = 16
@@ -61,6 +67,7 @@ def make_classifier_bundle(
     broken: bool = False,
     payload_bytes: int = 0,
     seed: int = 0,
+    acceptance: bool = True,
 ) -> Path:
     """Write a signed ``<name>-<version>.tar.gz`` into ``out_dir`` and return its path.
 
@@ -102,4 +109,17 @@ def make_classifier_bundle(
                 "tolerance": {"probability_atol": 1e-3},
             },
         }
+        if acceptance:
+            manifest["acceptance"] = _agreement_record(weights, shipped, bias, seed)
         return write_bundle(Path(out_dir), manifest, artifacts, private_key)
+
+
+def _agreement_record(reference: np.ndarray, shipped: np.ndarray, bias: np.ndarray, seed: int) -> dict:
+    """The acceptance record of a sample bundle: top-1 agreement of ``shipped`` with ``reference``."""
+    x = np.random.default_rng(seed + 10_000).standard_normal((64, reference.shape[0])).astype(np.float32)
+    agreement = float(np.mean((x @ reference + bias).argmax(1) == (x @ shipped + bias).argmax(1)))
+    delta = 1.0 - agreement
+    site = SiteAcceptance(site="sample-generator", metric="top1_agreement", delta=delta, bound=0.0, p50_ms=None,
+                          passed=delta <= 0.0, reason="" if delta <= 0.0 else f"agrees with the reference on {agreement:.0%}")
+    return AcceptanceRecord(passed=site.passed, method="central", metric="top1_agreement", bound=0.0, quorum=1,
+                            sites=(site,), reason=site.reason).to_dict()

@@ -13,6 +13,9 @@ Every request is checked before it changes anything: the caller's token first (a
 refuse device tokens, devices only see their own class), then the request's fields, then (for
 Publish) the upload's size, its archive layout and the bundle signature and hashes against the
 trusted publisher keys. Only then is the blob committed and the release row written.
+
+Promotion to ``stable`` is gated by the release's signed acceptance record and audited (see
+:mod:`server.registry.store` and :mod:`server.registry.audit`); ``ListAudit`` returns the log.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ import grpc
 
 from echocare.bundle import BundleError, load_public_key, safe_extract, verify_bundle
 from server.registry import auth
+from server.registry.audit import AuditEvent, read_audit
 from server.registry.proto import registry_pb2 as pb
 from server.registry.proto import registry_pb2_grpc as pb_grpc
 from server.registry.store import (
+    AuditUnavailable,
     Conflict,
+    GateRefused,
     DeviceRecord,
     Invalid,
     NotFound,
@@ -63,6 +69,7 @@ class RegistryConfig:
     blobs: Path
     trusted_keys: list[Path]
     admin_token: str
+    audit_log: Path | None = None  # append-only JSON lines; default: audit.jsonl beside the database
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (read it back from RegistryServer.port)
     tls_cert: Path | None = None
@@ -89,7 +96,7 @@ class RegistryConfig:
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
-    """The eight RPCs. Stateless besides the store and the verified configuration."""
+    """The nine RPCs. Stateless besides the store and the verified configuration."""
 
     def __init__(self, store: RegistryStore, cfg: RegistryConfig):
         self.store, self.cfg = store, cfg
@@ -165,10 +172,13 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             version = str(manifest["version"])
             with self._status_on_store_errors(context):
                 check_version(version)
+                if channel == "stable":  # gated before any blob is kept
+                    self.store.check_promotable(manifest, f"publishing {device_class} {version} straight to stable")
                 sha256, size = self.store.digest(tmp)
                 self.store.check_new_release(device_class, version, sha256)  # before any blob is kept
                 self.store.commit_blob(tmp, sha256)
-                rec, already = self.store.add_release(device_class, version, sha256, size, manifest, channel=channel)
+                rec, already = self.store.add_release(device_class, version, sha256, size, manifest, channel=channel,
+                                                      actor=_actor(context))
             log.info("published %s %s (%s, %d bytes)%s", device_class, rec.version, sha256[:12], size,
                      " [already present]" if already else "")
             return pb.PublishReply(release=_release_pb(rec), already_present=already)
@@ -234,9 +244,23 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     def Promote(self, request: pb.PromoteRequest, context: grpc.ServicerContext) -> pb.PromoteReply:
         self._admin(context)
         with self._status_on_store_errors(context):
-            rec = self.store.promote(request.device_class, request.version)
-        log.info("promoted %s %s to stable", rec.device_class, rec.version)
-        return pb.PromoteReply(release=_release_pb(rec, current=True))
+            rec, event = self.store.promote(request.device_class, request.version, force=request.force,
+                                            reason=request.reason, actor=_actor(context))
+        if event.event == "promote-forced":
+            log.warning("FORCED promotion of %s %s to stable (%s): %s", rec.device_class, rec.version,
+                        event.acceptance, event.reason)
+        else:
+            log.info("promoted %s %s to stable (%s)", rec.device_class, rec.version, event.acceptance)
+        return pb.PromoteReply(release=_release_pb(rec, current=True), audit=_audit_pb(event))
+
+    def ListAudit(self, request: pb.ListAuditRequest, context: grpc.ServicerContext) -> pb.ListAuditReply:
+        self._admin(context)
+        try:
+            found = read_audit(self.store.audit.path)
+        except OSError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log: cannot be read ({e.strerror or e})")
+        events = [e for e in found.events if not request.device_class or e.device_class == request.device_class]
+        return pb.ListAuditReply(events=[_audit_pb(e) for e in events], unreadable_lines=found.unreadable_lines)
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
         caller = self._caller(context)
@@ -304,6 +328,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except Invalid as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except GateRefused as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except AuditUnavailable as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:  # pragma: no cover - every StoreError is one of the above
             context.abort(grpc.StatusCode.INTERNAL, str(e))
 
@@ -311,6 +339,16 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 def _strip(err: Exception, path: Path) -> str:
     """An error message without the server's scratch paths."""
     return str(err).replace(str(path) + "/", "").replace(str(path), "<upload>")
+
+
+def _actor(context: grpc.ServicerContext) -> str:
+    """Who made an admin call, for the audit log (one admin token: its holder, and where from)."""
+    return f"admin@{context.peer()}"
+
+
+def _audit_pb(e: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(at=e.at, event=e.event, device_class=e.device_class, version=e.version, sha256=e.sha256,
+                         reason=e.reason, acceptance=e.acceptance, actor=e.actor)
 
 
 def _release_pb(r: ReleaseRecord, current: bool | None = None) -> pb.Release:
@@ -344,7 +382,7 @@ class RegistryServer:
 
     def __init__(self, cfg: RegistryConfig):
         self.cfg = cfg
-        self.store = RegistryStore(cfg.db, cfg.blobs)
+        self.store = RegistryStore(cfg.db, cfg.blobs, cfg.audit_log)
         try:
             servicer = RegistryServicer(self.store, cfg)
         except BaseException:

@@ -3,8 +3,16 @@
 Layout on disk::
 
     <db>                       SQLite: device classes, releases, devices (WAL journal beside it)
+    <db folder>/audit.jsonl    append-only audit log of promotions (server.registry.audit)
     <blobs>/sha256/ab/abcd...  one tarball per distinct content, named by its sha256
     <blobs>/incoming/          uploads in progress (temp files; removed on failure and at start)
+
+Gating: a release reaches ``stable`` (by :meth:`RegistryStore.promote` or a publish straight to
+stable) only when its signed manifest carries a passing acceptance record
+(:func:`echocare.bundle.acceptance_of`, recounted by its ``verdict``); otherwise only with
+``force`` and a written reason. Every promotion, forced or not, and every refused one is
+appended to the audit log before the database changes: an event that cannot be written stops the
+promotion.
 
 Write order makes every crash safe: a blob is complete (fsync + ``os.replace``) before the row
 that references it is committed, so the database never points at a missing or partial blob; a
@@ -29,6 +37,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from echocare.atomic import fsync_dir
+from echocare.bundle import BundleError, acceptance_of
+from server.registry.audit import AuditEvent, AuditLog
 
 CHANNELS = ("canary", "stable")
 HEALTH = ("unknown", "healthy", "unhealthy")
@@ -87,6 +97,28 @@ class Invalid(StoreError):
     """A malformed name, version or field."""
 
 
+class GateRefused(StoreError):
+    """The release has no passing acceptance record and the gate was not overridden."""
+
+
+class AuditUnavailable(StoreError):
+    """The audit log could not be written, so the action it would record was not taken."""
+
+
+MAX_REASON_CHARS = 2000
+
+
+def acceptance_verdict(manifest: dict) -> tuple[bool, str]:
+    """(may go to stable, why): the signed manifest's acceptance record, recounted."""
+    try:
+        record = acceptance_of(manifest)
+    except BundleError as e:
+        return False, f"malformed acceptance record ({e})"
+    if record is None:
+        return False, "the signed manifest has no acceptance record"
+    return record.verdict()
+
+
 @dataclass(frozen=True)
 class ReleaseRecord:
     device_class: str
@@ -131,8 +163,9 @@ def check_version(value: str) -> str:
 class RegistryStore:
     """SQLite + blobs. Open one per process; close with :meth:`close` (or use as a context manager)."""
 
-    def __init__(self, db_path: Path, blob_dir: Path):
+    def __init__(self, db_path: Path, blob_dir: Path, audit_path: Path | None = None):
         self.db_path, self.blob_dir = Path(db_path), Path(blob_dir)
+        self.audit = AuditLog(Path(audit_path) if audit_path else self.db_path.parent / "audit.jsonl")
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         (self.blob_dir / "sha256").mkdir(parents=True, exist_ok=True)
         self.incoming = self.blob_dir / "incoming"
@@ -240,17 +273,22 @@ class RegistryStore:
 
     # ------------------------------------------------------------------ releases
     def add_release(
-        self, device_class: str, version: str, sha256: str, size: int, manifest: dict, channel: str = "canary"
+        self, device_class: str, version: str, sha256: str, size: int, manifest: dict, channel: str = "canary",
+        actor: str = "",
     ) -> tuple[ReleaseRecord, bool]:
         """Record a release whose blob is already committed. Returns (record, already_present).
 
         Same class+version with the same sha256 is idempotent (``already_present``); with another
-        sha256 it raises :class:`Conflict` and changes nothing.
+        sha256 it raises :class:`Conflict` and changes nothing. ``channel="stable"`` is gated like
+        :meth:`promote` without ``force`` (see :meth:`check_promotable`) and audited.
         """
         check_name("device class", device_class)
         check_version(version)
         if channel not in CHANNELS:
             raise Invalid(f"channel {channel!r}: expected one of {CHANNELS}")
+        if channel == "stable":
+            verdict = self.check_promotable(manifest, f"publishing {device_class} {version} straight to stable")
+            self._audit("promote", device_class, version, sha256=sha256, acceptance=verdict, actor=actor)
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -286,8 +324,46 @@ class RegistryStore:
             (now, seq, device_class, version),
         )
 
-    def promote(self, device_class: str, version: str) -> ReleaseRecord:
-        """Make a published release the current stable one (again, for a fleet rollback)."""
+    @staticmethod
+    def check_promotable(manifest: dict, what: str) -> str:
+        """The acceptance verdict of a release that may go to stable; :class:`GateRefused` otherwise."""
+        ok, verdict = acceptance_verdict(manifest)
+        if not ok:
+            raise GateRefused(f"{what} refused: {verdict}. Only a release with a passing acceptance record "
+                              "goes to stable; to override, promote it with --force --reason TEXT (audited)")
+        return verdict
+
+    def _audit(self, event: str, device_class: str, version: str, **fields: str) -> AuditEvent:
+        try:
+            return self.audit.append(event, device_class, version, **fields)
+        except OSError as e:
+            raise AuditUnavailable(f"audit log {self.audit.path}: cannot be written ({e.strerror or e}); "
+                                   "nothing was promoted") from None
+
+    def promote(self, device_class: str, version: str, *, force: bool = False, reason: str = "",
+                actor: str = "") -> tuple[ReleaseRecord, AuditEvent]:
+        """Make a published release the current stable one (again, for a fleet rollback).
+
+        Gated: the release's signed acceptance record must pass, or ``force`` with a ``reason``
+        overrides the gate. The audit event is written (durably) before the database changes and
+        returned; a refusal is audited too and raises :class:`GateRefused`.
+        """
+        reason = (reason or "").strip()
+        if force and not reason:
+            raise Invalid("--force needs --reason TEXT: an override of the acceptance gate must say why (it is audited)")
+        if len(reason) > MAX_REASON_CHARS:
+            raise Invalid(f"--reason: {len(reason)} characters, at most {MAX_REASON_CHARS}")
+        rec = self.get_release(device_class, version)  # NotFound
+        ok, verdict = acceptance_verdict(rec.manifest)
+        if not ok and not force:
+            try:
+                self.audit.append("promote-refused", device_class, version, sha256=rec.sha256, acceptance=verdict,
+                                  actor=actor)
+            except OSError:  # the refusal stands whether or not it could be recorded
+                pass
+            self.check_promotable(rec.manifest, f"promoting {device_class} {version} to stable")
+        event = self._audit("promote" if ok else "promote-forced", device_class, version, sha256=rec.sha256,
+                            reason=reason, acceptance=verdict, actor=actor)
         with self._tx() as db:
             self._require_class(db, device_class)
             row = db.execute(
@@ -296,7 +372,7 @@ class RegistryStore:
             if row is None:
                 raise NotFound(f"{device_class} has no release {version!r}")
             self._promote(db, device_class, version, time.time())
-        return self.get_release(device_class, version)
+        return self.get_release(device_class, version), event
 
     def _require_class(self, db: sqlite3.Connection, device_class: str) -> None:
         if db.execute("SELECT 1 FROM device_classes WHERE name = ?", (device_class,)).fetchone() is None:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$server/registry/proto/registry.proto\x12\x15\x65\x63hofleet.registry.v1\"j\n\rPublishHeader\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12/\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"^\n\x0cPublishChunk\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.echofleet.registry.v1.PublishHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa1\x01\n\x07Release\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x15\n\rmanifest_json\x18\x05 \x01(\t\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\x12\x13\n\x0bpromoted_at\x18\x07 \x01(\x01\x12\x0f\n\x07\x63urrent\x18\x08 \x01(\x08\"X\n\x0cPublishReply\x12/\n\x07release\x18\x01 \x01(\x0b\x32\x1e.echofleet.registry.v1.Release\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\"\\\n\x13ListReleasesRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12/\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"E\n\x11ListReleasesReply\x12\x30\n\x08releases\x18\x01 \x03(\x0b\x32\x1e.echofleet.registry.v1.Release\"7\n\x0ePromoteRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"?\n\x0cPromoteReply\x12/\n\x07release\x18\x01 \x01(\x0b\x32\x1e.echofleet.registry.v1.Release\"\\\n\x0f\x44ownloadRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"Q\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x98\x01\n\x0cStatusReport\x12\x17\n\x0frunning_version\x18\x01 \x01(\t\x12-\n\x06health\x18\x02 \x01(\x0e\x32\x1d.echofleet.registry.v1.Health\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"\"\n\x0bStatusReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\"\xe3\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x17\n\x0frunning_version\x18\x03 \x01(\t\x12-\n\x06health\x18\x04 \x01(\x0e\x32\x1d.echofleet.registry.v1.Health\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tlast_seen\x18\x06 \x01(\x01\x12\x13\n\x0b\x65nrolled_at\x18\x07 \x01(\x01\x12/\n\x07\x63hannel\x18\x08 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"*\n\x12ListDevicesRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\"B\n\x10ListDevicesReply\x12.\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1d.echofleet.registry.v1.Device\">\n\x13\x45nrollDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\"Q\n\x11\x45nrollDeviceReply\x12-\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1d.echofleet.registry.v1.Device\x12\r\n\x05token\x18\x02 \x01(\t\"(\n\x13RemoveDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x13\n\x11RemoveDeviceReply*:\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\n\n\x06\x43\x41NARY\x10\x01\x12\n\n\x06STABLE\x10\x02*<\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x0b\n\x07HEALTHY\x10\x01\x12\r\n\tUNHEALTHY\x10\x02\x32\x82\x06\n\x08Registry\x12U\n\x07Publish\x12#.echofleet.registry.v1.PublishChunk\x1a#.echofleet.registry.v1.PublishReply(\x01\x12\x64\n\x0cListReleases\x12*.echofleet.registry.v1.ListReleasesRequest\x1a(.echofleet.registry.v1.ListReleasesReply\x12U\n\x07Promote\x12%.echofleet.registry.v1.PromoteRequest\x1a#.echofleet.registry.v1.PromoteReply\x12Z\n\x08\x44ownload\x12&.echofleet.registry.v1.DownloadRequest\x1a$.echofleet.registry.v1.DownloadChunk0\x01\x12W\n\x0cReportStatus\x12#.echofleet.registry.v1.StatusReport\x1a\".echofleet.registry.v1.StatusReply\x12\x61\n\x0bListDevices\x12).echofleet.registry.v1.ListDevicesRequest\x1a\'.echofleet.registry.v1.ListDevicesReply\x12\x64\n\x0c\x45nrollDevice\x12*.echofleet.registry.v1.EnrollDeviceRequest\x1a(.echofleet.registry.v1.EnrollDeviceReply\x12\x64\n\x0cRemoveDevice\x12*.echofleet.registry.v1.RemoveDeviceRequest\x1a(.echofleet.registry.v1.RemoveDeviceReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$server/registry/proto/registry.proto\x12\x15\x65\x63hofleet.registry.v1\"j\n\rPublishHeader\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12/\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"^\n\x0cPublishChunk\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.echofleet.registry.v1.PublishHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa1\x01\n\x07Release\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x15\n\rmanifest_json\x18\x05 \x01(\t\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\x12\x13\n\x0bpromoted_at\x18\x07 \x01(\x01\x12\x0f\n\x07\x63urrent\x18\x08 \x01(\x08\"X\n\x0cPublishReply\x12/\n\x07release\x18\x01 \x01(\x0b\x32\x1e.echofleet.registry.v1.Release\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\"\\\n\x13ListReleasesRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12/\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"E\n\x11ListReleasesReply\x12\x30\n\x08releases\x18\x01 \x03(\x0b\x32\x1e.echofleet.registry.v1.Release\"V\n\x0ePromoteRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x91\x01\n\nAuditEvent\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nacceptance\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\"q\n\x0cPromoteReply\x12/\n\x07release\x18\x01 \x01(\x0b\x32\x1e.echofleet.registry.v1.Release\x12\x30\n\x05\x61udit\x18\x02 \x01(\x0b\x32!.echofleet.registry.v1.AuditEvent\"(\n\x10ListAuditRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\"]\n\x0eListAuditReply\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.echofleet.registry.v1.AuditEvent\x12\x18\n\x10unreadable_lines\x18\x02 \x03(\r\"\\\n\x0f\x44ownloadRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"Q\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x98\x01\n\x0cStatusReport\x12\x17\n\x0frunning_version\x18\x01 \x01(\t\x12-\n\x06health\x18\x02 \x01(\x0e\x32\x1d.echofleet.registry.v1.Health\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"\"\n\x0bStatusReply\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\"\xe3\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x17\n\x0frunning_version\x18\x03 \x01(\t\x12-\n\x06health\x18\x04 \x01(\x0e\x32\x1d.echofleet.registry.v1.Health\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tlast_seen\x18\x06 \x01(\x01\x12\x13\n\x0b\x65nrolled_at\x18\x07 \x01(\x01\x12/\n\x07\x63hannel\x18\x08 \x01(\x0e\x32\x1e.echofleet.registry.v1.Channel\"*\n\x12ListDevicesRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\"B\n\x10ListDevicesReply\x12.\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1d.echofleet.registry.v1.Device\">\n\x13\x45nrollDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\"Q\n\x11\x45nrollDeviceReply\x12-\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1d.echofleet.registry.v1.Device\x12\r\n\x05token\x18\x02 \x01(\t\"(\n\x13RemoveDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x13\n\x11RemoveDeviceReply*:\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\n\n\x06\x43\x41NARY\x10\x01\x12\n\n\x06STABLE\x10\x02*<\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x0b\n\x07HEALTHY\x10\x01\x12\r\n\tUNHEALTHY\x10\x02\x32\xdf\x06\n\x08Registry\x12U\n\x07Publish\x12#.echofleet.registry.v1.PublishChunk\x1a#.echofleet.registry.v1.PublishReply(\x01\x12\x64\n\x0cListReleases\x12*.echofleet.registry.v1.ListReleasesRequest\x1a(.echofleet.registry.v1.ListReleasesReply\x12U\n\x07Promote\x12%.echofleet.registry.v1.PromoteRequest\x1a#.echofleet.registry.v1.PromoteReply\x12[\n\tListAudit\x12\'.echofleet.registry.v1.ListAuditRequest\x1a%.echofleet.registry.v1.ListAuditReply\x12Z\n\x08\x44ownload\x12&.echofleet.registry.v1.DownloadRequest\x1a$.echofleet.registry.v1.DownloadChunk0\x01\x12W\n\x0cReportStatus\x12#.echofleet.registry.v1.StatusReport\x1a\".echofleet.registry.v1.StatusReply\x12\x61\n\x0bListDevices\x12).echofleet.registry.v1.ListDevicesRequest\x1a\'.echofleet.registry.v1.ListDevicesReply\x12\x64\n\x0c\x45nrollDevice\x12*.echofleet.registry.v1.EnrollDeviceRequest\x1a(.echofleet.registry.v1.EnrollDeviceReply\x12\x64\n\x0cRemoveDevice\x12*.echofleet.registry.v1.RemoveDeviceRequest\x1a(.echofleet.registry.v1.RemoveDeviceReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'server.registry.proto.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=1728
-  _globals['_CHANNEL']._serialized_end=1786
-  _globals['_HEALTH']._serialized_start=1788
-  _globals['_HEALTH']._serialized_end=1848
+  _globals['_CHANNEL']._serialized_start=2094
+  _globals['_CHANNEL']._serialized_end=2152
+  _globals['_HEALTH']._serialized_start=2154
+  _globals['_HEALTH']._serialized_end=2214
   _globals['_PUBLISHHEADER']._serialized_start=63
   _globals['_PUBLISHHEADER']._serialized_end=169
   _globals['_PUBLISHCHUNK']._serialized_start=171
@@ -48,31 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRELEASESREPLY']._serialized_start=615
   _globals['_LISTRELEASESREPLY']._serialized_end=684
   _globals['_PROMOTEREQUEST']._serialized_start=686
-  _globals['_PROMOTEREQUEST']._serialized_end=741
-  _globals['_PROMOTEREPLY']._serialized_start=743
-  _globals['_PROMOTEREPLY']._serialized_end=806
-  _globals['_DOWNLOADREQUEST']._serialized_start=808
-  _globals['_DOWNLOADREQUEST']._serialized_end=900
-  _globals['_DOWNLOADCHUNK']._serialized_start=902
-  _globals['_DOWNLOADCHUNK']._serialized_end=983
-  _globals['_STATUSREPORT']._serialized_start=986
-  _globals['_STATUSREPORT']._serialized_end=1138
-  _globals['_STATUSREPLY']._serialized_start=1140
-  _globals['_STATUSREPLY']._serialized_end=1174
-  _globals['_DEVICE']._serialized_start=1177
-  _globals['_DEVICE']._serialized_end=1404
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1406
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1448
-  _globals['_LISTDEVICESREPLY']._serialized_start=1450
-  _globals['_LISTDEVICESREPLY']._serialized_end=1516
-  _globals['_ENROLLDEVICEREQUEST']._serialized_start=1518
-  _globals['_ENROLLDEVICEREQUEST']._serialized_end=1580
-  _globals['_ENROLLDEVICEREPLY']._serialized_start=1582
-  _globals['_ENROLLDEVICEREPLY']._serialized_end=1663
-  _globals['_REMOVEDEVICEREQUEST']._serialized_start=1665
-  _globals['_REMOVEDEVICEREQUEST']._serialized_end=1705
-  _globals['_REMOVEDEVICEREPLY']._serialized_start=1707
-  _globals['_REMOVEDEVICEREPLY']._serialized_end=1726
-  _globals['_REGISTRY']._serialized_start=1851
-  _globals['_REGISTRY']._serialized_end=2621
+  _globals['_PROMOTEREQUEST']._serialized_end=772
+  _globals['_AUDITEVENT']._serialized_start=775
+  _globals['_AUDITEVENT']._serialized_end=920
+  _globals['_PROMOTEREPLY']._serialized_start=922
+  _globals['_PROMOTEREPLY']._serialized_end=1035
+  _globals['_LISTAUDITREQUEST']._serialized_start=1037
+  _globals['_LISTAUDITREQUEST']._serialized_end=1077
+  _globals['_LISTAUDITREPLY']._serialized_start=1079
+  _globals['_LISTAUDITREPLY']._serialized_end=1172
+  _globals['_DOWNLOADREQUEST']._serialized_start=1174
+  _globals['_DOWNLOADREQUEST']._serialized_end=1266
+  _globals['_DOWNLOADCHUNK']._serialized_start=1268
+  _globals['_DOWNLOADCHUNK']._serialized_end=1349
+  _globals['_STATUSREPORT']._serialized_start=1352
+  _globals['_STATUSREPORT']._serialized_end=1504
+  _globals['_STATUSREPLY']._serialized_start=1506
+  _globals['_STATUSREPLY']._serialized_end=1540
+  _globals['_DEVICE']._serialized_start=1543
+  _globals['_DEVICE']._serialized_end=1770
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1772
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1814
+  _globals['_LISTDEVICESREPLY']._serialized_start=1816
+  _globals['_LISTDEVICESREPLY']._serialized_end=1882
+  _globals['_ENROLLDEVICEREQUEST']._serialized_start=1884
+  _globals['_ENROLLDEVICEREQUEST']._serialized_end=1946
+  _globals['_ENROLLDEVICEREPLY']._serialized_start=1948
+  _globals['_ENROLLDEVICEREPLY']._serialized_end=2029
+  _globals['_REMOVEDEVICEREQUEST']._serialized_start=2031
+  _globals['_REMOVEDEVICEREQUEST']._serialized_end=2071
+  _globals['_REMOVEDEVICEREPLY']._serialized_start=2073
+  _globals['_REMOVEDEVICEREPLY']._serialized_end=2092
+  _globals['_REGISTRY']._serialized_start=2217
+  _globals['_REGISTRY']._serialized_end=3080
 # @@protoc_insertion_point(module_scope)

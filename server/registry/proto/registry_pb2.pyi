@@ -86,18 +86,58 @@ class ListReleasesReply(_message.Message):
     def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("device_class", "version")
+    __slots__ = ("device_class", "version", "force", "reason")
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     device_class: str
     version: str
-    def __init__(self, device_class: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    force: bool
+    reason: str
+    def __init__(self, device_class: _Optional[str] = ..., version: _Optional[str] = ..., force: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("at", "event", "device_class", "version", "sha256", "reason", "acceptance", "actor")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    event: str
+    device_class: str
+    version: str
+    sha256: str
+    reason: str
+    acceptance: str
+    actor: str
+    def __init__(self, at: _Optional[float] = ..., event: _Optional[str] = ..., device_class: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., reason: _Optional[str] = ..., acceptance: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class PromoteReply(_message.Message):
-    __slots__ = ("release",)
+    __slots__ = ("release", "audit")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     release: Release
-    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
+    audit: AuditEvent
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., audit: _Optional[_Union[AuditEvent, _Mapping]] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("device_class",)
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    device_class: str
+    def __init__(self, device_class: _Optional[str] = ...) -> None: ...
+
+class ListAuditReply(_message.Message):
+    __slots__ = ("events", "unreadable_lines")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    UNREADABLE_LINES_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    unreadable_lines: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., unreadable_lines: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("device_class", "version", "offset", "chunk_size")

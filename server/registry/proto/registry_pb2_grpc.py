@@ -49,6 +49,11 @@ class RegistryStub:
                 request_serializer=server_dot_registry_dot_proto_dot_registry__pb2.PromoteRequest.SerializeToString,
                 response_deserializer=server_dot_registry_dot_proto_dot_registry__pb2.PromoteReply.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/echofleet.registry.v1.Registry/ListAudit',
+                request_serializer=server_dot_registry_dot_proto_dot_registry__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=server_dot_registry_dot_proto_dot_registry__pb2.ListAuditReply.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/echofleet.registry.v1.Registry/Download',
                 request_serializer=server_dot_registry_dot_proto_dot_registry__pb2.DownloadRequest.SerializeToString,
@@ -86,6 +91,7 @@ class RegistryServicer:
         Admin token. INVALID_ARGUMENT: malformed stream, not a bundle, bad signature or hash, manifest
         without name/version/task/device_class. RESOURCE_EXHAUSTED: larger than the registry's limit.
         ALREADY_EXISTS: that version of that device class exists with different content.
+        FAILED_PRECONDITION: straight to STABLE without a passing acceptance record (nothing is stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +108,17 @@ class RegistryServicer:
     def Promote(self, request, context):
         """Put a published release on the stable channel (it becomes the current stable release; promoting
         an older release again is how a fleet is rolled back). Admin token. NOT_FOUND: unknown class/version.
+        Gated: the release's signed manifest must carry a passing acceptance record, else
+        FAILED_PRECONDITION, unless `force` with a `reason` overrides it (INVALID_ARGUMENT: force without
+        a reason). Every promotion and every refusal is appended to the audit log first; UNAVAILABLE when
+        the log cannot be written (nothing promoted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The audit log (promotions, forced overrides with their reasons, refusals), oldest first. Admin token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +177,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Promote,
                     request_deserializer=server_dot_registry_dot_proto_dot_registry__pb2.PromoteRequest.FromString,
                     response_serializer=server_dot_registry_dot_proto_dot_registry__pb2.PromoteReply.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=server_dot_registry_dot_proto_dot_registry__pb2.ListAuditRequest.FromString,
+                    response_serializer=server_dot_registry_dot_proto_dot_registry__pb2.ListAuditReply.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
@@ -268,6 +290,33 @@ class Registry:
             '/echofleet.registry.v1.Registry/Promote',
             server_dot_registry_dot_proto_dot_registry__pb2.PromoteRequest.SerializeToString,
             server_dot_registry_dot_proto_dot_registry__pb2.PromoteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/echofleet.registry.v1.Registry/ListAudit',
+            server_dot_registry_dot_proto_dot_registry__pb2.ListAuditRequest.SerializeToString,
+            server_dot_registry_dot_proto_dot_registry__pb2.ListAuditReply.FromString,
             options,
             channel_credentials,
             insecure,
