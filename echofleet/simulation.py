@@ -59,6 +59,7 @@ class SimulationConfig:
     resume: bool = RunConfig.resume
     cache_dir: str | None = None  # shared feature cache (default: each site's state dir)
     cpus_per_site: float = 1.0
+    device: str = "auto"  # every virtual hospital's policy device: auto | cpu | cuda | cuda:N
     quiet: bool = False  # hide Flower's and the virtual sites' own log lines (progress comes from `progress`)
     # TESTS / reproducible research only: every virtual hospital seeds its DP noise and sampling from values
     # the coordinator knows, so nothing the run releases is private (reports and model cards say NOT PRIVATE).
@@ -109,6 +110,9 @@ def check(cfg: SimulationConfig) -> RunConfig:
         raise bad("partition", problem)
     if not cfg.cpus_per_site > 0:
         raise bad("cpus_per_site", f"must be > 0, got {cfg.cpus_per_site}")
+    device_problem = _device_problem(cfg.device)
+    if device_problem:
+        raise bad("device", device_problem)
     if cfg.checkpoint and not cfg.checkpoint.startswith("hf://") and not Path(cfg.checkpoint).is_file():
         raise bad("checkpoint", f"{cfg.checkpoint} not found")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -162,6 +166,28 @@ def _run_config(cfg: SimulationConfig) -> RunConfig:
         raise SimulationConfigError(by_run_field.get(name, name), e.problem) from None
 
 
+def _device_problem(device: str) -> str | None:
+    """Why the virtual hospitals cannot use ``device`` on this machine (None: they can)."""
+    from echocare.device import DeviceError, parse_request, resolve_device
+
+    try:
+        if parse_request(device)[0] == "cuda":  # auto and cpu always work (auto falls back to the CPU)
+            resolve_device(device)
+    except (ValueError, DeviceError) as e:
+        return str(e)
+    return None
+
+
+def _gpus_per_site(cfg: SimulationConfig) -> float:
+    """The share of a GPU Ray gives each virtual hospital: none on the CPU (Ray then hides the GPUs
+    from the site processes), an equal share of one GPU when the sites use one."""
+    from echocare.device import parse_request, resolve_device
+
+    if parse_request(cfg.device)[0] == "cpu" or not resolve_device(cfg.device).is_cuda:
+        return 0.0
+    return 1.0 / max(1, cfg.sites)
+
+
 def _data_classes(data_spec: str) -> list[str]:
     from echocare.data import open_data
 
@@ -177,7 +203,7 @@ def layout_sites(cfg: SimulationConfig, run_dir: Path) -> Path:
                             allowed_tasks=[cfg.task], target_epsilon=float(budgets[k]),
                             max_local_epochs=max(5, cfg.local_epochs), partition=cfg.partition,
                             partition_index=k, partition_count=cfg.sites, partition_seed=cfg.seed,
-                            cache_dir=cfg.cache_dir,
+                            cache_dir=cfg.cache_dir, device=cfg.device,
                             # the researcher holds every virtual hospital's data: exact metrics and the
                             # accountant's inputs are disclosed (a real site's policy defaults: docs/privacy.md)
                             evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True,
@@ -230,11 +256,11 @@ def simulate(cfg: SimulationConfig, progress=None, client_app=None) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            # Ray's notice about a future default for GPU visibility (sites here ask for no GPU)
+            # Ray's notice about a future default for GPU visibility
             warnings.filterwarnings("ignore", message=".*Ray will no longer override accelerator", category=FutureWarning)
             run_simulation(server_app=server, client_app=(client_app or make_client_app)(str(sites_dir)),
                            num_supernodes=cfg.sites,
-                           backend_config={"client_resources": {"num_cpus": cfg.cpus_per_site, "num_gpus": 0.0},
+                           backend_config={"client_resources": {"num_cpus": cfg.cpus_per_site, "num_gpus": _gpus_per_site(cfg)},
                                            "init_args": init_args})
     finally:
         flwr_log.setLevel(old_level)

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fed.config import PHANTOM_DATA, RunConfig
+from fed.features import site_device
 from fed.secagg import secure_aggregation_mod
 from fed.policy import SitePolicy, load_policy
 from fed.task import Reply, RoundConfig, evaluate_round, train_round
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def policy_from_context(context: Context, sites_dir: str | None = None) -> SitePolicy:
     """The site's policy: the node config's ``policy`` file; in a simulation, the laid-out one or
     the phantom default (see the module docstring)."""
-    if "policy" in context.node_config:
+    if "policy" in context.node_config:  # load_policy refuses an explicit cuda device this machine cannot use
         return load_policy(str(context.node_config["policy"]))
     if "partition-id" not in context.node_config:
         raise RuntimeError("no site policy: start the SuperNode with --node-config 'policy=\"/path/policy.toml\"'")
@@ -56,12 +57,15 @@ def phantom_default_policy(partition_id: int, num_partitions: int, run: RunConfi
                       partition_count=num_partitions, partition_seed=run.seed)
 
 
-def to_content(reply: Reply) -> RecordDict:
+def to_content(reply: Reply, device: str | None = None) -> RecordDict:
     """What leaves the site (docs/privacy.md): the pseudonym, a status, DP head parameters, DP or
-    policy-disclosed metrics, lifetime epsilon/delta. ``num-examples`` is the fixed weight 1 (0 for
-    a reply without an update), never the site's count: FedAvg averages the sites equally."""
+    policy-disclosed metrics, lifetime epsilon/delta, and the class of its compute device
+    (``device``, e.g. ``"cuda:H200"`` or ``"cpu"``: a capability of the machine, independent of the
+    data). ``num-examples`` is the fixed weight 1 (0 for a reply without an update), never the
+    site's count: FedAvg averages the sites equally."""
+    site = {"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp"}
     content = RecordDict({
-        "site": ConfigRecord({"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp"}),
+        "site": ConfigRecord({**site, **({"device": device} if device else {})}),
         # "dp-weight": equal weights for Flower's accounted central-DP FedAvg (it averages unweighted)
         "metrics": MetricRecord({"num-examples": int(reply.weight), "dp-weight": 1.0,
                                  **{k: float(v) for k, v in reply.metrics.items()}}),
@@ -78,13 +82,15 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
 def handle_train(msg: Message, context: Context, sites_dir: str | None = None) -> Message:
     policy = policy_from_context(context, sites_dir)
     cfg = RoundConfig.from_record(msg.content["config"])
-    return Message(to_content(train_round(policy, cfg, _arrays(msg))), reply_to=msg)
+    reply = train_round(policy, cfg, _arrays(msg))
+    return Message(to_content(reply, site_device(policy.device).device_class), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, sites_dir: str | None = None) -> Message:
     policy = policy_from_context(context, sites_dir)
     cfg = RoundConfig.from_record(msg.content["config"])
-    return Message(to_content(evaluate_round(policy, cfg, _arrays(msg))), reply_to=msg)
+    reply = evaluate_round(policy, cfg, _arrays(msg))
+    return Message(to_content(reply, site_device(policy.device).device_class), reply_to=msg)
 
 
 def make_client_app(sites_dir: str | None = None) -> ClientApp:

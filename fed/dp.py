@@ -54,6 +54,9 @@ class DPConfig:
     # same Poisson sampler, same Gaussian mechanism, same accounting.
     fast_linear: bool = True
     grad_sample_mode: str = "ghost"
+    # Where the head trains ("cpu", "cuda", "cuda:N"; the site policy's device). Its tensors, the noise
+    # and the Poisson batch indices live there; the randomness is still drawn on the CPU (DPRandom).
+    device: str = "cpu"
     seed: int = 0  # shuffling of the NON-private baseline (noise_multiplier=0) only; DP never uses it
     # INSECURE, tests and audits only: seeds DP sampling and noise, so anyone who knows it can
     # regenerate the noise. The release is then not private (train_head reports private=False).
@@ -68,10 +71,15 @@ class DPRandom:
     float64. A ``torch.Generator`` seeded from secrets would not do: its MT19937 keeps only the low
     32 bits of the seed. With ``insecure_seed`` a seeded ``torch.Generator`` is used instead
     (reproducible, **not private**).
+
+    ``device``: where the noise and batch indices are returned. They are always drawn on the CPU
+    (a CUDA generator cannot be seeded from OS entropy this way) and then moved: the same numbers,
+    the same guarantee, on any device.
     """
 
-    def __init__(self, insecure_seed: int | None = None):
+    def __init__(self, insecure_seed: int | None = None, device: str | torch.device = "cpu"):
         self.private = insecure_seed is None
+        self.device = torch.device(device)
         self._gen = None if self.private else torch.Generator().manual_seed(int(insecure_seed))
 
     def uniform(self, n: int) -> torch.Tensor:
@@ -96,11 +104,11 @@ class DPRandom:
         (``opacus.optimizers.optimizer._generate_noise``): the sum of four N(0, std^2) draws, halved."""
         numel = math.prod(shape)
         z = self.standard_normal(4 * numel).view(4, numel).sum(0) * (std / 2.0)
-        return z.view(*shape).to(dtype)
+        return z.view(*shape).to(device=self.device, dtype=dtype)
 
     def poisson_batch(self, n: int, q: float) -> torch.Tensor:
         """Indices of one Poisson-sampled batch: each of ``n`` examples independently with probability ``q``."""
-        return (self.uniform(n) < q).nonzero().flatten()
+        return (self.uniform(n) < q).nonzero().flatten().to(self.device)
 
 
 def sample_rate(n: int, batch_size: int) -> float:
@@ -131,10 +139,16 @@ def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: t
 
     Returns {"loss": mean training loss (stays at the site), "steps": noisy steps, "sample_rate": q,
     "private": False only for an ``insecure_seed`` or a non-DP run}.
+
+    The head, ``x`` and ``y`` are moved to ``cfg.device`` (the head stays there afterwards).
     """
+    device = torch.device(cfg.device)
+    head.to(device)
+    x = tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+    y = y.to(device)
     if cfg.noise_multiplier <= 0:
         return _train_plain(head, x, y, cfg, loss_fn)
-    rng = DPRandom(cfg.insecure_seed)
+    rng = DPRandom(cfg.insecure_seed, device)
     lin = _single_linear(head) if (cfg.fast_linear and loss_fn is None and not isinstance(x, tuple)
                                     and cfg.proximal_mu == 0) else None
     if lin is not None:

@@ -106,6 +106,12 @@ class SitePolicy:
             raise PolicyError(f"evaluation_noise_multiplier must be > 0, got {self.evaluation_noise_multiplier}")
         if self.disclosed_evaluations_per_run < 0:
             raise PolicyError(f"disclosed_evaluations_per_run must be >= 0, got {self.disclosed_evaluations_per_run}")
+        from echocare.device import parse_request  # torch-free
+
+        try:
+            parse_request(self.device)
+        except ValueError as e:
+            raise PolicyError(str(e)) from None
 
     @property
     def features_dir(self) -> Path:
@@ -153,9 +159,25 @@ def load_policy(path: str | Path) -> SitePolicy:
     if "data" not in raw:
         raise PolicyError(f"site policy {path}: 'data' (a data spec) is required")
     try:
-        return SitePolicy(**raw)
+        policy = SitePolicy(**raw)
     except (TypeError, PolicyError) as e:
         raise PolicyError(f"site policy {path}: {e}") from e
+    check_device(policy, str(path))
+    return policy
+
+
+def check_device(policy: SitePolicy, where: str = "site policy") -> None:
+    """An explicit ``cuda``/``cuda:N`` device must be usable on this machine: checked when the policy
+    is loaded, before any round, so a site fails with the reason instead of mid-round. ``auto`` and
+    ``cpu`` always work (``auto`` falls back to the CPU and says so in the site's log)."""
+    from echocare.device import DeviceError, parse_request, resolve_device
+
+    if parse_request(policy.device)[0] != "cuda":
+        return
+    try:
+        resolve_device(policy.device)
+    except DeviceError as e:
+        raise PolicyError(f"{where}: device: {e}") from None
 
 
 def write_policy(policy: SitePolicy, path: str | Path) -> Path:

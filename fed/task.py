@@ -26,7 +26,7 @@ from echocare.atomic import atomic_write_bytes
 from echocare.preprocess import PreprocessSpec
 from fed.config import RunConfig
 from fed.dp import DPConfig, DPRandom, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
-from fed.features import EncoderRef, map_features, pooled_features
+from fed.features import EncoderMismatch, EncoderRef, map_features, pooled_features, select_pooled, site_device
 from fed.ledger import ACCOUNTANT, Disclosure, PrivacyLedger, Release, ReplyStore, calibrate_noise, locked_ledger
 from fed.policy import Instruction, SitePolicy, refusal_reason
 
@@ -140,7 +140,7 @@ def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: 
     """Per-process memo over the on-disk cache: a site process serving many rounds reads its
     features once (the data of a running federation is assumed not to change under it)."""
     data, spec = _split_and_spec(policy, preprocess, val_fraction, seed, which)
-    x, kept = pooled_features(data, encoder, spec, policy.features_dir)
+    x, kept = pooled_features(data, encoder, spec, policy.features_dir, device=site_device(policy.device))
     index = {name: i for i, name in enumerate(labels)}
     rows = [i for i, s in enumerate(kept) if s.label in index]
     if len(rows) < len(kept):
@@ -152,16 +152,19 @@ def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: 
 
 
 def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.ndarray, np.ndarray]:
-    """(X float32 (N, D), y int64 (N,)) for the site's train or val split; unlabeled/unknown labels skipped."""
-    return _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+    """(X float32 (N, D), y int64 (N,)) for the site's train or val split; unlabeled/unknown labels skipped.
+    D is the pooled width of the maps the round's head pools (all five, or the last for ``pooling="last"``)."""
+    x, y = _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
                      cfg.val_fraction, cfg.seed, which)
+    return select_pooled(x, cfg.encoder.config, _build_head(cfg).stages), y
 
 
 @lru_cache(maxsize=6)
 def _maps(policy: SitePolicy, encoder: EncoderRef, preprocess: str, val_fraction: float, seed: int, which: str,
           needs: tuple[int, ...], needs_image: bool):
     data, spec = _split_and_spec(policy, preprocess, val_fraction, seed, which)
-    arrays, kept = map_features(data, encoder, spec, policy.features_dir, needs, needs_image)
+    arrays, kept = map_features(data, encoder, spec, policy.features_dir, needs, needs_image,
+                                device=site_device(policy.device))
     if not kept:
         return (), np.zeros((0, spec.size, spec.size), np.int64), []
     inputs = tuple(np.asarray(arrays[f"map{i}"], np.float32) for i in needs)
@@ -326,6 +329,9 @@ def _guarded(fn):
     def run(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
         try:
             return fn(policy, cfg, arrays)
+        except EncoderMismatch as e:  # not the pinned checkpoint: refused, naming the two hashes (no path)
+            log.error("%s at site %s: %s", fn.__name__, policy.site_name, e)
+            return Reply(STATUS_REFUSED, policy.site_name, reason=e.public_reason)
         except Exception:
             log.exception("%s failed at site %s", fn.__name__, policy.site_name)
             return Reply(STATUS_REFUSED, policy.site_name, reason=SITE_ERROR)
@@ -392,7 +398,8 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
                                 f"{policy.target_epsilon}; the next round would exceed it")
         stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
             epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
-            noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train")),
+            noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train"),
+            device=site_device(policy.device).torch_device),
             loss_fn=loss_fn)
         if (stats["sample_rate"], stats["steps"]) != (q, steps):  # the trainer must spend exactly what is charged
             raise RuntimeError(f"trained at q={stats['sample_rate']}, {stats['steps']} steps; charged q={q}, {steps} steps")
@@ -419,7 +426,7 @@ def _verify_fixed_parts(policy: SitePolicy, cfg: RoundConfig, head) -> str | Non
         return f"the head has fixed buffers {sorted(buffers)} this site cannot verify"
     spec = PreprocessSpec.from_dict(cfg.preprocess) if cfg.preprocess else PreprocessSpec()
     reference = policy.projection_reference or DEFAULT_REFERENCE
-    mean, matrix = public_projection(cfg.encoder, spec, int(head.proj_dim), policy.features_dir, reference)
+    mean, matrix = public_projection(cfg.encoder, spec, int(head.proj_dim), policy.features_dir, reference, head.stages)
     problem = projection_mismatch(buffers["proj_mean"], buffers["proj_matrix"], mean, matrix)
     return f"evaluation refused: {problem} (public reference {reference})" if problem else None
 

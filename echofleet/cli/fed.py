@@ -45,6 +45,7 @@ def simulate(
     seed: int = typer.Option(_D.seed, help="Seed of partition, split, initialisation, sampling and noise."),
     resume: bool = typer.Option(_D.resume, "--resume", help="Resume from the last completed round in --out."),
     cache_dir: Optional[str] = typer.Option(_D.cache_dir, help="Shared feature cache (default: each site's state dir)."),
+    device: str = typer.Option(_D.device, help="Every virtual hospital's compute device: auto (a GPU when usable, else the CPU) | cpu | cuda | cuda:N."),
     central_dp_noise: float = typer.Option(RunConfig.central_dp_noise, help="Central (user-level) DP noise multiplier on the server (0: off)."),
     max_update_norm: float = typer.Option(RunConfig.max_update_norm, help="Reject site updates farther than this from the global head (0: off)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and the virtual sites' log lines."),
@@ -68,7 +69,7 @@ def simulate(
                            site_epsilons=budgets, encoder=encoder, checkpoint=checkpoint, out=str(out),
                            strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                            max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, seed=seed, resume=resume,
-                           cache_dir=cache_dir, extra=extra, quiet=not verbose,
+                           cache_dir=cache_dir, device=device, extra=extra, quiet=not verbose,
                            insecure_deterministic_noise=insecure_deterministic_noise)
     try:
         check(cfg)  # every argument, before any work starts

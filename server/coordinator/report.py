@@ -22,19 +22,22 @@ def build_report(run: dict, rounds: dict[int, dict]) -> dict:
         for site in sorted(set(rl.get("train", {})) | set(rl.get("evaluate", {})) | set(rl.get("rejected", {}))):
             t = rl.get("train", {}).get(site, {})
             entry = {"status": t.get("status", "not-trained"),
-                     "train": {k: v for k, v in t.items() if k not in PRIVACY_KEYS and k not in ("status", "dp-weight")},
+                     "train": {k: v for k, v in t.items() if k not in PRIVACY_KEYS and k not in ("status", "dp-weight", "device")},
                      "evaluate": rl.get("evaluate", {}).get(site, {})}
             if any(k in t for k in PRIVACY_KEYS):
                 entry["privacy"] = {**{k: t.get(k) for k in PRIVACY_KEYS}, "accountant": "rdp"}
                 if entry["privacy"]["steps"] is not None:
                     entry["privacy"]["steps"] = int(entry["privacy"]["steps"])
+            if "device" in t:  # the site's compute device class, e.g. "cuda:H200" or "cpu" (a capability)
+                entry["device"] = t["device"]
             if site in rl.get("rejected", {}):
                 entry["rejected"] = rl["rejected"][site]
             sites[site] = entry
         out_rounds.append({"round": rnd, "sites": sites, "excluded": rl.get("excluded", []),
                            "aggregated": {"train": rl.get("aggregated_train", {}), "evaluate": rl.get("aggregated_evaluate", {})},
                            **({"central_dp": rl["central_dp"]} if rl.get("central_dp") else {})})
-    return {**run, "rounds": out_rounds}
+    devices = {site: e["device"] for r in out_rounds for site, e in r["sites"].items() if "device" in e}
+    return {**run, "site_devices": dict(sorted(devices.items())), "rounds": out_rounds}
 
 
 def write_csv(report: dict, path: Path) -> None:
@@ -120,6 +123,9 @@ def model_card(report: dict) -> str:
     if not_private:  # a site's policy set insecure_deterministic_noise (tests only): docs/privacy.md
         lines += ["", f"**NOT PRIVATE: {', '.join(not_private)} trained with insecure deterministic noise (a test "
                       "switch); the coordinator could remove it. No privacy guarantee holds for this model.**"]
+    if report.get("site_devices"):
+        lines += ["", "Compute device of each site (as it reported it): " +
+                  ", ".join(f"{s} {d}" for s, d in report["site_devices"].items())]
     excluded = sorted({s for r in report["rounds"] for s in r["excluded"]})
     if excluded:
         lines += ["", f"Sites excluded after exhausting their privacy budget: {', '.join(excluded)}"]

@@ -184,7 +184,8 @@ class SecureFedAvg(LegacyStrategy):
             site = str(m.pop("site", f"node-{proxy.node_id}"))
             status, reason = str(m.pop("status", STATUS_OK)), str(m.pop("reason", ""))
             m.pop("accountant", None)
-            rl.train[site] = {**{k: float(v) for k, v in m.items() if isinstance(v, (int, float))}, "status": status}
+            rl.train[site] = {**{k: float(v) for k, v in m.items() if isinstance(v, (int, float))}, "status": status,
+                             **({"device": str(m["device"])} if "device" in m else {})}
             if status == STATUS_EXHAUSTED:
                 self.guard.excluded_nodes.add(proxy.node_id)
                 self.guard.exhausted_sites.add(site)
@@ -288,7 +289,7 @@ def run_federation_secagg(grid: Grid, cfg: RunConfig, settings: SecAggSettings |
 
     Same run directory, checkpoints, evaluation and report as ``run_federation``; ``settings``
     default to the run config's secure-aggregation keys."""
-    from server.coordinator.server_app import _evaluate_initial, _finish, _record, _roundlog, initial_head
+    from server.coordinator.server_app import _evaluate_initial, _finish, _record, _roundlog, initial_head, pinned_encoder
 
     settings = settings or SecAggSettings.from_run_config(cfg)
     check_secagg_config(cfg)
@@ -298,6 +299,7 @@ def run_federation_secagg(grid: Grid, cfg: RunConfig, settings: SecAggSettings |
     chash = config_hash({**cfg.as_run_config(), **settings.as_run_config()})
     run_key = f"{run_dir.name}-{chash}"
     rc = cfg.round_config(run_key)
+    rc.encoder = pinned_encoder(rc.encoder)  # every site proves it loaded this very checkpoint file
     store = CheckpointStore(run_dir)
     # SiteGuard here only evaluates and keeps the round log; it never sees an update.
     guard = SiteGuard(build_strategy("fedavg", min_sites=cfg.min_sites), min_sites=cfg.min_sites)

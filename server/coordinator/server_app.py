@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from echocare.atomic import atomic_write_bytes
 from fed.config import RunConfig
+from fed.features import EncoderRef
 from fed.task import RoundConfig
 from server.coordinator.checkpoint import CheckpointStore, config_hash
 from server.coordinator.report import build_report, write_csv, write_report
@@ -53,9 +54,33 @@ def initial_head(rc: RoundConfig, cfg: RunConfig | None = None) -> dict[str, np.
 
             cache = Path(cfg.public_cache_dir) if cfg and cfg.public_cache_dir else Path(cfg.run_dir if cfg else ".") / "public-features"
             mean, matrix = public_projection(rc.encoder, PreprocessSpec.from_dict(rc.preprocess), head.proj_dim, cache,
-                                             (cfg.projection_reference if cfg else "") or DEFAULT_REFERENCE)
+                                             (cfg.projection_reference if cfg else "") or DEFAULT_REFERENCE, head.stages)
             head.set_projection(torch.from_numpy(mean), torch.from_numpy(matrix))
     return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+
+
+def pinned_encoder(ref: EncoderRef) -> EncoderRef:
+    """``ref`` with the checkpoint's sha256 pinned: the run config's ``encoder-sha256``, else the
+    sha256 of the coordinator's own copy (:func:`echocare.models.encoder.checkpoint_sha256`,
+    computed once). Every site loads the encoder with this expected hash, so each proves it loaded
+    the same file; a site whose file differs refuses, naming both hashes. Without a checkpoint
+    (seeded random initialisation) there is nothing to pin. A checkpoint the coordinator cannot
+    read and no ``encoder-sha256``: a clear error, since the sites could not prove anything."""
+    if not ref.checkpoint:
+        return ref
+    from echocare.models.encoder import CheckpointError, checkpoint_sha256
+
+    try:
+        sha = checkpoint_sha256(ref.checkpoint)
+    except CheckpointError as e:
+        if ref.sha256:
+            return dataclasses.replace(ref, sha256=ref.sha256.lower())
+        raise RuntimeError(f"run config encoder-checkpoint {ref.checkpoint}: {e}; set encoder-sha256 to the file's "
+                           f"sha256 so that every site proves it loaded the same file") from None
+    if ref.sha256 and ref.sha256.lower() != sha:
+        raise RuntimeError(f"run config encoder-sha256 {ref.sha256} differs from the sha256 {sha} of the coordinator's "
+                           f"copy of {ref.checkpoint}")
+    return dataclasses.replace(ref, sha256=sha)
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -72,6 +97,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress=None) -> dict:
     chash = config_hash(cfg.as_run_config())
     run_key = f"{run_dir.name}-{chash}"
     rc = cfg.round_config(run_key)
+    rc.encoder = pinned_encoder(rc.encoder)  # every site proves it loaded this very checkpoint file
     store = CheckpointStore(run_dir)
     num_sites = cfg.num_sites or len(list(grid.get_node_ids()))
     inner = build_strategy(cfg.strategy, min_sites=cfg.min_sites, proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,

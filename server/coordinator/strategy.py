@@ -168,6 +168,13 @@ def _site_info(msg: Message) -> tuple[str, str, str]:
     return str(rec.get("site")), str(rec.get("status", "ok")), str(rec.get("reason", ""))
 
 
+def site_device(msg: Message) -> dict[str, str]:
+    """``{"device": class}`` when the reply names the site's compute device class (a capability such
+    as ``"cuda:H200"`` or ``"cpu"``, no data dependency), else ``{}``."""
+    rec = msg.content.config_records.get("site") if msg.content else None
+    return {"device": str(rec["device"])} if rec is not None and "device" in rec else {}
+
+
 def _metrics(msg: Message) -> dict[str, float]:
     """The figures a site reported, as it reported them (its claimed ``num-examples`` included)."""
     recs = list(msg.content.metric_records.values())
@@ -270,7 +277,7 @@ class SiteGuard(Strategy):
                 continue
             site, status, reason = _site_info(msg)
             metrics = _metrics(msg)
-            rl.train[site] = {**metrics, "status": status}
+            rl.train[site] = {**metrics, "status": status, **site_device(msg)}
             if status == "budget-exhausted":
                 self.excluded_nodes.add(msg.metadata.src_node_id)
                 self.exhausted_sites.add(site)
