@@ -59,6 +59,10 @@ class SitePolicy:
       recomputes a classification head's fixed projection to verify it before evaluating.
     - ``require_secure_aggregation``: train only inside SecAgg+ rounds (the coordinator then sees
       only the sum of the sites' updates); a plain training request is refused (fed/secagg.py).
+    - ``calibration`` (default true): take part in federated INT8 calibration of edge builds
+      (edge/federated/site.py): each request is one Gaussian release of activation histograms of
+      the training split (one image's contribution bounded, noise multiplier
+      ``evaluation_noise_multiplier``), charged to the lifetime ledger; false: such requests are refused.
     - ``insecure_deterministic_noise``: TESTS ONLY. DP noise and sampling are seeded from values the
       coordinator knows, so it can remove the noise: nothing this site releases is private, and
       every reply, ledger entry and report says so.
@@ -79,6 +83,7 @@ class SitePolicy:
     insecure_deterministic_noise: bool = False
     projection_reference: str = ""  # public images a head's projection must come from ("": echofleet's default phantoms)
     require_secure_aggregation: bool = False  # refuse plain training rounds (fed/secagg.py)
+    calibration: bool = True  # answer federated calibration requests (a charged, noisy release)
     device: str = "auto"
     # Simulation only: which share of ``data`` this simulated hospital holds.
     partition: str | None = None  # "iid" | "dirichlet:ALPHA" | "by-device"

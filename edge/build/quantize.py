@@ -178,14 +178,59 @@ class _ArrayReader:
         self._i = 0
 
 
-def quantize_qdq(onnx_path: Path, calib: np.ndarray, out_path: Path, config: QuantizeConfig) -> QuantizeResult:
-    """ONNX Runtime static INT8 quantization, QDQ format, per-channel symmetric weights."""
+def prepare_for_qdq(onnx_path: Path, out_path: Path) -> Path:
+    """ONNX Runtime's pre-processing for static quantization (shape inference, graph optimisation)
+    of ``onnx_path`` into ``out_path``; the model as exported when it fails (logged).
+
+    The federated release calibrates this pre-processed model: its tensor names are the ones the
+    quantizer asks ranges for (:mod:`edge.federated`)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, out_path = str(Path(onnx_path).resolve()), Path(out_path).resolve()
+    with tempfile.TemporaryDirectory(prefix="echofleet-qdq-prep-", dir=out_path.parent) as tmp:
+        staged = Path(tmp) / "prepped.onnx"
+        # When ONNX Runtime's symbolic shape inference gives up it saves sym_shape_infer_temp.onnx and a
+        # weights-sized .data file in the *working directory*: run it inside the scratch folder.
+        with contextlib.chdir(tmp):
+            try:
+                quant_pre_process(src, str(staged), skip_symbolic_shape=False)
+            except Exception as e:  # symbolic shape inference fails on the full Swin's padded window shapes
+                log.info("%s: symbolic shape inference failed (%s); pre-processing with ONNX shape inference only", onnx_path, e)
+                try:
+                    quant_pre_process(src, str(staged), skip_symbolic_shape=True)
+                except Exception as e2:
+                    log.warning("%s: quant_pre_process failed (%s); quantizing the model as exported", onnx_path, e2)
+                    shutil.copyfile(src, staged)
+        _atomic_move(staged, out_path)
+    return out_path
+
+
+def _ranges_cache(ranges: dict[str, tuple[float, float]], path: Path) -> Path:
+    """ONNX Runtime's calibration cache (``calibration_cache_path``) holding given per-tensor ranges:
+    ``quantize_static`` then skips its own calibration and reads these (no calibration images)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
+    data = {name: (np.array(lo, np.float32), np.array(hi, np.float32)) for name, (lo, hi) in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+    return path
+
+
+def quantize_qdq(onnx_path: Path, calib: np.ndarray | None, out_path: Path, config: QuantizeConfig, *,
+                 ranges: dict[str, tuple[float, float]] | None = None, prepared: bool = False) -> QuantizeResult:
+    """ONNX Runtime static INT8 quantization, QDQ format, per-channel symmetric weights.
+
+    Activation ranges come from ONNX Runtime's calibration on ``calib`` (``config.calibrate_method``),
+    or, with ``ranges`` (tensor name -> (min, max), e.g. from the sites' merged histograms), from
+    those ranges through ONNX Runtime's calibration cache, with no image at all. ``prepared``: the
+    model already went through :func:`prepare_for_qdq` (the federated path calibrated that file)."""
     import time
 
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if ranges is None and (calib is None or len(calib) == 0):
+        raise QuantizeError(f"{onnx_path}: QDQ quantization needs calibration images or activation ranges")
     t0 = time.perf_counter()
     out_path = Path(out_path).resolve()  # absolute: shape inference below runs in another working directory
     keep = _onnx_nodes_to_keep(onnx_path, config)
@@ -194,31 +239,26 @@ def quantize_qdq(onnx_path: Path, calib: np.ndarray, out_path: Path, config: Qua
     symmetric = config.activations == "symmetric"
     with tempfile.TemporaryDirectory(prefix="echofleet-qdq-", dir=out_path.parent) as tmp:
         prepped = Path(tmp) / "prepped.onnx"
-        src = str(Path(onnx_path).resolve())
-        # When ONNX Runtime's symbolic shape inference gives up it saves sym_shape_infer_temp.onnx and a
-        # weights-sized .data file in the *working directory*: run it inside the scratch folder.
-        with contextlib.chdir(tmp):
-            try:
-                quant_pre_process(src, str(prepped), skip_symbolic_shape=False)
-            except Exception as e:  # symbolic shape inference fails on the full Swin's padded window shapes
-                log.info("%s: symbolic shape inference failed (%s); pre-processing with ONNX shape inference only", onnx_path, e)
-                try:
-                    quant_pre_process(src, str(prepped), skip_symbolic_shape=True)
-                except Exception as e2:
-                    log.warning("%s: quant_pre_process failed (%s); quantizing the model as exported", onnx_path, e2)
-                    shutil.copyfile(src, prepped)
+        if prepared:
+            shutil.copyfile(onnx_path, prepped)
+        else:
+            prepare_for_qdq(Path(onnx_path), prepped)
         staged = Path(tmp) / out_path.name
+        source: dict = {"calibration_data_reader": _ArrayReader(input_name, calib), "calibrate_method": method}
+        if ranges is not None:  # the cache holds final (min, max) per tensor: read as MinMax, nothing recomputed
+            source = {"calibration_data_reader": None, "calibrate_method": CalibrationMethod.MinMax,
+                      "calibration_cache_path": str(_ranges_cache(ranges, Path(tmp) / "ranges.json"))}
         try:
             quantize_static(
-                str(prepped), str(staged), _ArrayReader(input_name, calib),
+                str(prepped), str(staged),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(config.op_types),
                 per_channel=True,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=keep,
-                calibrate_method=method,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+                **source,
             )
         except Exception as e:
             raise QuantizeError(f"{onnx_path}: ONNX Runtime QDQ quantization failed ({type(e).__name__}: {e})") from e
@@ -254,18 +294,26 @@ def convert_fp16(onnx_path: Path, out_path: Path, config: QuantizeConfig) -> Qua
     return QuantizeResult(out_path, [out_path], "onnx", "fp16", config.to_dict(), keep, time.perf_counter() - t0)
 
 
-def quantize(onnx_path: str | Path, calib: np.ndarray | None, out_dir: str | Path, config: QuantizeConfig) -> QuantizeResult:
-    """Run ``config.method`` on ``onnx_path``; outputs go to ``out_dir`` (``model.int8.xml``, ``model.int8.onnx``, ``model.fp16.onnx``)."""
+def quantize(onnx_path: str | Path, calib: np.ndarray | None, out_dir: str | Path, config: QuantizeConfig, *,
+             ranges: dict[str, tuple[float, float]] | None = None, prepared: bool = False) -> QuantizeResult:
+    """Run ``config.method`` on ``onnx_path``; outputs go to ``out_dir`` (``model.int8.xml``, ``model.int8.onnx``, ``model.fp16.onnx``).
+
+    ``ranges`` (``qdq`` only): activation ranges per tensor instead of calibration images (the
+    federated release, :mod:`edge.federated`); ``prepared``: see :func:`quantize_qdq`."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise QuantizeError(f"{onnx_path}: no such model")
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.method == "fp16":
         return convert_fp16(onnx_path, out_dir / "model.fp16.onnx", config)
+    suffix = "s8s8" if config.activations == "symmetric" else "u8s8"
+    if ranges is not None:
+        if config.method != "qdq":
+            raise QuantizeError(f"{onnx_path}: activation ranges (federated calibration) need method qdq, not {config.method}")
+        return quantize_qdq(onnx_path, None, out_dir / f"model.int8-{suffix}.onnx", config, ranges=ranges, prepared=prepared)
     if calib is None or len(calib) == 0:
         raise QuantizeError(f"{onnx_path}: INT8 quantization needs calibration images (--calib DATA_SPEC)")
     calib = np.asarray(calib[: config.calib_size], np.float32)
     if config.method == "nncf":
         return quantize_nncf(onnx_path, calib, out_dir / "model.int8.xml", config)
-    suffix = "s8s8" if config.activations == "symmetric" else "u8s8"
-    return quantize_qdq(onnx_path, calib, out_dir / f"model.int8-{suffix}.onnx", config)
+    return quantize_qdq(onnx_path, calib, out_dir / f"model.int8-{suffix}.onnx", config, prepared=prepared)

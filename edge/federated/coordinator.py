@@ -1,0 +1,295 @@
+"""The coordinator side of federated INT8 calibration: plan, merge, ranges, QDQ model.
+
+1. **Plan** (:func:`make_plan`): the quantization points are the tensors ONNX Runtime's own
+   calibrator would collect (:func:`calibration_points`: every float input and output of the node
+   types to quantize, in the pre-processed model); each point's bin edges span
+   ``[-margin * a, margin * a]`` where ``a`` is the largest absolute value of that point over
+   **public images** (echofleet's phantoms, which the coordinator holds). Public ranges avoid a
+   first private pass (a noisy per-point maximum from the sites would itself be a release,
+   charged to every site's ledger). Values beyond the edges fall into the outer bins, and the
+   ranges report it (:attr:`Ranges.notes`).
+2. **Merge** (:func:`merge`): the sites' noisy sums add up bin by bin (same edges everywhere);
+   the noise of the sum has standard deviation ``sqrt(sum of the sites' noise variances)``.
+3. **Ranges** (:func:`derive_ranges`), post-processing only (no further privacy cost): bins whose
+   merged count is below ``threshold_sigmas`` noise standard deviations are zeroed (noise, not
+   signal); then ``minmax`` (default, as ONNX Runtime's ``quantize_static``: the outermost
+   non-empty bins' edges), or ``percentile`` (as ONNX Runtime's percentile calibration: the
+   ``percentile`` of |x| for symmetric activations, both tails cut for asymmetric ones), clamped to
+   the min-max range. Without noise the ranges are those of the pooled images' histograms exactly.
+4. **QDQ**: :func:`edge.build.quantize.quantize` with ``ranges``: ONNX Runtime's
+   ``quantize_static`` reads them from its calibration cache, with no image; the one QDQ ONNX
+   serves ONNX Runtime, TensorRT (S8S8) and OpenVINO (which compiles QDQ ONNX).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from edge.federated.plan import CalibrationPlan, activation_session
+
+log = logging.getLogger(__name__)
+
+#: Public images the coordinator holds (echofleet's phantoms: no patient in them).
+PUBLIC_IMAGES = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=1"
+DEFAULT_BINS, DEFAULT_MARGIN, DEFAULT_CLIP, THRESHOLD_SIGMAS, DEFAULT_PERCENTILE = 256, 2.0, 1.0, 3.0, 99.999
+METHODS = ("minmax", "percentile")
+
+
+@dataclass
+class SiteAnswer:
+    """One site's reply to a calibration request (what left the site, and nothing else)."""
+
+    site: str
+    status: str
+    reason: str = ""
+    histograms: np.ndarray | None = None  # (P, B) noisy sums
+    noise_std: float = 0.0
+    epsilon: float | None = None
+    delta: float | None = None
+    not_private: bool = False
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "status": self.status, "reason": self.reason, "noise_std": self.noise_std,
+                "epsilon": self.epsilon, "delta": self.delta, **({"not_private": True} if self.not_private else {})}
+
+
+@dataclass
+class Merged:
+    """The sites' histograms added up, and the noise that sum carries."""
+
+    sums: np.ndarray  # (P, B)
+    noise_std: float
+    sites: list[str]
+    answers: list[SiteAnswer]
+
+
+@dataclass
+class Ranges:
+    """Activation range per point, and what the coordinator should know about them."""
+
+    ranges: dict[str, tuple[float, float]]
+    method: str
+    notes: list[str] = field(default_factory=list)
+    saturated: list[str] = field(default_factory=list)  # mass in an outer bin: the public range may be too narrow
+    public_fallback: list[str] = field(default_factory=list)  # nothing above the noise: public range used
+
+
+class CalibrationFailed(RuntimeError):
+    """No site answered a calibration request usably (the message names each site's answer)."""
+
+
+# ------------------------------------------------------------------------------------- plan
+def calibration_points(model_path: str | Path, op_types: Sequence[str]) -> list[str]:
+    """The tensors ONNX Runtime's calibrator collects for ``op_types`` (its
+    ``select_tensors_to_calibrate``: float inputs and outputs of those nodes that are not
+    initializers, as typed by shape inference), in graph order."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    infos = {v.name: v for v in (*graph.value_info, *graph.output, *graph.input)}
+    inits = {i.name for i in graph.initializer}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    points: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type in op_types:
+            for name in (*node.input, *node.output):
+                vi = infos.get(name)
+                if vi is not None and name not in inits and vi.type.HasField("tensor_type") \
+                        and vi.type.tensor_type.elem_type in floats:
+                    points.setdefault(name)
+    return list(points)
+
+
+def public_absmax(model: bytes, points: Sequence[str], images: Iterable[np.ndarray]) -> np.ndarray:
+    """Largest absolute finite value of every point over the public ``images`` (P,)."""
+    probe = CalibrationPlan(model, tuple(points), np.tile([-1.0, 0.0, 1.0], (len(points), 1)))
+    session, input_name = activation_session(probe)
+    names = [o.name for o in session.get_outputs()]
+    amax = np.zeros(len(points))
+    for x in images:
+        x = np.ascontiguousarray(x[None] if x.ndim == 3 else x, np.float32)
+        got = dict(zip(names, session.run(names, {input_name: x})))
+        got[input_name] = x
+        for i, p in enumerate(points):
+            v = np.abs(np.asarray(got[p], np.float64))
+            v = v[np.isfinite(v)]
+            if v.size:
+                amax[i] = max(amax[i], float(v.max()))
+    return amax
+
+
+def make_plan(prepared_model: str | Path, op_types: Sequence[str], public_images: np.ndarray, *,
+              bins: int = DEFAULT_BINS, margin: float = DEFAULT_MARGIN, clip: float = DEFAULT_CLIP) -> CalibrationPlan:
+    """The calibration request for ``prepared_model`` (the output of
+    :func:`edge.build.quantize.prepare_for_qdq`): points, public bin edges (module docstring)."""
+    if not margin >= 1:
+        raise ValueError(f"the margin of the public ranges must be >= 1, got {margin}")
+    model = Path(prepared_model).read_bytes()
+    points = calibration_points(prepared_model, op_types)
+    if not points:
+        raise ValueError(f"{prepared_model}: no tensor to calibrate for op types {list(op_types)}")
+    amax = public_absmax(model, points, public_images)
+    half = np.maximum(amax * margin, 1e-6)
+    edges = np.stack([np.linspace(-h, h, bins + 1) for h in half])
+    return CalibrationPlan(model, tuple(points), edges, clip)
+
+
+# ------------------------------------------------------------------------------------ merge
+def merge(answers: Sequence[SiteAnswer], plan: CalibrationPlan) -> Merged:
+    """Add up the histograms of the sites that answered ``ok`` with the plan's shape; raise
+    :class:`CalibrationFailed` naming every site's answer when none did."""
+    shape = (len(plan.points), plan.bins)
+    usable = [a for a in answers if a.status == "ok" and a.histograms is not None and a.histograms.shape == shape
+              and np.isfinite(a.histograms).all()]
+    for a in answers:
+        if a.status == "ok" and a not in usable:
+            log.warning("site %s: calibration reply of shape %s (expected %s) or with non-finite values: ignored",
+                        a.site, None if a.histograms is None else a.histograms.shape, shape)
+    if not usable:
+        detail = "; ".join(f"{a.site}: {a.status}{' (' + a.reason + ')' if a.reason else ''}" for a in answers) or "no site answered"
+        raise CalibrationFailed(f"no site returned calibration histograms: {detail}")
+    sums = np.sum([a.histograms for a in usable], axis=0)
+    noise = math.sqrt(sum(a.noise_std ** 2 for a in usable))
+    return Merged(sums, noise, [a.site for a in usable], list(answers))
+
+
+# ----------------------------------------------------------------------------------- ranges
+def derive_ranges(merged: Merged, plan: CalibrationPlan, method: str = "minmax", *, symmetric: bool = False,
+                  percentile: float = DEFAULT_PERCENTILE, threshold_sigmas: float = THRESHOLD_SIGMAS) -> Ranges:
+    """Per-point (min, max) from the merged histograms (module docstring, step 3)."""
+    if method not in METHODS:
+        raise ValueError(f"federated calibration derives ranges by {' or '.join(METHODS)}, not {method!r}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    threshold = threshold_sigmas * merged.noise_std
+    out = Ranges({}, method)
+    for p, name in enumerate(plan.points):
+        edges, hist = plan.edges[p], merged.sums[p]
+        kept = np.where(hist > threshold, hist, 0.0)
+        nz = np.flatnonzero(kept)
+        if nz.size == 0:
+            out.public_fallback.append(name)
+            out.ranges[name] = (float(edges[0]), float(edges[-1]))
+            continue
+        first, last = int(nz[0]), int(nz[-1])
+        if first == 0 or last == plan.bins - 1:
+            out.saturated.append(name)
+        lo, hi = float(edges[first]), float(edges[last + 1])
+        if method == "percentile":
+            lo, hi = _percentile_range(kept, edges, percentile, symmetric, lo, hi)
+        out.ranges[name] = (lo, hi)
+    if out.public_fallback:
+        out.notes.append(f"{len(out.public_fallback)} of {len(plan.points)} points had no bin above the noise "
+                         f"({threshold_sigmas:g} sigma): their public range is used")
+    if out.saturated:
+        out.notes.append(f"{len(out.saturated)} of {len(plan.points)} points have mass in an outer bin: the sites' "
+                         "activations reach the public range's edge there (a larger margin widens it)")
+    return out
+
+
+def _percentile_range(hist: np.ndarray, edges: np.ndarray, percentile: float, symmetric: bool,
+                      lo: float, hi: float) -> tuple[float, float]:
+    """ONNX Runtime's percentile rule on a histogram: |x| for symmetric activations, else both tails
+    cut by (100 - percentile) / 2 %; clamped to the min-max range [lo, hi]."""
+    total = hist.sum()
+    if symmetric:
+        mag = np.maximum(np.abs(edges[:-1]), np.abs(edges[1:]))  # the largest |x| each bin can hold
+        order = np.argsort(mag, kind="stable")
+        cdf = np.cumsum(hist[order]) / total
+        t = float(mag[order][min(int(np.searchsorted(cdf, percentile / 100.0)), len(cdf) - 1)])
+        return max(-t, lo), min(t, hi)
+    cut = (100.0 - percentile) / 200.0
+    cdf = np.cumsum(hist) / total
+    left = min(int(np.searchsorted(cdf, cut)), len(cdf) - 1)
+    right = min(int(np.searchsorted(cdf, 1.0 - cut)), len(cdf) - 1)
+    return max(float(edges[left]), lo), min(float(edges[right + 1]), hi)
+
+
+def calibration_record(plan: CalibrationPlan, merged: Merged, ranges: Ranges, *, public: str, margin: float) -> dict:
+    """What the signed manifest records about a federated calibration (no site data in it)."""
+    return {"method": "federated", "ranges": ranges.method, "points": len(plan.points), "bins": plan.bins,
+            "clip": plan.clip, "plan_sha256": plan.digest(), "public_edges": {"data": public, "margin": margin},
+            "noise_std_of_sum": merged.noise_std, "sites": [a.to_dict() for a in merged.answers],
+            "contributing_sites": merged.sites, "notes": ranges.notes}
+
+
+# ------------------------------------------------------------------------------ over Flower
+#: A way to reach the sites: plan -> their answers (in-process simulation, or a Flower grid).
+SiteCalibration = Callable[[CalibrationPlan], list[SiteAnswer]]
+MESSAGE_TYPE = "query.calibrate"
+
+
+def ask_sites(grid, plan: CalibrationPlan, round_record: dict, timeout: float = 3600.0) -> list[SiteAnswer]:
+    """Send the plan to every connected site (a Flower ``Grid``) and read their answers."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    arrays = plan.to_arrays()
+    messages = [Message(RecordDict({"config": ConfigRecord(dict(round_record)),
+                                    "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})}),
+                        dst_node_id=node, message_type=MESSAGE_TYPE)
+                for node in grid.get_node_ids()]
+    return [answer_of(m) for m in grid.send_and_receive(messages, timeout=timeout)]
+
+
+def answer_of(message) -> SiteAnswer:
+    """A site's reply message (``fed.client_app.to_content`` layout) as a :class:`SiteAnswer`."""
+    if message.has_error():
+        return SiteAnswer(f"node-{message.metadata.src_node_id}", "error", reason=str(message.error.reason)[:300])
+    content = message.content
+    site = content["site"] if "site" in content else {}
+    metrics = content["metrics"] if "metrics" in content else {}
+    hist = None
+    if "arrays" in content and "histograms" in content["arrays"]:
+        hist = np.asarray(content["arrays"]["histograms"].numpy(), np.float64)
+    return SiteAnswer(str(site.get("site", f"node-{message.metadata.src_node_id}")), str(site.get("status", "error")),
+                      str(site.get("reason", "")), hist, float(metrics.get("noise-std", 0.0)),
+                      float(metrics["epsilon"]) if "epsilon" in metrics else None,
+                      float(metrics["delta"]) if "delta" in metrics else None, bool(metrics.get("not-private", 0.0)))
+
+
+# ------------------------------------------------------------- files (a release over `flwr run`)
+def save_plan(plan: CalibrationPlan, path: str | Path) -> Path:
+    """The plan as one ``.npz`` (no pickle), written atomically: what the release ServerApp sends."""
+    import io
+
+    from echocare.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **plan.to_arrays())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(Path(path), buf.getvalue(), 0o600)
+
+
+def load_plan(path: str | Path) -> CalibrationPlan:
+    with np.load(Path(path), allow_pickle=False) as z:
+        return CalibrationPlan.from_arrays({k: z[k] for k in z.files})
+
+
+def save_answers(answers: Sequence[SiteAnswer], path: str | Path) -> Path:
+    """The sites' answers as one ``.npz`` (their fields as JSON bytes, histograms as arrays)."""
+    import io
+    import json
+
+    from echocare.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    meta = np.frombuffer(json.dumps([a.to_dict() for a in answers]).encode(), np.uint8)
+    np.savez(buf, __answers__=meta, **{f"h/{i}": a.histograms for i, a in enumerate(answers) if a.histograms is not None})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(Path(path), buf.getvalue(), 0o600)
+
+
+def load_answers(path: str | Path) -> list[SiteAnswer]:
+    import json
+
+    with np.load(Path(path), allow_pickle=False) as z:
+        meta = json.loads(bytes(z["__answers__"]).decode())
+        return [SiteAnswer(m["site"], m["status"], m["reason"], z[f"h/{i}"] if f"h/{i}" in z.files else None,
+                           float(m["noise_std"]), m["epsilon"], m["delta"], bool(m.get("not_private", False)))
+                for i, m in enumerate(meta)]

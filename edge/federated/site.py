@@ -1,0 +1,109 @@
+"""The hospital side of federated INT8 calibration: noisy activation histograms of its own images.
+
+:func:`calibrate_round` is what a site runs when the coordinator asks it to calibrate an edge
+build (a Flower ``query.calibrate`` message, see ``echofleet.apps``). It receives a
+:class:`~edge.federated.plan.CalibrationPlan` (the FP32 ONNX model pre-processed for ONNX
+Runtime's quantizer, the quantization points, fixed bin edges per point, the clipping bound) and
+the run's round config (which split of its data is "train": the same split as training), and:
+
+1. refuses, before reading any image, when its policy says ``calibration = false``, when the task
+   is not allowed, or when the plan is malformed (too many points or bins, bad edges);
+2. runs every image of its **training split** through the model with ONNX Runtime, one image at a
+   time (intermediate tensors of a Swin mix the batch with the windows), fetching the points;
+3. sums one bounded contribution per image (:func:`edge.federated.plan.image_row`: L2 norm at
+   most ``clip``), so one image changes the sums by at most ``clip`` (the L2 sensitivity);
+4. adds Gaussian noise of standard deviation ``evaluation_noise_multiplier * clip`` from OS
+   entropy (:class:`fed.dp.DPRandom`), after charging the release to its **lifetime ledger** as a
+   release of kind ``"calibrate"`` (one unsampled Gaussian release: ``q = 1``, one step), under
+   the same lock, replay store and delta check as training and evaluation (``fed.task._release``).
+
+What leaves the site: the noisy sums (points x bins), its lifetime epsilon and delta, and the
+noise standard deviation it used (public: the policy's multiplier times the plan's bound). Never
+the number of images, a file name or an exact statistic. Why the model travels as ONNX rather
+than "the head plus the encoder the site already holds": the site needs no exporter (no torch
+export at a hospital), the coordinator's quantizer names exactly these tensors, and the privacy
+guarantee does not depend on what the model computes (the bound holds for any model and edges).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from echocare.preprocess import PreprocessSpec, preprocess_image
+from edge.federated.plan import CalibrationPlan, PlanError, activation_session, image_row
+from fed.dp import DPRandom
+from fed.ledger import Release
+from fed.policy import SitePolicy
+from fed.task import (NOT_PRIVATE, STATUS_EXHAUSTED, STATUS_OK, STATUS_REFUSED, Reply, RoundConfig, _figures, _guarded,
+                      _insecure_seed, _release, request_hash, site_split)
+
+log = logging.getLogger(__name__)
+
+KIND = "calibrate"
+POLICY_REFUSAL = "this site's policy does not take part in federated calibration (calibration = false)"
+
+
+def histogram_sums(plan: CalibrationPlan, images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
+    """(exact sums (P, B) of the images' bounded rows, number of images). Site-local: the sums
+    leave the site only with noise (:func:`calibrate_round`); the count never does."""
+    session, input_name = activation_session(plan)
+    names = [o.name for o in session.get_outputs()]
+    sums, n = np.zeros((len(plan.points), plan.bins)), 0
+    for x in images:
+        x = np.ascontiguousarray(x[None] if x.ndim == 3 else x, np.float32)
+        got = dict(zip(names, session.run(names, {input_name: x})))
+        got[input_name] = x
+        sums += image_row([got[p] for p in plan.points], plan.edges, plan.clip)
+        n += 1
+    return sums, n
+
+
+def train_images(policy: SitePolicy, cfg: RoundConfig) -> Iterator[np.ndarray]:
+    """The site's training split (the split its training rounds used), preprocessed as the model
+    expects, one (3, S, S) image at a time; an image the preprocessing cannot use is skipped."""
+    spec = PreprocessSpec.from_dict(cfg.preprocess) if cfg.preprocess else PreprocessSpec()
+    for _sample, image in site_split(policy, cfg, "train").iter_images():
+        try:
+            yield preprocess_image(image, spec)[0]
+        except ValueError as e:
+            log.warning("site %s: an image skipped for calibration (%s)", policy.site_name, e)
+
+
+@_guarded
+def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
+    """Noisy per-point activation histograms of this site's training split (module docstring)."""
+    if not policy.calibration:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=POLICY_REFUSAL)
+    if cfg.task not in policy.allowed_tasks:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
+    try:
+        plan = CalibrationPlan.from_arrays(arrays)
+    except PlanError as e:  # depends only on what the coordinator sent
+        return Reply(STATUS_REFUSED, policy.site_name, reason=f"calibration plan refused: {e}")
+    sums, n = histogram_sums(plan, train_images(policy, cfg))
+    if n == 0:
+        return Reply(STATUS_REFUSED, policy.site_name, reason="no readable training images at this site")
+    sigma = policy.evaluation_noise_multiplier
+    request = request_hash(KIND, cfg, arrays)
+    with _release(policy, cfg, request) as (ledger, store, early):
+        if early is not None:
+            return early
+        release = Release(KIND, sigma, 1.0, 1, plan.sensitivity, run=cfg.run_key, round=cfg.server_round,
+                          request=request, private=not policy.insecure_deterministic_noise)
+        if ledger.would_exceed(release):
+            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
+                         reason="privacy budget exhausted: a calibration release would exceed this site's lifetime budget")
+        import torch
+
+        rng = DPRandom(_insecure_seed(policy, cfg, KIND))
+        noise = rng.gaussian(sigma * plan.sensitivity, sums.shape, torch.float64).numpy()
+        ledger.charge(release)  # durable before anything leaves the site
+        noisy = {"histograms": (sums + noise).astype(np.float64)}
+        reply = Reply(STATUS_OK, policy.site_name, 1, noisy,
+                      {**_figures(policy, ledger), "noise-std": float(sigma * plan.sensitivity)},
+                      NOT_PRIVATE if policy.insecure_deterministic_noise else "")
+        store.put(request, reply.fields(), reply.arrays)
+        return reply
