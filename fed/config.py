@@ -29,6 +29,8 @@ from fed.policy import TASKS
 #: B-mode images from three emulated device vendors; no patient in them). ``echofleet simulate``
 #: and ``flwr run .`` use it when no real data is named.
 PHANTOM_DATA = "phantom:150?profiles=linear-a,convex-b,linear-c&seed=0"
+#: What a run does (run-config key ``mode``): train a head, or release an edge build (calibration).
+MODES = ("train", "release")
 
 
 class RunConfigError(ValueError):
@@ -98,6 +100,11 @@ class RunConfig:
     # local simulation only: where ``echofleet simulate`` laid out its virtual hospitals' policies
     # ("" under ``flwr run .``: each simulated site then uses a phantom default policy)
     sim_sites_dir: str = ""
+    # -- what the run does (one ServerApp/ClientApp pair: echofleet/apps.py) --------------------------
+    # "train": the federation above; "release": the sites calibrate an edge build (noisy activation
+    # histograms, each a release charged to the site's ledger; edge/federated/), for
+    # `echofleet edge build RUN --calib sites`
+    mode: str = "train"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -120,6 +127,7 @@ class RunConfig:
         need(0 < self.val_fraction < 1, "val_fraction", "must be between 0 and 1")
         need(0 <= self.trim_beta < 0.5, "trim_beta", "must be in [0, 0.5)")
         need(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
+        need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
         from echocare.models.encoder import ENCODER_CONFIGS  # torch-free
 
         need(self.encoder_config in ENCODER_CONFIGS, "encoder_config", f"must be one of {', '.join(ENCODER_CONFIGS)}")

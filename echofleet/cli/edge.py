@@ -450,7 +450,7 @@ def bench(
 def build(
     run_dir: Path = typer.Argument(..., help="Federation run directory (uses RUN/global) or a task-model directory."),
     target: str = typer.Option(..., "--target", help=_TARGET_HELP),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8), or 'sites': the run's sites calibrate (noisy histograms charged to their ledgers; no image here)."),
     val: str = typer.Option(..., "--val", help="Labelled validation data spec for the accuracy gate."),
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Output folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
@@ -488,11 +488,20 @@ def build(
     from edge.build.evaluate import EvalDataError
     from edge.build.export import ExportError
     from edge.build.gate import GateFailed
-    from edge.build.pipeline import BuildConfig, default_quantize_config
+    from edge.build.pipeline import SITES, BuildConfig, default_quantize_config
     from edge.build.pipeline import build as run_build
     from edge.build.quantize import QuantizeError
+    from edge.federated.coordinator import CalibrationFailed
     from edge.report import print_build
 
+    sites = None
+    if calib == SITES and precision == "int8":
+        from echofleet.apps import simulated_sites
+
+        try:
+            sites = simulated_sites(run_dir)
+        except ValueError as e:
+            raise fail(f"--calib sites: {e}", 2) from None
     console = _console(as_json)
     try:
         q = default_quantize_config(t, precision)
@@ -506,11 +515,14 @@ def build(
     summary, code, error = None, 0, None
     try:
         with console.status("edge build") as status:
-            summary = run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s))
+            summary = run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s),
+                                sites=sites)
         if not summary.ok:
             code, error = 1, f"self-test failed: {summary.selftest[1] if summary.selftest else 'not run'}"
     except GateFailed as e:
         summary, code, error = getattr(e, "summary", None), 1, str(e)
+    except CalibrationFailed as e:  # every site refused or failed: named in the message
+        code, error = 1, str(e)
     except ExportError as e:
         code, error = (1 if "disagrees" in str(e) else 2), str(e)
     except (EvalDataError, BundleError, CompileError, QuantizeError, ValueError) as e:

@@ -8,7 +8,10 @@ happened:
 
 1. **export** the run's global model (or a task-model directory) to ONNX, parity-checked;
 2. **quantize** it as the target's row says (``openvino-cpu``: NNCF INT8 IR; ``onnxruntime-cpu``:
-   QDQ U8S8; ``tensorrt``: QDQ S8S8 or FP16), calibrated on ``calib_spec``;
+   QDQ U8S8; ``tensorrt``: QDQ S8S8 or FP16), calibrated on ``calib_spec``, or, with
+   ``calib_spec="sites"``, on the sites' noisy activation histograms (:mod:`edge.federated`: no
+   image on the build machine; the ranges go into ONNX Runtime's quantizer, so every target gets
+   a QDQ ONNX, which OpenVINO compiles too);
 3. **gate** (:func:`run_gate`): FP32 vs the candidate on the labelled ``val_spec``; a drop beyond
    the bound raises :class:`~edge.build.gate.GateFailed` and nothing is bundled;
 4. **compile** with the row's compile module (OpenVINO IR with an explicit inference precision; a
@@ -36,9 +39,14 @@ from edge.build.compiled import CompileOptions, compile_model
 from edge.build.evaluate import EvalSet, load_calibration, load_eval_set, metrics_from_outputs, predict_all
 from edge.build.export import ExportConfig, export_task_model, resolve_model_dir, write_json_atomic
 from edge.build.gate import GateBounds, GateFailed, GateResult, check_gate, enforce
-from edge.build.quantize import QuantizeConfig, quantize
+from edge.build.quantize import QuantizeConfig, prepare_for_qdq, quantize
 from edge.device.backends import open_session
+from edge.federated.coordinator import (DEFAULT_BINS, DEFAULT_CLIP, DEFAULT_MARGIN, PUBLIC_IMAGES, SiteCalibration,
+                                        calibration_record, derive_ranges, make_plan, merge)
 from edge.targets import FORMAT_BACKENDS, PRECISIONS, EdgeTarget, get_target
+
+#: ``calib_spec`` value of a federated calibration (the sites' histograms instead of local images)
+SITES = "sites"
 
 
 @dataclass
@@ -58,6 +66,13 @@ class BuildConfig:
     batch_size: int = 8
     tensorrt_max_batch: int = 8
     export: ExportConfig = field(default_factory=ExportConfig)
+    # federated calibration (calib_spec "sites"): public images for the bin edges, their margin,
+    # bins per point, and the L2 bound of one image's contribution at a site (edge/federated/)
+    public_images: str = PUBLIC_IMAGES
+    public_limit: int = 24
+    calib_bins: int = DEFAULT_BINS
+    calib_margin: float = DEFAULT_MARGIN
+    calib_clip: float = DEFAULT_CLIP
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -107,6 +122,22 @@ def default_quantize_config(target: str | EdgeTarget, precision: str) -> Quantiz
     return None if kw is None else QuantizeConfig(**kw)
 
 
+def federated_quantize_config(q: QuantizeConfig) -> QuantizeConfig:
+    """The quantization of a federated calibration: ONNX Runtime QDQ from the merged ranges.
+
+    NNCF (``openvino-cpu``) calibrates on images inside its own pipeline, which the federated path
+    does not have; the target instead gets a QDQ ONNX with asymmetric (U8) activations, as NNCF's
+    mixed preset uses, which OpenVINO reads and compiles into its INT8 IR. Entropy calibration
+    needs ONNX Runtime's own collector and is refused here (minmax or percentile)."""
+    if q.method == "fp16":
+        return q
+    if q.calibrate_method not in ("minmax", "percentile"):
+        raise ValueError(f"federated calibration derives minmax or percentile ranges, not {q.calibrate_method}")
+    if q.method == "nncf":
+        return replace(q, method="qdq", activations="asymmetric", calibrate_method="minmax")
+    return q
+
+
 # ------------------------------------------------------------------------------------- gate
 @dataclass
 class GateRun:
@@ -148,8 +179,12 @@ def run_gate(task: str, fp32_onnx: Path, candidate: Path, artifact_format: str, 
 
 # ------------------------------------------------------------------------------------ build
 def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: str, key: str | Path, out: str | Path, *,
-          config: BuildConfig | None = None, progress: Callable[[str], None] | None = None) -> BuildSummary:
+          config: BuildConfig | None = None, progress: Callable[[str], None] | None = None,
+          sites: SiteCalibration | None = None) -> BuildSummary:
     """Build, gate, sign and verify an edge bundle for ``target`` from a run directory or task-model directory.
+
+    ``calib_spec="sites"``: INT8 calibration at the sites (``sites`` sends them the plan and returns
+    their answers; :mod:`edge.federated`); no calibration image is read here.
 
     Returns a :class:`BuildSummary`; raises :class:`~edge.build.gate.GateFailed` (nothing bundled) when
     the candidate loses more than the bound, :class:`~edge.build.export.ExportError` on a failed
@@ -164,6 +199,11 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         raise ValueError(f"inference precision {cfg.inference_precision!r} for {t.name}: choose one of {', '.join(t.inference_precisions)}")
     if cfg.precision == "int8" and not calib_spec:
         raise ValueError("an INT8 build needs a calibration set (--calib DATA_SPEC)")
+    federated = calib_spec == SITES and qcfg is not None and qcfg.precision == "int8"
+    if federated:
+        if sites is None:
+            raise ValueError("--calib sites needs a federation to ask (a run directory with its sites)")
+        qcfg = federated_quantize_config(qcfg)
     say = progress or (lambda _msg: None)
     load_private_key(key)  # fail on a bad key before minutes of work
     out = Path(out)
@@ -186,9 +226,12 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     say("loading validation data")
     ev = load_eval_set(val_spec, spec.task, list(spec.labels), pre, limit=cfg.val_limit)
     calib = None
-    if cfg.precision == "int8":
+    if federated:  # public images only: the bin edges of the sites' histograms
+        calib = load_calibration(cfg.public_images, pre, limit=cfg.public_limit)
+    elif cfg.precision == "int8":
         calib = load_calibration(calib_spec, pre, limit=cfg.calib_limit)
-    step("data", t0, f"val {len(ev)} samples ({len(ev.problems)} skipped)" + (f", calib {len(calib)}" if calib is not None else ""))
+    step("data", t0, f"val {len(ev)} samples ({len(ev.problems)} skipped)"
+         + (f", {'public edges' if federated else 'calib'} {len(calib)}" if calib is not None else ""))
 
     t0 = time.perf_counter()
     say("export: ONNX + parity")
@@ -196,8 +239,26 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     step("export", t0, exp.parity.describe())
 
     # 2. quantize -------------------------------------------------------------------------
-    candidate_path, candidate_format, q = exp.onnx_path, t.artifact_format, None
-    if qcfg is not None:
+    candidate_path, candidate_format, q, calibration = exp.onnx_path, t.artifact_format, None, None
+    if federated:
+        say("calibrate at the sites: noisy activation histograms")
+        t1 = time.perf_counter()
+        qdir = work / "quantized"
+        qdir.mkdir(parents=True, exist_ok=True)
+        prepared = prepare_for_qdq(exp.onnx_path, qdir / "prepared.onnx")
+        plan = make_plan(prepared, qcfg.op_types, calib, bins=cfg.calib_bins, margin=cfg.calib_margin, clip=cfg.calib_clip)
+        merged = merge(sites(plan), plan)
+        ranges = derive_ranges(merged, plan, qcfg.calibrate_method, symmetric=qcfg.activations == "symmetric")
+        calibration = calibration_record(plan, merged, ranges, public=_public_spec(cfg.public_images), margin=cfg.calib_margin)
+        write_json_atomic(work / "calibration.json", {**calibration, "ranges": ranges.ranges})
+        step("calibrate", t1, f"{len(merged.sites)} of {len(merged.answers)} sites, {len(plan.points)} points x {plan.bins} bins, "
+             f"noise std of the sum {merged.noise_std:.3g}" + (f"; {'; '.join(ranges.notes)}" if ranges.notes else ""))
+        say(f"quantize: {qcfg.method} {qcfg.precision} from the sites' ranges")
+        t1 = time.perf_counter()
+        q = quantize(prepared, None, qdir, qcfg, ranges=ranges.ranges, prepared=True)
+        candidate_path, candidate_format = q.model_path, q.format
+        step("quantize", t1, f"{qcfg.method} ({ranges.method} of the merged histograms) -> {q.model_path.name} ({q.precision})")
+    elif qcfg is not None:
         say(f"quantize: {qcfg.method} {qcfg.precision}")
         t1 = time.perf_counter()
         q = quantize(exp.onnx_path, calib, work / "quantized", qcfg)
@@ -231,6 +292,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     say("bundle: manifest, self-test, signature")
     extra = {
         "quantization": q.config if q is not None else None,
+        "calibration": calibration or ({"method": "local", "data": _public_spec(calib_spec)} if calib is not None else None),
         "model_card_validation": {"data": _public_spec(val_spec), "samples": len(ev), "fp32": fp32_metrics,
                                   cfg.precision: cand_metrics, "gate": gate.to_dict(), "gate_backend": g.backend},
         "source": {"model_dir": str(model_dir.resolve()), "run_dir": str(Path(run_dir).resolve())},

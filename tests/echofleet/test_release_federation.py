@@ -1,0 +1,89 @@
+"""A simulated federation (3 virtual hospitals on phantoms, echocare-tiny) calibrates an INT8 edge build:
+``edge build RUN --calib sites`` reads no calibration image on the build machine; every site's lifetime
+ledger shows the calibration release; the signed manifest records it. One shared build (Flower's
+simulation engine, one query round) keeps this to about a minute on 2 cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from echofleet.cli import app
+
+SITE_DATA = "phantom:18?profiles=linear-a,convex-b,linear-c&seed=2"
+PUBLIC_VAL = "phantom:9?seed=9"  # public labelled phantoms for the central gate of this test
+
+
+def _run_dir(root: Path) -> Path:
+    """A run directory as `echofleet simulate` leaves it: global model, report.json (its run config),
+    sites/site-K/policy.toml. The head is freshly initialised: this test is about the calibration path."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from edge_helpers import fresh_model
+
+    from echofleet.simulation import SimulationConfig, layout_sites
+    from fed.config import RunConfig
+
+    run = root / "run"
+    fresh_model(run / "global", "classify")
+    layout_sites(SimulationConfig(data=SITE_DATA, sites=3, out=str(run)), run)
+    config = RunConfig(labels="benign,malignant,normal", run_dir=str(run), sim_sites_dir=str(run / "sites"))
+    (run / "report.json").write_text(json.dumps({"config": config.as_run_config()}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> dict:
+    from echocare.bundle import generate_keypair
+    from echofleet.apps import simulated_sites
+    from edge.build.gate import GateBounds
+    from edge.build.pipeline import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("release")
+    run = _run_dir(root)
+    key, _pub = generate_keypair(root / "keys" / "release")
+    cfg = BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1)
+    summary = build(run, "onnxruntime-cpu", "sites", PUBLIC_VAL, key, root / "dist", config=cfg, sites=simulated_sites(run))
+    return {"run": run, "summary": summary, "root": root}
+
+
+def test_sites_calibrate_an_int8_bundle_with_no_local_calibration_data(release):
+    s = release["summary"]
+    assert s.ok and s.tarball.is_file() and s.precision == "int8"
+    names = [st.name for st in s.steps]
+    assert names.index("calibrate") < names.index("quantize")
+    cal = s.manifest["calibration"]
+    assert cal["method"] == "federated" and cal["ranges"] == "minmax"
+    assert sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
+    assert cal["noise_std_of_sum"] > 0 and cal["public_edges"]["data"] == "phantom"
+    assert all(a["status"] == "ok" and a["epsilon"] > 0 for a in cal["sites"])
+    import onnx
+
+    q = next((s.work_dir / "quantized").glob("model.int8-*.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(q)).graph.node)
+
+
+def test_every_sites_ledger_shows_the_calibration_release(release):
+    from fed.ledger import PrivacyLedger
+    from fed.policy import load_policy
+
+    for k in range(3):
+        policy = load_policy(release["run"] / "sites" / f"site-{k}" / "policy.toml")
+        releases = PrivacyLedger.load(policy.ledger_path).releases
+        assert [r.kind for r in releases] == ["calibrate"], policy.site_name
+        assert releases[0].noise_multiplier == policy.evaluation_noise_multiplier and releases[0].private
+
+
+def test_calib_sites_without_simulated_sites_is_one_error_line(release, tmp_path):
+    from echocare.bundle import generate_keypair
+
+    key, _ = generate_keypair(tmp_path / "k")
+    model = release["run"] / "global"  # a task-model directory: no sites to ask
+    r = CliRunner().invoke(app, ["edge", "build", str(model), "--target", "onnxruntime-cpu", "--calib", "sites",
+                                 "--val", PUBLIC_VAL, "--key", str(key), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2, r.output
+    assert "--calib sites" in r.output and "no simulated sites" in r.output
