@@ -496,3 +496,109 @@ def _number(d: dict, key: str, where: str, optional: bool = False) -> float | No
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise BundleError(f"{where}.{key} {v!r}: expected a finite number")
     return float(v)
+
+
+@dataclass(frozen=True)
+class AppIdentity:
+    """Which Flower app the coordinator and the sites ran.
+
+    ``kind="fab"``: ``sha256`` is the FAB hash Flower computed for the app that ``flwr run``
+    shipped to the SuperLink and every SuperNode (``fab_id`` / ``fab_version`` from its
+    pyproject). ``kind="source"``: a simulation (``run_simulation`` builds no FAB), ``sha256`` hashes
+    the app's Python sources as the coordinator imported them (every virtual hospital imports the
+    same files on the same machine); ``packages`` names what was hashed.
+    """
+
+    kind: str
+    sha256: str
+    fab_id: str = ""
+    fab_version: str = ""
+    packages: tuple[str, ...] = ()
+    flower_run_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """``manifest["provenance"]``: where the model in a bundle came from.
+
+    - ``run_id``: the run key the sites' privacy ledgers record for every release of this run
+      (run folder name + run-config hash); empty when the run report had no run config;
+    - ``apps``: the :class:`AppIdentity` of each start of the run (more than one: it was resumed
+      with another app), None when the run recorded none;
+    - ``encoder``: ``{"config", "sha256"}`` (sha256 None: seeded random initialisation, no weights);
+    - ``rounds``, ``strategy``;
+    - ``epsilon``: per site, only what the site disclosed in the run report:
+      ``{"epsilon", "delta", "unit"}`` (its lifetime total on its dataset, docs/privacy.md).
+
+    Calibration and acceptance have their own manifest sections (``calibration``,
+    :data:`ACCEPTANCE`); :func:`release_chain` puts the three together.
+    """
+
+    run_id: str
+    apps: tuple[AppIdentity, ...] | None
+    encoder: dict
+    rounds: int
+    strategy: str
+    epsilon: dict
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["apps"] = None if self.apps is None else [asdict(a) | {"packages": list(a.packages)} for a in self.apps]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> "Provenance":
+        w = f"{where}: {PROVENANCE}"
+        if not isinstance(d, dict):
+            raise BundleError(f"{w} is a {type(d).__name__}, expected an object")
+        apps = None
+        if d.get("apps") is not None:
+            apps = []
+            for i, a in enumerate(_field(d, "apps", list, w)):
+                aw = f"{w}.apps[{i}]"
+                if not isinstance(a, dict):
+                    raise BundleError(f"{aw} is a {type(a).__name__}, expected an object")
+                kind = _field(a, "kind", str, aw)
+                if kind not in ("fab", "source"):
+                    raise BundleError(f"{aw}.kind {kind!r}: expected 'fab' or 'source'")
+                rid = a.get("flower_run_id")
+                apps.append(AppIdentity(kind=kind, sha256=_field(a, "sha256", str, aw), fab_id=str(a.get("fab_id") or ""),
+                                        fab_version=str(a.get("fab_version") or ""),
+                                        packages=tuple(str(p) for p in a.get("packages") or ()),
+                                        flower_run_id=rid if isinstance(rid, int) and not isinstance(rid, bool) else None))
+            apps = tuple(apps)
+        return cls(run_id=_field(d, "run_id", str, w), apps=apps, encoder=_field(d, "encoder", dict, w),
+                   rounds=_field(d, "rounds", int, w), strategy=str(d.get("strategy") or ""),
+                   epsilon=_field(d, "epsilon", dict, w))
+
+
+def provenance_of(manifest: dict, where: str = "manifest") -> Provenance | None:
+    """The manifest's provenance, None when it has none (not built from a federation run)."""
+    raw = manifest.get(PROVENANCE)
+    return None if raw is None else Provenance.from_dict(raw, where)
+
+
+def release_chain(manifest: dict) -> dict:
+    """The provenance chain of a verified manifest, for people (``edge verify --explain``): what
+    the bundle is, the run and app it came from, each site's disclosed privacy spend, how it was
+    calibrated, how it was accepted and the acceptance verdict. Malformed sections are reported
+    in ``problems`` rather than hidden."""
+    problems: list[str] = []
+    try:
+        prov = provenance_of(manifest)
+    except BundleError as e:
+        prov, problems = None, problems + [str(e)]
+    try:
+        acc = acceptance_of(manifest)
+    except BundleError as e:
+        acc, problems = None, problems + [str(e)]
+    verdict = acc.verdict() if acc is not None else (False, "no acceptance record")
+    return {
+        "bundle": {k: manifest.get(k) for k in ("name", "version", "created", "task", "target", "precision", "device_class")},
+        "provenance": prov.to_dict() if prov is not None else None,
+        "calibration": manifest.get("calibration"),
+        "quantization": manifest.get("quantization"),
+        "acceptance": acc.to_dict() if acc is not None else None,
+        "verdict": {"accepted": verdict[0], "why": verdict[1]},
+        "problems": problems,
+    }

@@ -324,7 +324,8 @@ def bundle(
 def verify(
     bundle_path: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
     pubkey: Path = typer.Option(..., "--pubkey", help="Release-signing public key (PEM)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the verified manifest as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verified manifest (with --explain: the chain) as JSON."),
+    explain: bool = typer.Option(False, "--explain", help="Print the provenance chain: run, app hash, encoder, rounds, each site's disclosed epsilon, calibration and acceptance."),
 ) -> None:
     """Check the Ed25519 signature and every artifact hash; exit 1 on any flipped byte, unlisted file or unsafe tar member."""
     _exists(bundle_path, "bundle")
@@ -337,7 +338,16 @@ def verify(
         manifest = verify_bundle(bundle_path, pubkey)
     except BundleError as e:
         raise fail(f"REFUSED: {e}", 1) from None
-    if as_json:
+    if explain:
+        from echocare.bundle import release_chain
+        from edge.explain import print_release_chain
+
+        chain = release_chain(manifest)
+        if as_json:
+            _print_json(chain)
+        else:
+            print_release_chain(_console(), chain)
+    elif as_json:
         _print_json(manifest)
     else:
         print_verified(_console(), manifest)

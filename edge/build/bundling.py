@@ -22,6 +22,7 @@ import numpy as np
 
 from echocare.bundle import safe_name, write_bundle
 from edge.build.compiled import CompiledModel, bundle_artifacts
+from edge.build.provenance import run_provenance
 from edge.device import postprocess as post
 from edge.device.backends import backend_installed, open_session
 from edge.targets import FORMAT_BACKENDS, get_target
@@ -145,4 +146,7 @@ def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: Compile
     }
     if device_class:
         manifest["device_class"] = device_class
+    provenance = run_provenance(info)  # run id, app hash, encoder, rounds, disclosed epsilon (edge.build.provenance)
+    if provenance is not None:
+        manifest["provenance"] = provenance
     return write_bundle(out, manifest, files, key)

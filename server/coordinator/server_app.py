@@ -26,6 +26,7 @@ from fed.config import RunConfig
 from fed.features import EncoderRef
 from fed.task import RoundConfig
 from server.coordinator.checkpoint import CheckpointStore, config_hash
+from server.coordinator.provenance import record_app
 from server.coordinator.report import build_report, write_csv, write_report
 from server.coordinator.strategy import SiteGuard, build_strategy
 
@@ -89,6 +90,7 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def run_federation(grid: Grid, cfg: RunConfig, progress=None) -> dict:
     """Run (or resume) a federation to completion. Returns the run report."""
+    record_app(Path(cfg.run_dir), grid)  # RUN/app.json: the FAB hash, or the app's source hash in simulation
     from server.coordinator.secagg import SecAggSettings, run_federation_secagg  # (it imports this module)
     if SecAggSettings.from_run_config(cfg).secure_aggregation:  # training rounds under SecAgg+: only sums here
         return run_federation_secagg(grid, cfg, progress=progress)

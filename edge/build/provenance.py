@@ -1,0 +1,61 @@
+"""The provenance section of a bundle's signed manifest, from the federation run it was built from.
+
+Sources, all in the run directory the export read (``export.json`` keeps ``run_report`` and the
+task model's path ``source`` = ``RUN/global``):
+
+- ``report.json`` (:mod:`server.coordinator.report`): encoder identity, strategy, rounds completed,
+  the run config (its hash and run folder give the run id: the run key every site's ledger records
+  for this run's releases, :func:`server.coordinator.checkpoint.config_hash`), and each site's
+  privacy figures, of which only what the site disclosed (epsilon, delta, unit) is copied;
+- ``app.json`` (:mod:`server.coordinator.provenance`): the FAB hash (``flwr run``) or the app's
+  source hash (simulation) of every start of the run.
+
+A task model that did not come from a run has no provenance section (None).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from echocare.bundle import Provenance
+from server.coordinator.checkpoint import config_hash
+from server.coordinator.provenance import APP_FILE, read_apps
+
+
+def run_id_of(report: dict) -> str:
+    """The run key of a run report: ``<run folder name>-<run-config hash>`` (as the sites' ledgers
+    record it); empty when the report carries no run config (then there is no id to give)."""
+    config = report.get("config")
+    if not isinstance(config, dict) or not config:
+        return ""
+    return f"{Path(str(config.get('run-dir') or 'run')).name}-{config_hash(config)}"
+
+
+def disclosed_epsilon(report: dict) -> dict[str, dict]:
+    """Each site's latest privacy figures that it disclosed in the run (epsilon, delta, unit)."""
+    out: dict[str, dict] = {}
+    for r in report.get("rounds") or []:
+        for site, entry in (r.get("sites") or {}).items():
+            p = entry.get("privacy") or {}
+            if p.get("epsilon") is not None:
+                out[site] = {"epsilon": p["epsilon"], "delta": p.get("delta"), "unit": p.get("unit") or "image"}
+    return dict(sorted(out.items()))
+
+
+def run_provenance(info: dict) -> dict | None:
+    """``manifest["provenance"]`` for an export ``info`` (None when the model is not from a run)."""
+    report = info.get("run_report")
+    if not isinstance(report, dict):
+        return None
+    run_dir = Path(str(info.get("source") or "")).parent if info.get("source") else None
+    apps = read_apps(run_dir / APP_FILE) if run_dir is not None else None
+    enc = report.get("encoder") or info.get("encoder") or {}
+    prov = Provenance.from_dict({
+        "run_id": run_id_of(report),
+        "apps": apps,
+        "encoder": {"config": enc.get("config"), "sha256": enc.get("sha256")},
+        "rounds": int(report.get("rounds_completed") or len([r for r in report.get("rounds") or [] if r.get("round", 1) > 0])),
+        "strategy": str(report.get("strategy") or ""),
+        "epsilon": disclosed_epsilon(report),
+    }, where=str(run_dir or "run report"))
+    return prov.to_dict()
