@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import stat
 import tarfile
 from pathlib import Path
@@ -211,3 +212,45 @@ def test_crash_mid_write_keeps_previous_bundle(tmp_path: Path, keys, artifacts, 
     verify_bundle(tar, pub)
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------------ acceptance record schema
+def _record(**over) -> dict:
+    site = lambda name, delta, passed: {"site": name, "metric": "auroc", "delta": delta, "bound": 0.02,  # noqa: E731
+                                        "p50_ms": 3.0, "passed": passed}
+    d = {"passed": True, "method": "federated", "metric": "auroc", "bound": 0.02, "quorum": 2,
+         "sites": [site("a", 0.01, True), site("b", 0.0, True), site("c", 0.05, False)]}
+    d.update(over)
+    return d
+
+
+def test_acceptance_record_round_trip_and_quorum_verdict() -> None:
+    rec = B.AcceptanceRecord.from_dict(_record())
+    assert B.AcceptanceRecord.from_dict(rec.to_dict()) == rec
+    assert rec.verdict() == (True, "federated acceptance passed at 2/3 sites (quorum 2)")
+    ok, why = B.AcceptanceRecord.from_dict(_record(quorum=3)).verdict()  # says passed, but the count disagrees
+    assert not ok and "only 2 of the required 3" in why and "c (auroc drop 0.05 > bound 0.02)" in why
+    ok, why = B.AcceptanceRecord.from_dict(_record(passed=False, reason="site c: auroc")).verdict()
+    assert not ok and why.startswith("the build refused it: site c: auroc")
+    bad = _record()
+    bad["sites"][2]["passed"] = True  # marked passed with a drop above its bound
+    ok, why = B.AcceptanceRecord.from_dict(bad).verdict()
+    assert not ok and "inconsistent" in why and "site c" in why
+    assert B.acceptance_of({"name": "x"}) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "vibes"}, "acceptance.method 'vibes'"),
+    ({"quorum": 0}, "acceptance.quorum 0"),
+    ({"quorum": True}, "acceptance.quorum"),
+    ({"bound": float("nan")}, "acceptance.bound nan: expected a finite number"),
+    ({"sites": "all"}, "acceptance.sites 'all': expected list"),
+    ({"passed": "yes"}, "acceptance.passed 'yes': expected bool"),
+])
+def test_malformed_acceptance_records_name_the_field(change, message) -> None:
+    with pytest.raises(BundleError, match=re.escape(message)):
+        B.acceptance_of({"acceptance": _record(**change)}, where="dist/b.tar.gz")
+    missing = _record()
+    del missing["sites"][1]["metric"]
+    with pytest.raises(BundleError, match=re.escape("dist/b.tar.gz: acceptance.sites[1].metric is missing")):
+        B.acceptance_of({"acceptance": missing}, where="dist/b.tar.gz")
