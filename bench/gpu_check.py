@@ -205,6 +205,40 @@ def feature_cosines(cpu_fp32: np.ndarray, other: np.ndarray, config: str) -> dic
     return {"min": round(worst, 5), "mean": round(mean, 5), "passes": ok, "tolerance": AUTOCAST_MIN_COSINE, "per_stage": stages}
 
 
+# ---------------------------------------------------------------------------------------------- site path
+
+
+def site_path(config: str, checkpoint: str | None, images: list, device) -> dict:
+    """The site's feature extraction as a federation round runs it (fed.features.pooled_features on
+    ``device``): the precision decision it records and images/s including that probe, into a
+    throw-away cache."""
+    import tempfile
+
+    from echocare.data.base import SiteData
+    from echocare.models.encoder import checkpoint_sha256, preprocess_spec
+    from fed.features import EncoderRef, pooled_features
+
+    class _Img:  # a sample whose image is already in memory
+        def __init__(self, i: int, img):
+            self.key, self.label, self.meta, self._img = f"img{i}", "x", {}, img
+
+        def image(self):
+            return self._img
+
+    data = SiteData(spec="gpu-check", samples=[_Img(i, im) for i, im in enumerate(images)], classes=["x"])
+    ref = EncoderRef(config, checkpoint, checkpoint_sha256(checkpoint) if checkpoint else None, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        try:
+            x, kept = pooled_features(data, ref, preprocess_spec(config), Path(tmp), batch_size=64, device=device)
+        except Exception as e:  # report, do not hide
+            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        seconds = time.perf_counter() - t
+        records = [json.loads(p.read_text()) for p in Path(tmp).glob("precision-*.json")]
+    return {"images": len(kept), "dim": int(x.shape[1]) if x.ndim == 2 else 0, "seconds": round(seconds, 2),
+            "images_per_s_incl_probe": round(len(kept) / seconds, 1), "precision": records[0] if records else "fp32"}
+
+
 # ---------------------------------------------------------------------------------------------- DP head
 
 
@@ -217,7 +251,8 @@ def dp_epoch_seconds(device_str: str, x: np.ndarray, y: np.ndarray, hidden: int)
 
     head = build_head("classify", "echocare", 3, hidden=hidden).to(device_str)
     xt, yt = torch.from_numpy(x).to(device_str), torch.from_numpy(y).to(device_str)
-    cfg = DPConfig(epochs=1, batch_size=256, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0)
+    # train_head moves head and data to cfg.device (the site policy's device): name it, else it is the CPU
+    cfg = DPConfig(epochs=1, batch_size=256, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, device=device_str)
     try:
         t = time.perf_counter()
         out = train_head(head, xt, yt, cfg)
@@ -292,7 +327,15 @@ def run(plan: Plan, device, busi: Path | None, checkpoint: str | None, budget: B
     if device.is_cuda:
         torch.cuda.empty_cache()
 
-    # 5. DP head epoch, device vs CPU, on features of the full config's width
+    # 5. the site's own path (fed.features.pooled_features, what a hospital runs in a round): precision
+    #    probe, batch fitted to free memory, feature cache; images/s end to end on these images
+    if budget.left() >= 30:
+        res["site_path"] = site_path(plan.config, checkpoint, images, device)
+        print("site path (fed.features.pooled_features):", json.dumps(res["site_path"]))
+    else:
+        rep.notes.append("site path skipped: time budget")
+
+    # 6. DP head epoch, device vs CPU, on features of the full config's width
     if budget.left() < 15:
         rep.notes.append("DP head epoch skipped: time budget")
         return rep
