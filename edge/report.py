@@ -120,21 +120,36 @@ def print_infer(console: Console, info: dict, task: str, results: list[dict]) ->
 
 
 def print_bench(console: Console, report: "BenchReport") -> None:
-    """The bench table: latency, throughput, GFLOP/s vs the matmul peak, speed-up over PyTorch; profiles; notes."""
+def _ms(v: float) -> str:
+    """A latency with three significant digits down to microseconds (0.0 ms says nothing)."""
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+    """The bench table: latency (p50/p90/mean over N runs, benchmark_app's p50 beside OpenVINO rows), throughput,
+    GFLOP/s vs the matmul peak, speed-up over PyTorch; profiles; notes."""
     gf = f"{report.flops_per_image / 1e9:.2f} GFLOP/image" if report.flops_per_image else "FLOPs unknown"
-    t = Table(title=f"{report.image_size}² · {gf} · {report.machine.get('cpu', '?')} ({report.machine.get('cpu_count')} CPUs)")
+    timed = f" · {report.duration_s:g} s per model" if report.duration_s else ""
+    t = Table(title=f"{report.image_size}² · {gf} · {report.machine.get('cpu', '?')} ({report.machine.get('cpu_count')} CPUs){timed}")
     batch = report.rows[0].batch if report.rows else ""
-    for col in ("model", "backend", "precision", "p50 ms", "p95 ms", f"img/s @b{batch}",
-                "GFLOP/s", "peak GFLOP/s", "% of peak", f"% of peak @b{batch}", "× torch"):
+    ref = any(r.reference for r in report.rows)
+    cols = ["model", "backend", "precision", "p50 ms", "p90 ms", "mean ms", "runs"]
+    cols += ["benchmark_app p50 ms", "runtime - benchmark_app ms"] if ref else []
+    cols += [f"img/s @b{batch}", "GFLOP/s", "peak GFLOP/s", "% of peak", f"% of peak @b{batch}", "× torch"]
+    for col in cols:
         t.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right", overflow="fold")
     for r in report.rows:
         # labels such as "model.xml [openvino/f32]" are not markup
-        t.add_row(escape(r.label), r.backend, r.precision if r.precision == r.compute_precision else f"{r.precision} ({r.compute_precision})",
-                  f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.throughput_ips:.2f}",
+        cells = [escape(r.label), r.backend, r.precision if r.precision == r.compute_precision else f"{r.precision} ({r.compute_precision})",
+                 _ms(r.p50_ms), _ms(r.p90_ms) if r.p90_ms is not None else "-",
+                 _ms(r.mean_ms) if r.mean_ms is not None else "-", str(r.runs or "-")]
+        if ref:
+            cells += [f"{_ms(r.reference['p50_ms'])} ({r.reference['runs']} runs)", f"{r.p50_ms - r.reference['p50_ms']:+.3f}"] if r.reference else ["-", "-"]
+        cells += [f"{r.throughput_ips:.2f}",
                   f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_gflops:.0f}" if r.peak_gflops else "-",
                   f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
                   f"{100 * r.throughput_peak_fraction:.0f}%" if r.throughput_peak_fraction else "-",
-                  f"{r.speedup_vs_torch:.2f}" if r.speedup_vs_torch else "-")
+                  f"{r.speedup_vs_torch:.2f}" if r.speedup_vs_torch else "-"]
+        t.add_row(*cells)
     console.print(t)
     for label, p in report.profiles.items():
         top = sorted(p["by_type_ms"].items(), key=lambda kv: -kv[1])[:6]

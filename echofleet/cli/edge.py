@@ -50,6 +50,9 @@ _DICE_HELP = "Gate: largest accepted Dice drop (segment)."
 _MAE_HELP = "Gate: largest accepted increase of the head-circumference MAE in mm (hc)."
 
 
+BENCH_PIPED_WIDTH = 400  # columns for `edge bench` into a file or pipe: wide enough that no cell folds
+
+
 # ------------------------------------------------------------------------- argument checks
 def _console(as_json: bool = False) -> Console:
     """Human output on stdout, or on stderr when stdout carries JSON."""
@@ -420,19 +423,25 @@ def bench(
                                           help="Release-signing public key: the bundle is verified before it runs."),
     skip_verify: bool = typer.Option(False, "--skip-verify", help="Run without checking the signature (only for a bundle the agent already verified)."),
     batch: int = typer.Option(8, help="Batch size for the throughput figure."),
-    iters: int = typer.Option(20, help="Timed runs at batch 1 per model (p50/p95)."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Seconds each model runs at batch 1 after warm-up, as benchmark_app -t (default 10; 0 with --iters alone); a quarter of it at batch N."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Minimum timed runs per model; given alone, exactly this many runs (no --duration)."),
     torch_model: Optional[Path] = typer.Option(None, "--torch-model", help="Task-model directory for the PyTorch FP32 eager baseline (default: the one the bundle was built from, if present)."),
     no_peak: bool = typer.Option(False, "--no-peak", help="Skip the matmul peak measurement."),
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: the backend's)."),
     profile: bool = typer.Option(False, "--profile", help="Also show where each OpenVINO model's time goes (per node type, batch 1): the matmul kernels' share and speed."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    no_reference: bool = typer.Option(False, "--no-reference", help="Skip OpenVINO's benchmark_app on each OpenVINO model (the external reference)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (on stdout; progress on stderr)."),
 ) -> None:
-    """Latency p50/p95 (batch 1), throughput (batch N), GFLOP/s vs the matmul peak, and speed-up over PyTorch FP32 eager, in one run."""
+    """Latency p50/p90/mean over a fixed duration (batch 1) beside benchmark_app's, throughput (batch N), GFLOP/s vs the matmul peak, and speed-up over PyTorch FP32 eager, in one run."""
     _exists(bundle_path, "bundle")
     if torch_model is not None:
         _exists(torch_model, "task-model directory")
     _at_least(batch, 1, "--batch")
-    _at_least(iters, 1, "--iters")
+    if iters is not None:
+        _at_least(iters, 1, "--iters")
+    if duration is None:
+        duration = 0.0 if iters is not None else 10.0  # --iters alone: a fixed number of runs
+    _at_least(duration, 0, "--duration")
     if threads is not None:
         _at_least(threads, 1, "--threads")
     _require_pubkey(pubkey, skip_verify)
@@ -442,11 +451,13 @@ def bench(
     from edge.report import print_bench
 
     console = _console(as_json)
+    if not console.is_terminal:  # piped to a file: rich's default 80 columns would fold the table's cells
+        console = Console(stderr=as_json, highlight=False, width=BENCH_PIPED_WIDTH)
     try:
         with console.status("benchmarking") as status:
-            report = bench_bundle(bundle_path, public_key=None if skip_verify else pubkey, batch=batch, iters=iters, torch_model=torch_model,
-                                  with_peak=not no_peak, num_threads=threads, profile=profile,
-                                  progress=lambda s: status.update(f"benchmarking {s}"))
+            report = bench_bundle(bundle_path, public_key=None if skip_verify else pubkey, batch=batch, iters=iters or 3,
+                                  duration=duration, torch_model=torch_model, with_peak=not no_peak, num_threads=threads,
+                                  profile=profile, reference=not no_reference, progress=lambda s: status.update(f"benchmarking {s}"))
     except BundleError as e:
         raise fail(f"REFUSED: {e}", 1) from None
     if as_json:

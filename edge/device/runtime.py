@@ -114,6 +114,8 @@ class BundleRuntime:
         size = self.preprocess.size
         if x.ndim != 4 or x.shape[1:] != (3, size, size):
             raise ValueError(f"inputs must be (N, 3, {size}, {size}) float32, got {x.shape}")
+        if len(x) <= batch_size:  # one call: no concatenation (a copy) of a single chunk
+            return self.session.run(x)
         return np.concatenate([self.session.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
     def predict(self, images: list[np.ndarray], *, pixel_mm: list[float | None] | None = None, batch_size: int = 8) -> list[dict]:

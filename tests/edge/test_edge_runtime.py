@@ -114,7 +114,8 @@ def test_bench_reports_ratios_against_torch(cli_bundle) -> None:
         assert r.throughput_gflops == pytest.approx(rep.flops_per_image * r.throughput_ips / 1e9)
         assert r.throughput_peak_fraction == pytest.approx(r.throughput_gflops / r.peak_gflops)
     # The CLI finds the PyTorch model by itself (recorded in the manifest at build time).
-    out = _ok(["bench", str(tar), "--pubkey", str(pub), "--iters", "2", "--batch", "2", "--no-peak", "--profile", "--json"])
+    out = _ok(["bench", str(tar), "--pubkey", str(pub), "--iters", "2", "--batch", "2", "--no-peak", "--profile", "--json",
+               "--no-reference"])  # benchmark_app beside it: tests/edge/test_bench_output.py
     data = json.loads(out[out.index("{"):])
     assert data["rows"][0]["label"] == "pytorch-eager" and data["flops_per_image"] == rep.flops_per_image
     # --profile: where each OpenVINO model's time goes (ONNX Runtime models are not profiled)
@@ -149,3 +150,25 @@ def test_openvino_compile_records_the_precision(cli_bundle, tmp_path: Path) -> N
     ref = open_session(tmp / "export" / "model.onnx", "onnxruntime").run(x)
     # f32 reproduces ONNX Runtime; bf16 (8-bit mantissa) measurably does not: the hint really applies.
     assert np.abs(f32.run(x) - ref).max() < 1e-4 < np.abs(bf16.run(x) - ref).max()
+
+
+def test_openvino_session_shares_the_input_and_returns_its_own_output(tmp_path: Path) -> None:
+    """The per-call overhead fix: the input is handed to OpenVINO without a copy, and each call's
+    output is copied out of the request's buffer once (the next call must not overwrite it)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from edge.device.backends import open_session
+
+    inp = ops.parameter([-1, 3, 8, 8], np.float32, name="input")
+    ov.save_model(ov.Model([ops.reduce_mean(inp, [2, 3], keep_dims=False)], [inp]), tmp_path / "mean.xml")
+    session = open_session(tmp_path / "mean.xml", "openvino")
+    a, b = np.ones((1, 3, 8, 8), np.float32), np.full((1, 3, 8, 8), 5.0, np.float32)
+    out_a = session.run(a)
+    out_b = session.run(b)
+    np.testing.assert_array_equal(out_a, [[1, 1, 1]])  # not overwritten by the second call
+    np.testing.assert_array_equal(out_b, [[5, 5, 5]])
+    np.testing.assert_allclose(session.run(np.arange(192, dtype=np.float64).reshape(1, 3, 8, 8)),
+                               [[31.5, 95.5, 159.5]])  # float64 input: converted, not misread
+    sliced = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(session.run(sliced[1:3]), sliced[1:3].mean(axis=(2, 3)), rtol=1e-5)
