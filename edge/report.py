@@ -119,12 +119,12 @@ def print_infer(console: Console, info: dict, task: str, results: list[dict]) ->
     console.print(t)
 
 
-def print_bench(console: Console, report: "BenchReport") -> None:
 def _ms(v: float) -> str:
     """A latency with three significant digits down to microseconds (0.0 ms says nothing)."""
     return f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
+def print_bench(console: Console, report: "BenchReport") -> None:
     """The bench table: latency (p50/p90/mean over N runs, benchmark_app's p50 beside OpenVINO rows), throughput,
     GFLOP/s vs the matmul peak, speed-up over PyTorch; profiles; notes."""
     gf = f"{report.flops_per_image / 1e9:.2f} GFLOP/image" if report.flops_per_image else "FLOPs unknown"
