@@ -22,7 +22,7 @@ import numpy as np
 
 from echocare.bundle import safe_name, write_bundle
 from edge.build.compiled import CompiledModel, bundle_artifacts
-from edge.build.provenance import run_provenance
+from edge.build.provenance import central_acceptance, run_provenance
 from edge.device import postprocess as post
 from edge.device.backends import backend_installed, open_session
 from edge.targets import FORMAT_BACKENDS, get_target
@@ -149,4 +149,8 @@ def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: Compile
     provenance = run_provenance(info)  # run id, app hash, encoder, rounds, disclosed epsilon (edge.build.provenance)
     if provenance is not None:
         manifest["provenance"] = provenance
+    if manifest.get("acceptance") is None:  # no federated record given: the central gate's, if there was one
+        central = central_acceptance(card.get("validation"))
+        if central is not None:
+            manifest["acceptance"] = central
     return write_bundle(out, manifest, files, key)

@@ -11,13 +11,18 @@ task model's path ``source`` = ``RUN/global``):
   source hash (simulation) of every start of the run.
 
 A task model that did not come from a run has no provenance section (None).
+
+:func:`central_acceptance` turns the build machine's own gate (``--val SPEC``, central data) into
+the manifest's acceptance record (``method="central"``, one entry named ``central``) when no
+federated acceptance record was given, so the registry's stable gate sees how the build was
+accepted either way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from echocare.bundle import Provenance
+from echocare.bundle import AcceptanceRecord, BundleError, Provenance
 from server.coordinator.checkpoint import config_hash
 from server.coordinator.provenance import APP_FILE, read_apps
 
@@ -59,3 +64,23 @@ def run_provenance(info: dict) -> dict | None:
         "epsilon": disclosed_epsilon(report),
     }, where=str(run_dir or "run report"))
     return prov.to_dict()
+
+
+def central_acceptance(validation: dict | None) -> dict | None:
+    """The acceptance record of a central gate (``model_card["validation"]["gate"]``), or None.
+
+    ``delta`` is the gate's drop (FP32 minus candidate, in the gate's unit, e.g. AUROC points) and
+    ``bound`` its bound; a gate that cannot be read as a record gives None (no record, which the
+    registry refuses to promote), never a made-up pass."""
+    gate = (validation or {}).get("gate") if isinstance(validation, dict) else None
+    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+        return None
+    reason = "" if gate["passed"] else str(gate.get("reason") or "")
+    try:
+        site = {"site": "central", "metric": gate.get("metric"), "delta": gate.get("drop"), "bound": gate.get("bound"),
+                "p50_ms": None, "passed": gate["passed"], "reason": reason}
+        record = AcceptanceRecord.from_dict({"passed": gate["passed"], "method": "central", "metric": gate.get("metric"),
+                                             "bound": gate.get("bound"), "quorum": 1, "sites": [site], "reason": reason})
+    except BundleError:
+        return None
+    return record.to_dict()

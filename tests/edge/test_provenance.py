@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from echocare.bundle import (AcceptanceRecord, BundleError, Provenance, SiteAcceptance, generate_keypair,
+from echocare.bundle import (AcceptanceRecord, BundleError, Provenance, SiteAcceptance, acceptance_of, generate_keypair,
                              provenance_of, release_chain, verify_bundle, write_bundle)
-from edge.build.provenance import run_id_of, run_provenance
+from edge.build.provenance import central_acceptance, run_id_of, run_provenance
 from server.coordinator.checkpoint import config_hash
 from server.coordinator.provenance import APP_FILE, read_apps, record_app, source_sha256
 
@@ -106,10 +106,25 @@ def test_assemble_bundle_signs_the_provenance(tmp_path):
     compiled = CompiledModel(target="onnxruntime-cpu", model_path=onnx, files=[onnx], format="onnx", precision="fp32")
     tar = assemble_bundle(tmp_path / "dist", priv, info=info, compiled=compiled,
                           selftest_inputs=rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32),
-                          name="busi-test", version="1", work=tmp_path / "work")
-    prov = provenance_of(verify_bundle(tar, pub))
+                          name="busi-test", version="1", work=tmp_path / "work",
+                          extra={"model_card_validation": {"gate": {"metric": "auroc", "fp32": 0.8, "candidate": 0.797,
+                                                                    "drop": 0.3, "bound": 1.0, "passed": True, "reason": "ok"}}})
+    manifest = verify_bundle(tar, pub)
+    prov = provenance_of(manifest)
     assert prov is not None and prov.run_id.startswith("run-17-") and prov.apps[0].kind == "source"
     assert sorted(prov.epsilon) == ["hospital-a", "hospital-b"]
+    # no federated acceptance given: the central gate becomes the signed acceptance record
+    acc = acceptance_of(manifest)
+    assert acc is not None and acc.method == "central" and acc.verdict()[0]
+    assert (acc.sites[0].site, acc.sites[0].delta, acc.sites[0].bound) == ("central", 0.3, 1.0)
+
+
+def test_central_acceptance_from_the_gate():
+    gate = {"metric": "dice", "drop": 0.03, "bound": 0.01, "passed": False, "reason": "Dice dropped 0.03 > 0.01"}
+    rec = central_acceptance({"gate": gate})
+    assert rec["passed"] is False and rec["sites"][0]["reason"] == "Dice dropped 0.03 > 0.01"
+    assert central_acceptance(None) is None and central_acceptance({"gate": {"metric": "dice"}}) is None
+    assert central_acceptance({"gate": {**gate, "passed": True, "drop": float("nan")}}) is None  # never a made-up pass
 
 
 # ------------------------------------------------------------------------- edge verify --explain
