@@ -64,9 +64,12 @@ def print_release_chain(console: Console, chain: dict) -> None:
     calibration, quantization = chain.get("calibration"), chain.get("quantization")
     if calibration is None and quantization is None:
         cal.add(f"none recorded ({_fmt(b.get('precision'))} build)")
-    for label, record in (("calibration", calibration), ("quantization", quantization)):
-        if record is not None:
-            cal.add(f"{label}: {escape(json.dumps(record, sort_keys=True, default=str))[:600]}")
+    if isinstance(calibration, dict):
+        _add_calibration(cal, calibration)
+    elif calibration is not None:
+        cal.add(f"calibration: {_json(calibration)}")
+    if quantization is not None:
+        cal.add(f"quantization: {_json(quantization)}")
 
     acc = chain.get("acceptance")
     node = root.add("[bold]acceptance[/]")
@@ -87,3 +90,28 @@ def print_release_chain(console: Console, chain: dict) -> None:
     for problem in chain.get("problems") or []:
         root.add(f"[red]malformed section: {escape(problem)}[/]")
     console.print(root)
+
+
+def _json(record: object, limit: int = 600) -> str:
+    text = json.dumps(record, sort_keys=True, default=str)
+    return escape(text if len(text) <= limit else text[:limit] + " ...")
+
+
+def _add_calibration(node: Tree, cal: dict) -> None:
+    """A calibration record: its scalar fields on one line, the per-site answers as a table."""
+    sites = cal.get("sites")
+    scalars = {k: v for k, v in cal.items() if k != "sites" and not isinstance(v, (dict, list))}
+    node.add(" · ".join(f"{escape(str(k))} {_fmt(v)}" for k, v in scalars.items()) or "calibration")
+    for k, v in cal.items():
+        if k != "sites" and isinstance(v, (dict, list)):
+            node.add(f"{escape(str(k))}: {_json(v)}")
+    if isinstance(sites, list) and sites and all(isinstance(x, dict) for x in sites):
+        cols = list(dict.fromkeys(k for x in sites for k in x))
+        t = Table(title="per site (what each site released for the calibration)")
+        for col in cols:
+            t.add_column(escape(str(col)), overflow="fold")
+        for x in sites:
+            t.add_row(*[_fmt(x.get(c)) for c in cols])
+        node.add(t)
+    elif sites is not None:
+        node.add(f"sites: {_json(sites)}")

@@ -133,7 +133,10 @@ def _bundle(tmp: Path, run: Path | None, *, acceptance: bool = True) -> tuple[Pa
     (tmp / "m.onnx").write_bytes(b"onnx bytes")
     manifest = {"name": "busi-classify", "version": "3", "task": "classify", "target": "onnxruntime-cpu",
                 "precision": "int8", "device_class": "cart",
-                "calibration": {"method": "federated", "sites": ["hospital-a", "hospital-b"], "ranges": "percentile"}}
+                "calibration": {"method": "federated", "ranges": "percentile", "points": 12, "noise_std_of_sum": 3.2,
+                                "sites": [{"site": "hospital-a", "status": "ok", "epsilon": 0.3, "delta": 1e-6},
+                                          {"site": "hospital-b", "status": "refused", "epsilon": None,
+                                           "reason": "policy: calibration = false"}]}}
     if run is not None:
         manifest["provenance"] = run_provenance(_info(run))
     if acceptance:
@@ -158,7 +161,8 @@ def test_verify_explain_prints_the_chain(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     run_id = run_provenance(_info(run))["run_id"]
     for text in (run_id, f"FAB hash {FAB}", "Flower run 4242", "encoder echocare-tiny, sha256 " + "e" * 64,
-                 "hospital-a", "2.200", "hospital-b", "1.800", "federated", "percentile", "quorum 2 of 2",
+                 "hospital-a", "2.200", "hospital-b", "1.800", "federated", "ranges percentile", "noise_std_of_sum 3.2",
+                 "policy: calibration = false", "quorum 2 of 2",
                  "accepted", "federated acceptance passed at 2/2 sites"):
         assert text in r.output, (text, r.output)
     assert "hospital-c" not in r.output  # it disclosed no epsilon
