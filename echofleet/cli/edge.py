@@ -40,7 +40,7 @@ edge_app.command("agent", help="Keep this scanner on the registry's current rele
 INFERENCE_PRECISIONS = tuple(dict.fromkeys(p for t in TARGETS.values() for p in t.inference_precisions))
 METHODS = ("nncf", "qdq", "fp16")
 ACTIVATIONS = ("symmetric", "asymmetric")
-BACKENDS = ("auto", "openvino", "onnxruntime")
+BACKENDS = ("auto", "openvino", "onnxruntime", "tensorrt")
 
 _TARGET_HELP = " | ".join(f"{t.name} ({t.description})" for t in TARGETS.values())
 _IGNORE_OP_HELP = "Keep an op kind in float (repeatable): layernorm, softmax, gelu, add (residual adds)."
@@ -372,7 +372,7 @@ def infer(
     pubkey: Optional[Path] = typer.Option(None, "--pubkey", envvar="ECHOFLEET_PUBKEY",
                                           help="Release-signing public key: the bundle is verified before it runs."),
     skip_verify: bool = typer.Option(False, "--skip-verify", help="Run without checking the signature (only for a bundle the agent already verified)."),
-    backend: str = typer.Option("auto", help="auto picks the best installed backend for the bundle's models; or openvino | onnxruntime."),
+    backend: str = typer.Option("auto", help="auto picks the best installed backend for the bundle's models; or openvino | onnxruntime | tensorrt (the engine built by `edge compile`)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object: bundle info and a result per input."),
     masks_dir: Path = typer.Option(Path("masks"), "--masks-dir", help="segment/hc: where predicted mask PNGs (at the input's own size) are written."),
     pixel_mm: Optional[float] = typer.Option(None, "--pixel-mm", help="hc: source pixel size in mm when the file does not carry it (DICOM does)."),

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge.device.backends import backend_installed, open_session
+from edge.device.backends import TensorRTSession, backend_installed, default_engine_path, open_session
 from edge.bench.peak import SHAPES, compute_precision, matmul_peak_gflops
 from edge.device.runtime import load_bundle
 from edge.targets import FORMAT_BACKENDS
@@ -44,9 +44,21 @@ class Candidate:
 
     label: str
     path: Path
-    backend: str  # "openvino" | "onnxruntime"
+    backend: str  # "openvino" | "onnxruntime" | "tensorrt" (path: the engine)
     graph_precision: str = "fp32"
     inference_precision: str | None = None  # OpenVINO
+    model_sha256: str | None = None  # TensorRT: the bundle ONNX the engine must have been built from
+
+    def open(self, num_threads: int | None = None):
+        """A session that runs this candidate, as the scanner runtime would."""
+        if self.backend == "tensorrt":
+            return TensorRTSession(self.path, model_sha256=self.model_sha256, graph_precision=self.graph_precision)
+        return open_session(self.path, self.backend, inference_precision=self.inference_precision or "f32",
+                            graph_precision=self.graph_precision, num_threads=num_threads)
+
+    def compute_precision(self) -> str:
+        # a TensorRT engine runs the graph's own precision (Q/DQ INT8, FP16 tensors)
+        return self.graph_precision if self.backend == "tensorrt" else compute_precision(self.backend, self.graph_precision, self.inference_precision)
 
 
 @dataclass
@@ -193,10 +205,7 @@ def bench_candidates(candidates: list[Candidate], size: int, *, flops: int | Non
         except ImportError:
             notes.append("PyTorch not installed here: no eager baseline (run bench on a machine with torch for the ratio)")
     for c in candidates:
-        session = open_session(c.path, c.backend, inference_precision=c.inference_precision or "f32",
-                               graph_precision=c.graph_precision, num_threads=num_threads)
-        runners.append(_Runner(c.label, c.backend, c.graph_precision,
-                               compute_precision(c.backend, c.graph_precision, c.inference_precision), session.run))
+        runners.append(_Runner(c.label, c.backend, c.graph_precision, c.compute_precision(), c.open(num_threads).run))
     for r in runners:  # warm-up (and OpenVINO's per-batch-size compilation) outside the timed loop
         if progress:
             progress(f"warm-up {r.label}")
@@ -281,11 +290,15 @@ def benchmark_app_reference(model_path: Path, size: int, inference_precision: st
 
 
 def candidates_from_bundle(bundle_dir: Path, manifest: dict) -> list[Candidate]:
-    """Every (model artifact, installed backend able to run it) pair of a bundle."""
+    """Every (model artifact, installed backend able to run it) pair of a bundle; a ``tensorrt``
+    target's ONNX also as its engine (from the engine cache) where TensorRT is installed."""
     out = []
     for a in manifest.get("artifacts", []):
         if a.get("role") != "model":
             continue
+        if a.get("target") == "tensorrt" and backend_installed("tensorrt"):
+            out.append(Candidate(f"{a['path']} [tensorrt engine]", default_engine_path(a["sha256"]), "tensorrt",
+                                 a.get("precision", "fp32"), model_sha256=a["sha256"]))
         for b in FORMAT_BACKENDS.get(a.get("format", ""), []):
             if backend_installed(b):
                 hint = (a.get("inference_precision") or "f32") if b == "openvino" else None

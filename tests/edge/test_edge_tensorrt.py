@@ -188,18 +188,30 @@ def _have_gpu_trt() -> str | None:
         return "the tensorrt package is not installed (TensorRT engines are built on the NVIDIA device)"
     if shutil.which("nvidia-smi") is None:
         return "no NVIDIA GPU (nvidia-smi not found)"
+    try:
+        from edge.device.backends import import_cudart
+
+        import_cudart()
+    except RuntimeError as e:
+        return str(e)
     return None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_have_gpu_trt() is not None, reason=str(_have_gpu_trt()))
-def test_real_engine_build(tmp_path: Path) -> None:  # pragma: no cover - needs a GPU with TensorRT
+def test_real_engine_build_and_run(tmp_path: Path) -> None:  # pragma: no cover - needs a GPU with TensorRT
     from edge.build.export import export_task_model
+    from edge.device.backends import TensorRTSession, file_sha256, open_session
     from edge_helpers import fresh_model
 
     exp = export_task_model(fresh_model(tmp_path / "m", "classify"), tmp_path / "x")
     out = build_engine(exp.onnx_path, tmp_path / "model.engine", TensorRTBuildConfig(precision="fp32", max_batch=2))
     assert out.model_path.stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
+    session = TensorRTSession(out.model_path, model_sha256=file_sha256(exp.onnx_path))
+    x = np.random.default_rng(0).standard_normal((3, 3, 256, 256)).astype(np.float32)
+    ref = open_session(exp.onnx_path, "onnxruntime").run(x)
+    np.testing.assert_allclose(session.run(x), ref, atol=1e-2, rtol=1e-2)  # fp32 engine (TF32 may be on)
+    session.close()
 
 
 # ------------------------------------------------------------------------ the engine at runtime
@@ -295,3 +307,22 @@ def test_without_tensorrt_a_trt_bundle_runs_its_onnx_elsewhere(tmp_path: Path, m
     assert choose_model(manifest).backend == "onnxruntime"
     with pytest.raises(Exception, match="needs tensorrt"):
         choose_model(manifest, "tensorrt")
+
+
+def test_bench_times_the_engine(tmp_path: Path, monkeypatch) -> None:
+    """`edge bench` on a Jetson times the engine itself (the ONNX on ONNX Runtime beside it)."""
+    from edge.bench.latency import bench_candidates, candidates_from_bundle
+    from edge.build.compile_tensorrt import build_engine_on_device
+    from trt_standin import install
+
+    monkeypatch.setenv("ECHOFLEET_CACHE", str(tmp_path / "cache"))
+    st = make_standin("10.3.0")
+    install(monkeypatch, st)
+    bundle, manifest = _trt_bundle(tmp_path)
+    build_engine_on_device(bundle / "model" / "model.onnx", bundle, config=bundle / "tensorrt.json")
+    engine = [c for c in candidates_from_bundle(bundle, manifest) if c.backend == "tensorrt"]
+    assert [(c.label, c.compute_precision()) for c in engine] == [("model/model.onnx [tensorrt engine]", "fp16")]
+    rep = bench_candidates(engine, 8, batch=6, warmup=1, iters=3, with_peak=True)
+    (row,) = rep.rows
+    assert row.runs == 3 and row.backend == "tensorrt" and row.peak_gflops is None  # no matmul peak for TensorRT here
+    assert ("execute", 4) in st.calls and ("execute", 2) in st.calls  # batch 6 > the profile's max 4: in two chunks
