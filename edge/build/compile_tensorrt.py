@@ -157,7 +157,10 @@ def plan_build(trt: Any, config: TensorRTBuildConfig) -> BuildPlan:
 def _use_timing_cache(bconf: Any, cache_path: Path) -> None:
     """Attach the saved timing cache; one TensorRT rejects is discarded and a fresh one used instead."""
     saved = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = bconf.create_timing_cache(saved)
+    try:
+        cache = bconf.create_timing_cache(saved)
+    except RuntimeError:  # an unreadable blob: treated like a rejected cache
+        cache = None
     # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused, never used
     if cache is not None and bconf.set_timing_cache(cache, False) is True:
         return
