@@ -1,0 +1,479 @@
+"""Federated acceptance of a candidate scanner build: each site gates it on its own validation split.
+
+The central accuracy gate (:mod:`edge.build.gate`) needs labelled images on the build machine; in
+a real federation there are none. Here the coordinator sends the candidate signed bundle and the
+signed FP32 **reference bundle** of the same model (an ONNX Runtime FP32 bundle, built by
+:func:`reference_bundle` from the exported ONNX: the reference is signed too, so a site runs
+nothing the release authority did not sign, and both run through the same torch-free runtime).
+
+Site side, :func:`accept_at_site` (plain function; the Flower ClientApp only moves messages):
+
+1. refuses, before reading any image or touching its ledger, when its policy does not take part
+   (``acceptance = false``), pins no release key, when either bundle does not verify against the
+   **release key pinned in its policy** (``release_pubkey``), when the two bundles are not the same
+   model (task, labels, preprocessing, input, encoder, head), or the task is not allowed;
+2. runs the FP32 reference and the candidate through :class:`edge.device.runtime.BundleRuntime`
+   (the candidate exactly as a scanner runs it: the backend its manifest picks) on the images of its
+   own **validation split** (the split its training rounds held out: ``fed.task.site_split``);
+3. releases the gate metric's difference, candidate - FP32 (AUROC for classify, Dice for segment,
+   HC MAE for hc), **accounted** (default): one bounded row per image for each model (the rows of
+   accounted evaluation, ``fed.task``), summed, Gaussian noise from OS entropy
+   (:class:`fed.dp.DPRandom`), charged to the site's lifetime ledger as kind ``"accept"`` under the
+   same lock, replay store and delta check as evaluation (``fed.task._release``); or **disclosed**
+   when its policy says ``evaluation = "disclosed"``: the exact metrics of the central gate
+   (:func:`edge.build.evaluate.metrics_from_outputs`), within the same per-run and lifetime limits
+   as disclosed evaluations, logged in the ledger;
+4. adds the candidate's p50 latency (one image at a time on the bundle's own self-test sample: a
+   capability of the site's hardware and the backend, **not** a function of its data), the backend,
+   and the result of the bundle's self-test.
+
+Coordinator side, :func:`decide_acceptance`: the build is accepted only if every participating
+site (or the quorum the run asks for) is within the gate bound; a refusal names the site and the
+metric. The result is an :class:`echocare.bundle.AcceptanceRecord`, the signed manifest's
+``acceptance`` section; :func:`site_results` is the model card's per-site detail.
+
+What leaves a site: noisy (or disclosed) metric differences, the noise's standard deviation on the
+gate metric (post-processing of released numbers only), p50 latency, backend, self-test verdict,
+its lifetime epsilon and delta. Never an image, a count, a file name or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from echocare.bundle import (
+    AcceptanceRecord,
+    BundleError,
+    SiteAcceptance,
+    load_public_key,
+    safe_extract,
+    verify_bundle,
+)
+from echocare.preprocess import PreprocessSpec
+from edge.build.evaluate import (
+    EvalDataError,
+    EvalSet,
+    load_eval_set,
+    metrics_from_outputs,
+)
+from edge.build.gate import PRIMARY, GateBounds
+from edge.device import postprocess as post
+from edge.device.runtime import BundleRuntime
+from fed.config import RunConfig
+from fed.dp import DPRandom
+from fed.ledger import Disclosure, Release
+from fed.policy import SitePolicy
+from fed.task import (
+    _SENSITIVITY,
+    HC_CAP_MM,
+    NO_PATIENTS,
+    NOT_PRIVATE,
+    STATUS_EXHAUSTED,
+    STATUS_OK,
+    STATUS_REFUSED,
+    RoundConfig,
+    _classify_contributions,
+    _figures,
+    _insecure_seed,
+    _metrics_of,
+    _release,
+    _unit_or_none,
+    patient_ids,
+    site_split,
+    unit_rows,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "accept"
+POLICY_REFUSAL = "this site's policy does not take part in federated acceptance (acceptance = false)"
+NO_KEY = "this site pins no release key (release_pubkey): it runs no candidate build"
+BAD_KEY = "this site's pinned release key cannot be read (details in the site's own log)"
+NOT_SIGNED = ("the {which} bundle does not verify against the release key this site pins "
+              "(signature or artifact hashes): nothing was run")
+SITE_ERROR = "the site could not answer this acceptance request (details in the site's own log)"
+# The model identity the reference and the candidate must share (manifest keys).
+SAME_MODEL = ("task", "labels", "preprocess", "input", "encoder", "head")
+NOISE_DRAWS = 256  # Monte Carlo draws for the noise's standard deviation on the gate metric (post-processing)
+
+
+# ------------------------------------------------------------------------------------ messages
+@dataclass(frozen=True)
+class AcceptanceRequest:
+    """What the coordinator sends with the candidate: the FP32 reference bundle and the run's split.
+
+    ``reference`` is the signed FP32 bundle of the same model (tarball bytes, or a path to the
+    tarball or bundle directory). ``val_fraction`` and ``seed`` name the run's train/validation
+    split, so the site gates on the images its training held out. ``run_key`` and ``round`` are
+    labels in the site's ledger (never how it is keyed)."""
+
+    reference: bytes | Path | str
+    run_key: str = "run"
+    round: int = 0
+    val_fraction: float = RunConfig.val_fraction
+    seed: int = RunConfig.seed
+    latency_runs: int = 20
+
+
+@dataclass
+class AcceptanceReply:
+    """Everything that leaves a site after an acceptance request.
+
+    ``difference``: candidate - FP32 of the gate ``metric`` in the metric's own units (NaN when it is
+    undefined on the site's split); ``differences``: the same for every metric computed;
+    ``noise_sd``: the standard deviation of the noise on ``difference`` (0 when disclosed);
+    ``p50_ms``: median latency of one image on the candidate's backend (the bundle's public
+    self-test sample: hardware capability, not data)."""
+
+    site: str
+    status: str
+    reason: str = ""
+    candidate: str = ""
+    mode: str = ""
+    metric: str = ""
+    difference: float = math.nan
+    noise_sd: float = 0.0
+    differences: dict[str, float] = field(default_factory=dict)
+    p50_ms: float | None = None
+    backend: str = ""
+    precision: str = ""
+    selftest: str = ""
+    privacy: dict[str, float] = field(default_factory=dict)
+    unit: str = ""
+
+    def fields(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_fields(cls, d: dict) -> AcceptanceReply:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _refused(policy: SitePolicy, reason: str, status: str = STATUS_REFUSED, **kw) -> AcceptanceReply:
+    return AcceptanceReply(policy.site_name, status, reason, **kw)
+
+
+# ------------------------------------------------------------------------------------ site side
+def accept_at_site(policy: SitePolicy, candidate: bytes | Path | str, request: AcceptanceRequest) -> AcceptanceReply:
+    """Gate ``candidate`` (a signed bundle: tarball bytes, or a path) at this site (module docstring)."""
+    if not policy.acceptance:
+        return _refused(policy, POLICY_REFUSAL)
+    if not policy.release_pubkey:
+        return _refused(policy, NO_KEY)
+    try:
+        key = load_public_key(Path(policy.release_pubkey))
+    except BundleError as e:
+        log.error("site %s: %s", policy.site_name, e)
+        return _refused(policy, BAD_KEY)
+    tmp = Path(tempfile.mkdtemp(prefix="echofleet-accept-"))
+    try:
+        try:
+            cand_dir, cand_manifest = _verified(candidate, key, tmp / "candidate")
+        except BundleError as e:
+            log.warning("site %s refuses the candidate: %s", policy.site_name, e)
+            return _refused(policy, NOT_SIGNED.format(which="candidate"))
+        try:
+            ref_dir, ref_manifest = _verified(request.reference, key, tmp / "reference")
+        except BundleError as e:
+            log.warning("site %s refuses the reference: %s", policy.site_name, e)
+            return _refused(policy, NOT_SIGNED.format(which="FP32 reference"))
+        problem = _pairing_problem(cand_manifest, ref_manifest)
+        if problem:
+            return _refused(policy, problem)
+        if cand_manifest["task"] not in policy.allowed_tasks:
+            return _refused(policy, f"task '{cand_manifest['task']}' is not allowed by this site's policy")
+        if not (0.0 < request.val_fraction < 1.0) or not 1 <= request.latency_runs <= 1000:
+            return _refused(policy, "val_fraction must be in (0, 1) and latency_runs in [1, 1000]: refused")
+        try:
+            return _gate_at_site(policy, request, cand_dir, cand_manifest, ref_dir, ref_manifest)
+        except Exception:  # an exception's text can name paths or counts, which must not leave the site
+            log.exception("acceptance failed at site %s", policy.site_name)
+            return _refused(policy, SITE_ERROR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _verified(bundle: bytes | Path | str, key, where: Path) -> tuple[Path, dict]:
+    """(bundle directory, verified manifest); a tarball (bytes or file) is unpacked safely first."""
+    where.mkdir(parents=True)
+    if isinstance(bundle, bytes):
+        tar = where / "bundle.tar.gz"
+        tar.write_bytes(bundle)
+        bundle = tar
+    path = Path(bundle)
+    if path.is_file():
+        path = safe_extract(path, where / "unpacked")
+    return path, verify_bundle(path, key)
+
+
+def _pairing_problem(candidate: dict, reference: dict) -> str | None:
+    """Why ``reference`` is not the FP32 reference of ``candidate``'s model, or None."""
+    for k in SAME_MODEL:
+        if candidate.get(k) != reference.get(k):
+            return f"the FP32 reference is not the candidate's model: their manifests differ in '{k}': refused"
+    models = [a for a in reference.get("artifacts", []) if a.get("role") == "model"]
+    if not models or any(a.get("precision") != "fp32" for a in models):
+        return "the reference bundle is not an FP32 build: refused"
+    return None
+
+
+def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path, cand_manifest: dict, ref_dir: Path,
+                  ref_manifest: dict) -> AcceptanceReply:
+    import torch
+
+    task, labels = cand_manifest["task"], list(cand_manifest.get("labels") or [])
+    cfg = RoundConfig(task=task, labels=labels, preprocess=dict(cand_manifest["preprocess"]), run_key=request.run_key,
+                      server_round=request.round, val_fraction=request.val_fraction, seed=request.seed)
+    unit = _unit_or_none(policy, cfg)
+    if unit is None:
+        return _refused(policy, NO_PATIENTS)
+    val = site_split(policy, cfg, "val")
+    try:
+        ev = load_eval_set(val, task, labels, PreprocessSpec.from_dict(cand_manifest["preprocess"]))
+    except EvalDataError as e:
+        log.warning("site %s: %s", policy.site_name, e)
+        return _refused(policy, "no labelled validation images at this site")
+    units = None
+    if unit == "patient":
+        if len(ev) != len(val.samples):  # rows can no longer be matched to patients
+            log.error("site %s: %d validation images unusable; per-patient acceptance needs every one",
+                      policy.site_name, len(val.samples) - len(ev))
+            return _refused(policy, SITE_ERROR)
+        units = patient_ids(val.samples)
+
+    with BundleRuntime(ref_dir, ref_manifest) as ref, BundleRuntime(cand_dir, cand_manifest) as cand:
+        ref_out, cand_out = ref.predict_arrays(ev.inputs), cand.predict_arrays(ev.inputs)
+        p50 = _p50_ms(cand, request.latency_runs)
+        selftest = cand.self_test()
+        backend, precision = cand.backend, cand.precision
+    identity = f"{cand_manifest.get('name')}-{cand_manifest.get('version')}"
+    common = dict(candidate=identity, metric=PRIMARY[task][0], p50_ms=p50, backend=backend, precision=precision,
+                  selftest=("passed: " if selftest[0] else "FAILED: ") + selftest[1].split(" (")[0])
+
+    request_id = _request_hash(cand_dir, ref_dir, cfg)
+    with _release(policy, cfg, request_id) as (ledger, store, early):
+        if early is not None:
+            stored = store.get(request_id)
+            if stored is not None:  # an identical request re-delivered: its reply, no new charge
+                return AcceptanceReply.from_fields(stored[0])
+            return _refused(policy, early.reason, early.status)
+        if policy.evaluation == "disclosed":
+            if ledger.disclosed_in_run(KIND, cfg.run_key) >= policy.disclosed_evaluations_per_run:
+                return _refused(policy, f"this site discloses at most {policy.disclosed_evaluations_per_run} "
+                                        "exact results per run")
+            if ledger.disclosed(KIND) >= policy.disclosed_evaluations_lifetime:
+                return _refused(policy, f"this site has disclosed its lifetime limit of "
+                                        f"{policy.disclosed_evaluations_lifetime} exact results")
+            ledger.disclose(Disclosure(KIND, cfg.run_key, cfg.server_round, request_id))
+            ref_m, cand_m = metrics_from_outputs(ref_out, ev), metrics_from_outputs(cand_out, ev)
+            diffs, noise_sd, mode = _differences(ref_m, cand_m), 0.0, "disclosed"
+        else:
+            rows, sensitivity = _rows(task, ref_out, cand_out, ev)
+            rows = unit_rows(rows, units, sensitivity)
+            sigma = policy.evaluation_noise_multiplier
+            release = Release(KIND, sigma, 1.0, 1, sensitivity, run=cfg.run_key, round=cfg.server_round,
+                              request=request_id, private=not policy.insecure_deterministic_noise, unit=unit)
+            if ledger.would_exceed(release):
+                return _refused(policy, "privacy budget exhausted: an acceptance release would exceed this site's "
+                                        "lifetime budget", STATUS_EXHAUSTED, privacy=_figures(policy, ledger))
+            rng = DPRandom(_insecure_seed(policy, cfg, KIND))
+            noisy = rows.sum(0).double() + rng.gaussian(sigma * sensitivity, (rows.shape[1],), torch.float64)
+            ledger.charge(release)  # durable before anything leaves the site
+            diffs = _noisy_differences(cfg, noisy)
+            noise_sd = _noise_sd(cfg, noisy, sigma * sensitivity, common["metric"])
+            mode = "accounted"
+        reply = AcceptanceReply(policy.site_name, STATUS_OK, NOT_PRIVATE if policy.insecure_deterministic_noise else "",
+                                mode=mode, difference=diffs.get(common["metric"], math.nan), noise_sd=noise_sd,
+                                differences=diffs, privacy=_figures(policy, ledger), unit=ledger.unit, **common)
+        store.put(request_id, {**reply.fields(), "weight": 1, "metrics": {}}, None)  # fed.task's stored-reply keys
+        return reply
+
+
+def _request_hash(cand_dir: Path, ref_dir: Path, cfg: RoundConfig) -> str:
+    """What makes two acceptance requests identical: both signed manifests (which hash every
+    artifact) and the whole config (run key, round, split)."""
+    h = hashlib.sha256(KIND.encode())
+    for d in (cand_dir, ref_dir):
+        h.update(hashlib.sha256((d / "manifest.json").read_bytes()).digest())
+    h.update(json.dumps(cfg.to_record(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _p50_ms(rt: BundleRuntime, runs: int) -> float | None:
+    """Median milliseconds of one image through the candidate, on its public self-test sample."""
+    st = rt.manifest.get("selftest") or {}
+    try:
+        x = np.load(rt.bundle_dir / st["input"], allow_pickle=False)[:1]
+    except (KeyError, OSError, ValueError):
+        return None
+    rt.predict_arrays(x)  # warm-up (lazy initialisation, caches)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        rt.predict_arrays(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _differences(ref: dict, cand: dict) -> dict[str, float]:
+    return {k: float(cand[k]) - float(ref[k]) for k in sorted(set(ref) & set(cand)) if k != "hc_failed"}
+
+
+# ------------------------------------------------------------------ accounted: bounded rows
+def _rows(task: str, ref_out: np.ndarray, cand_out: np.ndarray, ev: EvalSet):
+    """Per image: [FP32 row, candidate row], each the row of accounted evaluation (fed.task), so one
+    image moves the released sums by at most ``sqrt(2) *`` the evaluation's L2 sensitivity."""
+    import torch
+
+    k = len(ev.labels)
+    if task == "classify":
+        y = torch.from_numpy(ev.targets)
+        halves = [_classify_contributions(torch.from_numpy(np.asarray(o, np.float32)), y, k) for o in (ref_out, cand_out)]
+    else:
+        halves = [_mask_rows(o, ev) for o in (ref_out, cand_out)]
+    return torch.cat(halves, 1), math.sqrt(2.0) * _SENSITIVITY[task](k)
+
+
+def _mask_rows(outputs: np.ndarray, ev: EvalSet):
+    """Rows [0 (no loss from a bundle), Dice, 1, HC error / HC_CAP_MM, has HC] (fed.task's layout;
+    L2 norm <= sqrt(5)): the per-image Dice of the central gate and the capped HC error."""
+    import torch
+
+    pred = post.foreground(post.masks_from_logits(outputs, ev.inputs.shape[-1]))
+    rows = torch.zeros(len(ev), 5, dtype=torch.float64)
+    for i, p in enumerate(pred):
+        if ev.masks is not None:
+            rows[i, 1] = post.dice_binary(p, ev.masks[i])
+        rows[i, 2] = 1.0
+        if ev.task == "hc":
+            hc = post.hc_from_mask(p, float(ev.pixel_mm[i]))
+            rows[i, 3] = min(abs((hc if math.isfinite(hc) else 0.0) - float(ev.hc_mm[i])), HC_CAP_MM) / HC_CAP_MM
+            rows[i, 4] = 1.0
+    return rows
+
+
+def _noisy_differences(cfg: RoundConfig, noisy) -> dict[str, float]:
+    """candidate - FP32 of every metric the noisy sums define (post-processing: no extra cost)."""
+    half = noisy.shape[0] // 2
+    ref, cand = _metrics_of(cfg, noisy[:half]), _metrics_of(cfg, noisy[half:])
+    return {k: v for k, v in _differences(ref, cand).items() if k != "val_loss"}
+
+
+def _noise_sd(cfg: RoundConfig, noisy, std: float, metric: str) -> float:
+    """The standard deviation the release's noise puts on ``metric``'s difference, estimated by
+    re-noising the released sums (post-processing of released values and the public noise scale;
+    this randomness protects nothing, so it need not come from OS entropy)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(NOISE_DRAWS):
+        d = _noisy_differences(cfg, noisy + torch.randn(noisy.shape, generator=gen, dtype=torch.float64) * std)
+        if metric in d and math.isfinite(d[metric]):
+            draws.append(d[metric])
+    return float(np.std(draws)) if len(draws) > 1 else math.inf
+
+
+# ------------------------------------------------------------------------- coordinator side
+def decide_acceptance(replies: list[AcceptanceReply], bounds: GateBounds = GateBounds(),
+                      quorum: int | None = None) -> AcceptanceRecord:
+    """The verdict on a candidate from the sites' replies (the signed manifest's ``acceptance``).
+
+    A site participates when it answered ``ok``; it passes when its drop (the gate's convention,
+    :mod:`edge.build.gate`: positive = the candidate is worse, in AUROC points / Dice / mm) is within
+    the bound and, for an accounted reply, the noise on it is not larger than the bound (a result
+    that noisy cannot tell a good build from a bad one). ``quorum`` None: every participating site
+    must pass (and at least one must take part); else at least ``quorum`` sites must pass."""
+    if quorum is not None and quorum < 1:
+        raise ValueError(f"quorum must be >= 1 (or None: every participating site), got {quorum}")
+    taking_part = [r for r in replies if r.status == STATUS_OK]
+    absent = [f"{r.site} did not take part ({r.reason})" for r in replies if r.status != STATUS_OK]
+    metrics = {r.metric for r in taking_part}
+    if len(metrics) > 1 or len({r.candidate for r in taking_part}) > 1:
+        raise ValueError(f"replies are about different candidates or metrics: {sorted(metrics)}, "
+                         f"{sorted({r.candidate for r in taking_part})}")
+    metric = metrics.pop() if metrics else ""
+    task = next((t for t, p in PRIMARY.items() if p[0] == metric), None)
+    bound = float(bounds.for_task(task)) if task else math.nan
+    sites = tuple(_site_verdict(r, task, bound) for r in taking_part)
+    passing = [s for s in sites if s.passed]
+    need = len(sites) if quorum is None else quorum
+    failed = [f"{s.site}: {s.metric} {s.reason}" for s in sites if not s.passed]
+    if not sites:
+        passed, reason = False, "no site took part"
+    elif len(passing) < need:
+        passed, reason = False, (f"refused: {len(passing)} of the {need} sites the run asks for passed"
+                                 + (": " + "; ".join(failed) if failed else ""))
+    else:
+        passed, reason = True, ("passed" + (" (quorum; failed: " + "; ".join(failed) + ")" if failed else ""))
+    if absent:
+        reason += " | " + "; ".join(absent)
+    if quorum is not None and quorum > len(sites):
+        reason += f" | the run asked for a quorum of {quorum}"
+    return AcceptanceRecord(passed=passed, method="federated", metric=metric or "none",
+                            bound=bound if math.isfinite(bound) else 0.0, quorum=max(1, min(need, len(sites))),
+                            sites=sites, reason=reason)
+
+
+def _site_verdict(r: AcceptanceReply, task: str | None, bound: float) -> SiteAcceptance:
+    if task is None:
+        return SiteAcceptance(r.site, r.metric, None, 0.0, r.p50_ms, False, f"unknown gate metric {r.metric!r}")
+    _, sign, scale, unit = PRIMARY[task]
+    if not math.isfinite(r.difference):
+        return SiteAcceptance(r.site, r.metric, None, bound, r.p50_ms, False,
+                              "undefined on the site's validation split: an unmeasured build is not accepted")
+    drop = -r.difference * scale if sign > 0 else r.difference * scale
+    noise = r.noise_sd * scale
+    if r.mode == "accounted" and not noise <= bound:
+        return SiteAcceptance(r.site, r.metric, drop, bound, r.p50_ms, False,
+                              f"inconclusive: the noise on the accounted result (sd {noise:.3g} {unit}) exceeds the "
+                              f"bound {bound:g}")
+    if drop <= bound:
+        return SiteAcceptance(r.site, r.metric, drop, bound, r.p50_ms, True)
+    return SiteAcceptance(r.site, r.metric, drop, bound, r.p50_ms, False,
+                          f"drop {drop:.3g} {unit} > bound {bound:g} ({r.mode})")
+
+
+def site_results(replies: list[AcceptanceReply]) -> list[dict]:
+    """The model card's per-site detail: mode, difference, noise, p50 latency, backend, self-test,
+    the site's lifetime privacy figures; for a site that did not take part, its reason."""
+    keep = ("site", "status", "reason", "mode", "metric", "difference", "noise_sd", "p50_ms", "backend", "precision",
+            "selftest", "privacy", "unit")
+    return [{k: v for k, v in r.fields().items() if k in keep} for r in replies]
+
+
+# ------------------------------------------------------------------- the FP32 reference
+def reference_bundle(fp32_onnx: Path, info: dict, key: Path | str, out: Path, *, name: str, version: str,
+                     selftest_inputs: np.ndarray) -> Path:
+    """The signed FP32 reference bundle (ONNX Runtime, ``onnxruntime-cpu``) of an exported model
+    (``info``: its ``export.json``); what :class:`AcceptanceRequest` carries. Returns the tarball."""
+    from edge.build.bundling import assemble_bundle
+    from edge.build.compiled import CompileOptions, compile_model
+
+    work = Path(out) / f".work-{name}-{version}"
+    size = int(info["input"]["shape"][-1])
+    compiled = compile_model("onnxruntime-cpu", fp32_onnx, work / "onnxruntime-cpu",
+                             CompileOptions(graph_precision="fp32", input_chw=(3, size, size)))
+    return assemble_bundle(Path(out), key, info=info, compiled=compiled, selftest_inputs=selftest_inputs, name=name,
+                           version=version, work=work)
+
+
+__all__ = [
+    "KIND",
+    "AcceptanceReply",
+    "AcceptanceRequest",
+    "accept_at_site",
+    "decide_acceptance",
+    "reference_bundle",
+    "site_results",
+]
