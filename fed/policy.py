@@ -63,6 +63,14 @@ class SitePolicy:
       (edge/federated/site.py): each request is one Gaussian release of activation histograms of
       the training split (one image's contribution bounded, noise multiplier
       ``evaluation_noise_multiplier``), charged to the lifetime ledger; false: such requests are refused.
+    - ``acceptance`` (default true) and ``release_pubkey``: take part in federated acceptance of a
+      candidate edge build (edge/federated/accept.py). The site runs a candidate only when it verifies
+      against ``release_pubkey`` (a PEM file: the release key this site pins; "" means it runs none,
+      whatever ``acceptance`` says), so its validation images meet only builds the release authority
+      signed. Each request is one release about its validation split: the gate metric's difference
+      (candidate - FP32), noisy and charged to the lifetime ledger (``evaluation = "accounted"``:
+      noise multiplier ``evaluation_noise_multiplier``) or exact and counted against the disclosed-
+      evaluation limits (``evaluation = "disclosed"``); false: such requests are refused.
     - ``insecure_deterministic_noise``: TESTS ONLY. DP noise and sampling are seeded from values the
       coordinator knows, so it can remove the noise: nothing this site releases is private, and
       every reply, ledger entry and report says so.
@@ -84,6 +92,8 @@ class SitePolicy:
     projection_reference: str = ""  # public images a head's projection must come from ("": echofleet's default phantoms)
     require_secure_aggregation: bool = False  # refuse plain training rounds (fed/secagg.py)
     calibration: bool = True  # answer federated calibration requests (a charged, noisy release)
+    acceptance: bool = True  # answer federated acceptance requests (only for builds signed with release_pubkey)
+    release_pubkey: str = ""  # the pinned release public key (PEM path); "": this site runs no candidate build
     device: str = "auto"
     # Simulation only: which share of ``data`` this simulated hospital holds.
     partition: str | None = None  # "iid" | "dirichlet:ALPHA" | "by-device"
