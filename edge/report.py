@@ -87,7 +87,8 @@ def print_verified(console: Console, manifest: dict) -> None:
     card = manifest.get("model_card", {})
     console.print(f"task {manifest.get('task')} · labels {manifest.get('labels')} · encoder sha256 {str(manifest.get('encoder', {}).get('sha256'))[:16]}")
     if card.get("sites"):
-        eps = ", ".join(f"{s} ε={p.get('epsilon'):.2f}" for s, p in card.get("privacy", {}).items() if p.get("epsilon") is not None)
+        eps = ", ".join(f"{s} ε={p.get('epsilon'):.2f} per {p.get('unit') or 'image'}"
+                        for s, p in card.get("privacy", {}).items() if p.get("epsilon") is not None)
         console.print(f"federation: {len(card['sites'])} sites, {card.get('rounds')} rounds; {eps}")
     if "validation" in card:
         console.print(f"gate: {card['validation'].get('gate', {}).get('reason', '-')}")

@@ -63,7 +63,8 @@ def to_content(reply: Reply, device: str | None = None) -> RecordDict:
     (``device``, e.g. ``"cuda:H200"`` or ``"cpu"``: a capability of the machine, independent of the
     data). ``num-examples`` is the fixed weight 1 (0 for a reply without an update), never the
     site's count: FedAvg averages the sites equally."""
-    site = {"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp"}
+    site = {"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp",
+            **({"privacy-unit": reply.unit} if reply.unit else {})}  # "patient" | "image": a word, no count
     content = RecordDict({
         "site": ConfigRecord({**site, **({"device": device} if device else {})}),
         # "dp-weight": equal weights for Flower's accounted central-DP FedAvg (it averages unweighted)

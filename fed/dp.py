@@ -26,6 +26,7 @@ DP-SGD on a head only a few times slower than plain SGD.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -130,17 +131,24 @@ def _optimizer(params, cfg: DPConfig) -> torch.optim.Optimizer:
 
 
 def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, cfg: DPConfig,
-               loss_fn: nn.Module | None = None) -> dict:
+               loss_fn: nn.Module | None = None, units: torch.Tensor | None = None) -> dict:
     """Train ``head`` in place on (x, y) for ``cfg.epochs``; DP-SGD when ``cfg.noise_multiplier > 0``.
 
     ``x`` may be a tuple of tensors (e.g. several encoder maps): ``head(*x_batch)`` is called.
     ``loss_fn`` must return one loss per example when its ``reduction`` is ``"none"`` (Opacus'
     ghost clipping sets it so); default: cross-entropy.
 
-    Returns {"loss": mean training loss (stays at the site), "steps": noisy steps, "sample_rate": q,
-    "private": False only for an ``insecure_seed`` or a non-DP run}.
+    ``units`` (optional, one id per example, e.g. the patient): **user-level DP-SGD**. The unit of
+    privacy is then a group of examples: units are Poisson-sampled at ``q = batch_size / U`` (U
+    units; ``batch_size`` is the expected number of units per batch), each unit's per-example
+    gradients are summed and that sum is clipped to ``max_grad_norm``, so one patient with k images
+    moves a step by at most C, not k*C (:func:`unit_clipped_sum`). Without ``units``: example-level.
 
     The head, ``x`` and ``y`` are moved to ``cfg.device`` (the head stays there afterwards).
+
+    Returns {"loss": mean training loss (stays at the site), "steps": noisy steps, "sample_rate": q,
+    "unit": "patient" with ``units`` else "image", "private": False only for an ``insecure_seed`` or
+    a non-DP run}.
     """
     device = torch.device(cfg.device)
     head.to(device)
@@ -149,10 +157,18 @@ def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: t
     if cfg.noise_multiplier <= 0:
         return _train_plain(head, x, y, cfg, loss_fn)
     rng = DPRandom(cfg.insecure_seed, device)
+    if units is not None:
+        return _train_unit_dp(head, x if isinstance(x, tuple) else (x,), y, units.to(device), cfg,
+                              loss_fn or nn.CrossEntropyLoss(), rng)
     lin = _single_linear(head) if (cfg.fast_linear and loss_fn is None and not isinstance(x, tuple)
                                     and cfg.proximal_mu == 0) else None
     if lin is not None:
         return _train_linear_dp(head, lin, x, y, cfg, rng)
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in head.modules()):
+        # Dropout draws new masks every pass, so the finiteness check of the Opacus path (a separate
+        # forward pass) could disagree with the training pass: one pass, per-example units, exact guard.
+        return _train_unit_dp(head, x if isinstance(x, tuple) else (x,), y, torch.arange(len(y), device=device), cfg,
+                              loss_fn or nn.CrossEntropyLoss(), rng, unit="image")
     return _train_opacus_dp(head, x if isinstance(x, tuple) else (x,), y, cfg, loss_fn or nn.CrossEntropyLoss(), rng)
 
 
@@ -177,7 +193,7 @@ def _train_plain(head: nn.Module, x, y: torch.Tensor, cfg: DPConfig, loss_fn: nn
             count += len(yb)
             _proximal(head, global_weights, cfg)
     return {"loss": total / max(1, count), "steps": steps, "sample_rate": sample_rate(len(y), cfg.batch_size),
-            "private": False}
+            "unit": "image", "private": False}
 
 
 def _proximal(head: nn.Module, global_weights: list[torch.Tensor] | None, cfg: DPConfig) -> None:
@@ -216,6 +232,8 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
             model, optimizer, _ = engine.make_private(**kwargs)
             criterion = loss_fn
     optimizer.expected_batch_size = expected_batch
+    _zero_nonfinite_examples(model, optimizer, cfg.grad_sample_mode)
+    per_example_loss = _per_example(loss_fn)
 
     def add_noise() -> None:  # DPOptimizer.add_noise, with DPRandom's noise
         for p in optimizer.params:
@@ -230,6 +248,7 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
             idx = rng.poisson_batch(n, q)
             steps += 1
             optimizer.zero_grad(set_to_none=True)
+            idx = idx[_finite_rows(model, tuple(t[idx] for t in xs), y[idx], per_example_loss)]
             if len(idx) == 0:  # an empty batch is still a noisy step (the accountant counts it)
                 for p in optimizer.params:
                     p.grad = rng.gaussian(std, p.shape, p.dtype) / expected_batch
@@ -241,7 +260,123 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
                 total += float(loss.detach().mean()) * len(idx)
                 count += len(idx)
             _proximal(head, global_weights, cfg)
-    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "private": rng.private}
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "unit": "image",
+            "private": rng.private}
+
+
+def _per_example(loss_fn: nn.Module) -> nn.Module:
+    """A copy of ``loss_fn`` that returns one loss per example (``reduction="none"``)."""
+    per = copy.copy(loss_fn)
+    per.reduction = "none"
+    return per
+
+
+def _finite_rows(model: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Tensor, per_example_loss: nn.Module) -> torch.Tensor:
+    """Mask of the examples whose loss is finite (a forward pass without gradients). A crafted head
+    can make one image overflow; that image then takes no part in the step (it contributes zero, as
+    in the linear path), so it cannot turn the whole noisy sum into NaN: a release decided by one image."""
+    if len(y) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=y.device)
+    with torch.no_grad():
+        return torch.isfinite(per_example_loss(model(*xs), y)).reshape(len(y), -1).all(1)
+
+
+def _zero_nonfinite_examples(model: nn.Module, optimizer, mode: str) -> None:
+    """Opacus clips each example's gradient by ``C / norm``; a non-finite norm gives a NaN factor that
+    spreads to the whole sum. Here such an example's factor (ghost) or per-example gradient (hooks)
+    becomes zero, on this instance only: its contribution is zero, the sensitivity stays C."""
+    if mode == "ghost":
+        coef = model.get_clipping_coef
+        model.get_clipping_coef = lambda: torch.nan_to_num(coef(), nan=0.0, posinf=0.0, neginf=0.0)
+        return
+    clip_and_accumulate = optimizer.clip_and_accumulate
+
+    def guarded() -> None:
+        samples = [p.grad_sample for p in optimizer.params]
+        if samples and len(samples[0]):
+            ok = torch.stack([torch.isfinite(g.reshape(len(g), -1)).all(1) for g in samples]).all(0)
+            for p, g in zip(optimizer.params, samples):
+                p.grad_sample = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        clip_and_accumulate()
+
+    optimizer.clip_and_accumulate = guarded
+
+
+def unit_clipped_sum(model: nn.Module, params: list[nn.Parameter], xs: tuple[torch.Tensor, ...], y: torch.Tensor,
+                     units: torch.Tensor, max_grad_norm: float, per_example_loss: nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """User-level clipping: for each unit (patient) in the batch, the **sum** of its examples'
+    gradients, clipped to L2 norm ``max_grad_norm`` over all ``params``; then summed over units.
+
+    ``model`` is an Opacus ``GradSampleModule`` (hooks: per-example gradients materialised); an
+    example whose loss or gradient is not finite contributes zero. One unit with k examples moves the
+    result by at most C (not k*C): that is the sensitivity the accountant assumes per unit.
+    Returns (one summed, clipped gradient per parameter, per-example losses)."""
+    for p in params:
+        p.grad_sample = None
+        p.grad = None
+    losses = per_example_loss(model(*xs), y).reshape(len(y), -1).sum(1)
+    ok = torch.isfinite(losses)
+    torch.where(ok, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum().backward()
+    grads = [p.grad_sample.reshape(len(y), -1) for p in params]
+    for g in grads:
+        ok &= torch.isfinite(g).all(1)
+    _, inverse = torch.unique(units, return_inverse=True)
+    n_units = int(inverse.max()) + 1
+    zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
+    per_unit = [torch.zeros(n_units, g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, inverse, torch.where(ok[:, None], g, zero))
+                for g in grads]
+    norms = torch.stack([u.pow(2).sum(1) for u in per_unit]).sum(0).sqrt()
+    clip = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    sums = [(u * clip[:, None]).sum(0).view_as(p) for u, p in zip(per_unit, params)]
+    for p in params:
+        p.grad_sample = None
+    return sums, losses.detach()
+
+
+def _train_unit_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Tensor, units: torch.Tensor, cfg: DPConfig,
+                   loss_fn: nn.Module, rng: DPRandom, unit: str = "patient") -> dict:
+    """DP-SGD where the unit of privacy is a group of examples (user-level DP-SGD, e.g. per patient).
+
+    Each step Poisson-samples units at ``q = B/U``, takes all examples of the sampled units, clips each
+    unit's summed gradient to C (:func:`unit_clipped_sum`) and adds Gaussian noise of std sigma*C to
+    the sum, divided by the expected number of units ``q*U``: Opacus' DPOptimizer step with a unit in
+    place of an example, so the RDP accounting of ``(sigma, q, steps)`` holds per unit."""
+    from opacus import GradSampleModule
+
+    _, units = torch.unique(units, return_inverse=True)  # dense ids 0..U-1
+    n_units = int(units.max()) + 1 if len(units) else 0
+    q = sample_rate(n_units, cfg.batch_size)
+    expected_batch = q * n_units
+    std = cfg.noise_multiplier * cfg.max_grad_norm
+    params = [p for p in head.parameters() if p.requires_grad]
+    global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
+    optimizer = _optimizer(params, cfg)
+    per_example_loss = _per_example(loss_fn)
+    head.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GradSampleModule(head, batch_first=True, loss_reduction="sum")
+    steps, total, count = 0, 0.0, 0
+    try:
+        for _ in range(cfg.epochs):
+            for _ in range(steps_per_epoch(n_units, cfg.batch_size)):
+                chosen = rng.poisson_batch(n_units, q)
+                steps += 1
+                sums = [torch.zeros_like(p) for p in params]
+                rows = torch.isin(units, chosen).nonzero().flatten()
+                if len(rows):
+                    sums, losses = unit_clipped_sum(model, params, tuple(t[rows] for t in xs), y[rows], units[rows],
+                                                    cfg.max_grad_norm, per_example_loss)
+                    finite = losses[torch.isfinite(losses)]
+                    total += float(finite.sum())
+                    count += len(finite)
+                for p, s in zip(params, sums):  # an empty batch is still a noisy step (the accountant counts it)
+                    p.grad = (s + rng.gaussian(std, s.shape, s.dtype)) / expected_batch
+                optimizer.step()
+                _proximal(head, global_weights, cfg)
+    finally:
+        model._close()  # hooks off: the head is a plain module again
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "unit": unit, "private": rng.private}
 
 
 class PerImageSegLoss(nn.Module):
@@ -349,4 +484,5 @@ def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.
             lin.bias.grad = (gb + rng.gaussian(std, gb.shape, gb.dtype)) / expected_batch
             optimizer.step()
     head.train()
-    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "private": rng.private}
+    return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "unit": "image",
+            "private": rng.private}

@@ -6,6 +6,10 @@ and the site (not the coordinator) owns it.
 - **One ledger per site and dataset, across runs**: it lives under the policy's state directory,
   named after the site's data identity, never after the coordinator's run key. The run key and the
   round number the coordinator claims are labels on each release, nothing more.
+- **One unit of privacy per ledger**: every release records its unit (``"patient"``: user-level
+  DP, a patient's images sampled, clipped and noised together; ``"image"``: example-level). A
+  ledger's releases all share one unit (:meth:`PrivacyLedger.unit_problem`): a per-patient epsilon
+  and a per-image epsilon do not compose into either guarantee.
 - **Every release is charged**, whatever run or round it claims: a DP-SGD round ``(sigma, q,
   steps)``, an accounted evaluation (one unsampled Gaussian release: ``q = 1``, ``steps = 1``). The
   RDP accountant composes all of them; epsilon is the lifetime total and the policy's budget bounds it.
@@ -115,6 +119,7 @@ class Release:
     request: str = ""  # hash of the request (arrays + config) this release answered
     private: bool = True  # False: insecure deterministic noise (tests only): NOT private
     time: str = ""
+    unit: str = "image"  # the unit of privacy: "patient" (user-level DP) or "image"; sample_rate is over these units
 
 
 @dataclass
@@ -169,7 +174,7 @@ class PrivacyLedger:
     def to_dict(self) -> dict:
         """What ``echofleet site ledger --json`` prints: enough to recompose epsilon independently."""
         return {"format": FORMAT, "accountant": ACCOUNTANT, "epsilon": self.epsilon(), "delta": self.delta,
-                "budget_epsilon": self.budget_epsilon, "private": all(r.private for r in self.releases),
+                "unit": self.unit, "budget_epsilon": self.budget_epsilon, "private": all(r.private for r in self.releases),
                 "releases": [asdict(r) for r in self.releases],
                 "disclosures": [asdict(d) for d in self.disclosures], "plans": self.plans}
 
@@ -178,6 +183,7 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         data.pop("epsilon")  # derived; recomputed on reading
+        data.pop("unit")
         atomic_write_bytes(self.path, json.dumps(data, indent=1).encode(), 0o600)
         fsync_dir(self.path.parent)
 
@@ -210,11 +216,29 @@ class PrivacyLedger:
     def disclosed_in_run(self, kind: str, run: str) -> int:
         return sum(1 for d in self.disclosures if d.kind == kind and d.run == run)
 
+    def disclosed(self, kind: str) -> int:
+        """Disclosures of ``kind`` over the ledger's lifetime, whatever run key they claimed."""
+        return sum(1 for d in self.disclosures if d.kind == kind)
+
+    @property
+    def unit(self) -> str:
+        """The unit of privacy of every release so far ("patient" or "image"; "image" when empty)."""
+        return self.releases[0].unit if self.releases else "image"
+
+    def unit_problem(self, unit: str) -> str | None:
+        """Why a release with privacy unit ``unit`` cannot join this ledger, or None. Per-patient and
+        per-image releases do not compose into one guarantee (removing one image of a patient who
+        stays changes a per-patient clipped sum by up to 2C), so a ledger keeps the unit it began with."""
+        if self.releases and unit != self.unit:
+            return (f"this site's lifetime ledger accounts per {self.unit} (its earlier releases); a per-{unit} release "
+                    f"cannot be composed with them: set privacy_unit = \"{self.unit}\" in the site policy")
+        return None
+
     def figures(self) -> dict:
         """The site's own figures: lifetime epsilon and delta, and the accountant's inputs of the
         last training release (those reveal N: they leave the site only if its policy discloses them)."""
         last = next((r for r in reversed(self.releases) if r.kind == "train"), None)
-        return {"epsilon": self.epsilon(), "delta": self.delta,
+        return {"epsilon": self.epsilon(), "delta": self.delta, "unit": self.unit,
                 "noise_multiplier": last.noise_multiplier if last else 0.0,
                 "sample_rate": last.sample_rate if last else 0.0, "steps": self.steps}
 

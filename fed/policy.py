@@ -11,7 +11,9 @@ A policy is a small TOML file whose path the SuperNode receives through its node
     state_dir = "/var/lib/echofleet"    # feature cache, lifetime privacy ledger, stored replies
     allowed_tasks = ["classify"]
     target_epsilon = 8.0                # LIFETIME privacy budget of this dataset, over all runs
-    delta = 1e-5                        # must be below 1/N (default: min(1e-5, 0.1/N))
+    delta = 1e-5                        # must be below 1/N (default: a power of ten <= min(1e-5, 0.1/N))
+    privacy_unit = "auto"               # "patient" | "image" | "auto" (patient when the data names patients)
+    min_noise_multiplier = 0.5          # the least DP-SGD noise the site accepts from a coordinator
     max_local_epochs = 2
     max_grad_norm = 1.0                 # the largest clipping bound a coordinator may ask for
     evaluation = "accounted"            # or "disclosed": exact metrics, a documented disclosure
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TASKS = ("classify", "segment", "hc")
 EVALUATION_MODES = ("accounted", "disclosed")
+PRIVACY_UNITS = ("auto", "patient", "image")
 
 
 class PolicyError(ValueError):
@@ -42,17 +46,28 @@ class SitePolicy:
 
     Privacy meaning of the fields:
 
-    - ``target_epsilon``: the most privacy loss (epsilon of (epsilon, delta)-DP, per image) the
+    - ``privacy_unit``: what one neighbouring dataset differs by. ``"patient"``: user-level DP (all
+      of one patient's images; needs a patient identity for every image: DICOM PatientID, an HC18
+      patient, a CSV ``patient`` column); ``"image"``: one image (a patient with k images is then
+      protected roughly k times more weakly); ``"auto"`` (default): patient when every image has a
+      patient identity, else image. Every statement of the guarantee names the unit.
+    - ``target_epsilon``: the most privacy loss (epsilon of (epsilon, delta)-DP, per privacy unit) the
       site will ever spend on this dataset: the lifetime total over every run and every release
       (training rounds and accounted evaluations), whatever run key or round the coordinator claims.
       When the next release would exceed it, the site answers "budget exhausted".
-    - ``delta``: the delta of the guarantee, which must be below 1/N for the site's N images (else
-      the site refuses); ``None`` means ``min(1e-5, 0.1 / N)``.
-    - ``max_grad_norm`` (optional cap): the largest per-example clipping bound the site accepts.
+    - ``delta``: the delta of the guarantee, which must be below 1/N for the site's N units (patients
+      or images; else the site refuses); ``None`` means the largest power of ten not above
+      ``min(1e-5, 0.1 / N)``: a released delta then tells only N's order of magnitude, not N.
+    - ``max_grad_norm`` (optional cap): the largest per-unit clipping bound the site accepts.
+    - ``min_noise_multiplier``: the least DP-SGD noise multiplier the site accepts when the
+      coordinator fixes one (its calibrated sigma is never below it either). It bounds what one
+      release can spend: with a tiny sigma a single (correctly charged) round could otherwise use
+      the site's whole remaining lifetime budget. ``0`` disables the floor.
     - ``evaluation``: ``"accounted"`` (default): evaluation metrics are noisy (Gaussian noise with
       ``evaluation_noise_multiplier``) and charged to the ledger; ``"disclosed"``: exact metrics, at
-      most ``disclosed_evaluations_per_run`` per run key, each logged in the ledger (a disclosure
-      the hospital chooses, not a DP guarantee).
+      most ``disclosed_evaluations_per_run`` per run key and ``disclosed_evaluations_lifetime`` in
+      all (the run key is the coordinator's claim; the lifetime limit is not), each logged in the
+      ledger (a disclosure the hospital chooses, not a DP guarantee).
     - ``disclose_accounting``: also send the accountant's inputs (noise multiplier, sampling rate,
       steps), which reveal the number of training images; default: only epsilon and delta leave.
     - ``projection_reference``: the public reference images (a data spec) from which this site
@@ -87,6 +102,7 @@ class SitePolicy:
     evaluation: str = "accounted"
     evaluation_noise_multiplier: float = 8.0
     disclosed_evaluations_per_run: int = 12
+    disclosed_evaluations_lifetime: int = 120
     disclose_accounting: bool = False
     insecure_deterministic_noise: bool = False
     projection_reference: str = ""  # public images a head's projection must come from ("": echofleet's default phantoms)
@@ -119,6 +135,12 @@ class SitePolicy:
             raise PolicyError(f"evaluation must be one of {list(EVALUATION_MODES)}, got {self.evaluation!r}")
         if not self.evaluation_noise_multiplier > 0:
             raise PolicyError(f"evaluation_noise_multiplier must be > 0, got {self.evaluation_noise_multiplier}")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise PolicyError(f"privacy_unit must be one of {list(PRIVACY_UNITS)}, got {self.privacy_unit!r}")
+        if not 0 <= self.min_noise_multiplier <= 1e4:
+            raise PolicyError(f"min_noise_multiplier must be in [0, 10000], got {self.min_noise_multiplier}")
+        if self.disclosed_evaluations_lifetime < 0:
+            raise PolicyError(f"disclosed_evaluations_lifetime must be >= 0, got {self.disclosed_evaluations_lifetime}")
         if self.disclosed_evaluations_per_run < 0:
             raise PolicyError(f"disclosed_evaluations_per_run must be >= 0, got {self.disclosed_evaluations_per_run}")
         from echocare.device import parse_request  # torch-free
@@ -136,12 +158,12 @@ class SitePolicy:
         """The delta for a site with ``n`` images (policy value, or ``min(1e-5, 0.1/N)``)."""
         return self.delta if self.delta is not None else min(1e-5, 0.1 / max(1, n))
 
-    def delta_problem(self, n: int, delta: float | None = None) -> str | None:
-        """Why ``delta`` (default: this policy's) is not acceptable for ``n`` images (it must be
+    def delta_problem(self, n: int, delta: float | None = None, unit: str = "image") -> str | None:
+        """Why ``delta`` (default: this policy's) is not acceptable for ``n`` units (it must be
         below 1/N), or None. The message names N: for the site's log, not for a reply."""
         delta = self.delta_for(n) if delta is None else delta
         if delta >= 1.0 / max(1, n):
-            return f"delta {delta:g} is not below 1/N = {1.0 / max(1, n):g} for this site's N = {n} images"
+            return f"delta {delta:g} is not below 1/N = {1.0 / max(1, n):g} for this site's N = {n} {unit}s"
         return None
 
     @property
@@ -157,6 +179,12 @@ class SitePolicy:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+
+def delta_on_grid(delta: float) -> float:
+    """The largest power of ten not above ``delta`` (1e-5, 1e-6, ...)."""
+    exponent = math.floor(math.log10(delta) + 1e-9)
+    return float(f"1e{exponent}")
 
 
 def load_policy(path: str | Path) -> SitePolicy:

@@ -121,7 +121,7 @@ def masked_fit_reply(msg: Message, policy: SitePolicy, train: TrainFn = train_ro
     else:
         vectors, weight = [np.zeros(np.shape(global_[k]), np.float64) for k in keys], 0
     metrics = {"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp",
-               **{k: float(v) for k, v in reply.metrics.items()}}
+               **({"privacy-unit": reply.unit} if reply.unit else {}), **{k: float(v) for k, v in reply.metrics.items()}}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 

@@ -136,9 +136,10 @@ def _split_and_spec(policy: SitePolicy, preprocess: str, val_fraction: float, se
 
 @lru_cache(maxsize=256)
 def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: tuple[str, ...], val_fraction: float,
-              seed: int, which: str) -> tuple[np.ndarray, np.ndarray]:
+              seed: int, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per-process memo over the on-disk cache: a site process serving many rounds reads its
-    features once (the data of a running federation is assumed not to change under it)."""
+    features once (the data of a running federation is assumed not to change under it).
+    Returns (x, y, patient ids per row or None): :func:`patient_ids`."""
     data, spec = _split_and_spec(policy, preprocess, val_fraction, seed, which)
     x, kept = pooled_features(data, encoder, spec, policy.features_dir, device=site_device(policy.device))
     index = {name: i for i, name in enumerate(labels)}
@@ -148,14 +149,14 @@ def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: 
                     len(kept) - len(rows), which, list(labels))
     y = np.array([index[kept[i].label] for i in rows], np.int64)
     x = x[rows] if len(rows) else np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)
-    return x, y
+    return x, y, patient_ids([kept[i] for i in rows])
 
 
 def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.ndarray, np.ndarray]:
     """(X float32 (N, D), y int64 (N,)) for the site's train or val split; unlabeled/unknown labels skipped.
     D is the pooled width of the maps the round's head pools (all five, or the last for ``pooling="last"``)."""
-    x, y = _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
-                     cfg.val_fraction, cfg.seed, which)
+    x, y, _ = _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+                        cfg.val_fraction, cfg.seed, which)
     return select_pooled(x, cfg.encoder.config, _build_head(cfg).stages), y
 
 
@@ -166,19 +167,72 @@ def _maps(policy: SitePolicy, encoder: EncoderRef, preprocess: str, val_fraction
     arrays, kept = map_features(data, encoder, spec, policy.features_dir, needs, needs_image,
                                 device=site_device(policy.device))
     if not kept:
-        return (), np.zeros((0, spec.size, spec.size), np.int64), []
+        return (), np.zeros((0, spec.size, spec.size), np.int64), [], None
     inputs = tuple(np.asarray(arrays[f"map{i}"], np.float32) for i in needs)
     if needs_image:
         inputs += (np.asarray(arrays["image"], np.float32),)
     meta = [(s.meta.get("pixel_size_mm"), s.meta.get("hc_mm"), float(sc)) for s, sc in zip(kept, arrays["f32_scale"])]
-    return inputs, arrays["mask"].astype(np.int64), meta
+    return inputs, arrays["mask"].astype(np.int64), meta, patient_ids(kept)
 
 
 def site_maps(policy: SitePolicy, cfg: RoundConfig, which: str, head):
     """(inputs: tuple of (N, ...) float32 arrays for the head, masks (N, S, S) int64, per-image
     (pixel_size_mm, hc_mm, scale)) for a segmentation/HC head; only the maps it needs are cached."""
     return _maps(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), cfg.val_fraction, cfg.seed, which,
-                 tuple(head.needs), bool(head.needs_image))
+                 tuple(head.needs), bool(head.needs_image))[:3]
+
+
+# -- the unit of privacy: a patient where the site's data names patients, else an image -----------
+PATIENT, IMAGE = "patient", "image"
+NO_PATIENTS = ("this site's policy asks for per-patient privacy (privacy_unit = \"patient\") but its data does not "
+               "name every image's patient: refused")
+
+
+def patient_ids(samples) -> np.ndarray | None:
+    """Dense patient numbers (0..P-1) of ``samples``, in order, or None unless every sample names its
+    patient (``Sample.meta["patient"]``: DICOM PatientID, HC18's patient, a CSV ``patient`` column).
+    They exist only in the site's memory: never cached, stored or sent."""
+    names = [s.meta.get("patient") for s in samples]
+    if not names or any(not n for n in names):
+        return None
+    return np.unique(np.array([str(n) for n in names]), return_inverse=True)[1].astype(np.int64)
+
+
+def site_units(policy: SitePolicy, cfg: RoundConfig, which: str, head=None) -> np.ndarray | None:
+    """The patient id of each row :func:`site_features` (or, given a segmentation ``head``,
+    :func:`site_maps`) returns, or None when the site's unit of privacy is the image."""
+    if site_unit(policy, cfg) != PATIENT:
+        return None
+    if head is None:
+        return _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+                         cfg.val_fraction, cfg.seed, which)[2]
+    return _maps(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), cfg.val_fraction, cfg.seed, which,
+                 tuple(head.needs), bool(head.needs_image))[3]
+
+
+def site_unit(policy: SitePolicy, cfg: RoundConfig) -> str:
+    """``"patient"`` or ``"image"``: the policy's ``privacy_unit``, where ``auto`` means patient when
+    every image of the site's dataset (train and validation split) names its patient. Raises
+    ``ValueError(NO_PATIENTS)`` when the policy demands patients the data does not name."""
+    if policy.privacy_unit == IMAGE:
+        return IMAGE
+    known = patient_ids(site_split(policy, cfg, "train").samples + site_split(policy, cfg, "val").samples) is not None
+    if policy.privacy_unit == PATIENT and not known:
+        raise ValueError(NO_PATIENTS)
+    return PATIENT if known else IMAGE
+
+
+def unit_rows(rows, units: np.ndarray | None, bound: float):
+    """Per-unit contributions for an accounted evaluation: each patient's rows summed, then that sum
+    scaled down to L2 norm ``bound`` (the per-image bound), so one patient moves the released sums by
+    at most ``bound``, however many images it has. ``units`` None: the rows as they are (per image)."""
+    import torch
+
+    if units is None or len(rows) == 0:
+        return rows
+    index = torch.from_numpy(np.asarray(units, np.int64))
+    sums = torch.zeros(int(index.max()) + 1, rows.shape[1], dtype=rows.dtype).index_add_(0, index, rows)
+    return sums * (bound / (sums.norm(dim=1) + 1e-12)).clamp(max=1.0)[:, None]
 
 
 def _build_head(cfg: RoundConfig):
@@ -234,10 +288,11 @@ class Reply:
     arrays: dict[str, np.ndarray] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    unit: str = ""  # the unit of privacy of this release ("patient" | "image"); "" when nothing was released
 
     def fields(self) -> dict:
         return {"status": self.status, "site": self.site, "weight": self.weight, "metrics": self.metrics,
-                "reason": self.reason}
+                "reason": self.reason, "unit": self.unit}
 
 
 NOT_PRIVATE = ("NOT PRIVATE: this site's policy sets insecure_deterministic_noise (tests only); "
@@ -261,9 +316,10 @@ def request_hash(kind: str, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> 
     return h.hexdigest()
 
 
-def _site_size(policy: SitePolicy, cfg: RoundConfig) -> int:
-    """N: the images of this site's dataset (train + validation split)."""
-    return len(site_split(policy, cfg, "train").samples) + len(site_split(policy, cfg, "val").samples)
+def _site_size(policy: SitePolicy, cfg: RoundConfig, unit: str) -> int:
+    """N: the privacy units (patients or images) of this site's dataset (train + validation split)."""
+    samples = site_split(policy, cfg, "train").samples + site_split(policy, cfg, "val").samples
+    return len({s.meta["patient"] for s in samples}) if unit == PATIENT else len(samples)
 
 
 @contextmanager
@@ -281,17 +337,21 @@ def _replies(policy: SitePolicy) -> ReplyStore:
 def _release(policy: SitePolicy, cfg: RoundConfig, request: str) -> Iterator[tuple[PrivacyLedger, ReplyStore, Reply | None]]:
     """The site's ledger, locked for one release, and the reply store. ``early`` is the answer that
     needs no new release: the stored reply of an identical re-delivered request (no new charge), or a
-    refusal when the policy's delta is not below 1/N. Checked under the lock, so two concurrent
-    requests cannot both pass the budget check before either is recorded."""
-    size = _site_size(policy, cfg)
+    refusal when the policy's delta is not below 1/N (N: patients or images, the site's unit) or the
+    ledger accounts another unit. Checked under the lock, so two concurrent requests cannot both pass
+    the budget check before either is recorded."""
+    unit = site_unit(policy, cfg)
+    size = _site_size(policy, cfg, unit)
     store = _replies(policy)
     with ledger_for(policy, size) as ledger:
         early = _stored(store, request)
         if early is None:
-            problem = policy.delta_problem(size, ledger.delta)
+            problem = policy.delta_problem(size, ledger.delta, unit)
             if problem:
                 log.error("site %s refuses: %s", policy.site_name, problem)
                 early = Reply(STATUS_REFUSED, policy.site_name, reason=DELTA_REFUSAL)
+            elif ledger.unit_problem(unit):
+                early = Reply(STATUS_REFUSED, policy.site_name, reason=ledger.unit_problem(unit))
         yield ledger, store, early
 
 
@@ -301,19 +361,31 @@ def _stored(store: ReplyStore, request: str) -> Reply | None:
         return None
     fields, arrays = got
     log.info("identical request %s… re-delivered: the stored reply, no new privacy charge", request[:12])
-    return Reply(fields["status"], fields["site"], int(fields["weight"]), arrays, dict(fields["metrics"]), fields["reason"])
+    return Reply(fields["status"], fields["site"], int(fields["weight"]), arrays, dict(fields["metrics"]), fields["reason"],
+                 fields.get("unit", ""))
 
 
 def _figures(policy: SitePolicy, ledger: PrivacyLedger) -> dict[str, float]:
     """The privacy figures a reply carries: lifetime epsilon (rounded) and delta; the accountant's
     inputs (they reveal N) only when the policy discloses them."""
     f = ledger.figures()
-    out = {"epsilon": round(f["epsilon"], 3), "delta": f["delta"]}
+    out = {"epsilon": round(f["epsilon"], 3) if policy.disclose_accounting else released_epsilon(f["epsilon"]),
+           "delta": f["delta"]}
     if policy.disclose_accounting:
         out.update(noise_multiplier=f["noise_multiplier"], sample_rate=f["sample_rate"], steps=f["steps"])
     if not all(r.private for r in ledger.releases):
         out["not-private"] = 1.0
     return out
+
+
+EPSILON_STEP = 0.25
+
+
+def released_epsilon(epsilon: float) -> float:
+    """The lifetime epsilon as a reply carries it when the site does not disclose its accounting:
+    rounded **up** to a multiple of :data:`EPSILON_STEP`. Exact epsilon is a function of N (for a
+    coordinator-fixed sigma and batch size), so only this coarse upper bound leaves the site."""
+    return math.ceil(epsilon / EPSILON_STEP - 1e-9) * EPSILON_STEP
 
 
 def _insecure_seed(policy: SitePolicy, cfg: RoundConfig, kind: str) -> int | None:
@@ -351,9 +423,10 @@ def _planned_sigma(policy: SitePolicy, cfg: RoundConfig, ledger: PrivacyLedger, 
         base = tuple(ledger.history()) + ((policy.evaluation_noise_multiplier, 1.0, planned_evals),) * (planned_evals > 0)
         target = min(policy.target_epsilon, ledger.epsilon() + cfg.target_epsilon)
         try:
-            ledger.plans[cfg.run_key] = calibrate_noise(target, ledger.delta, q, steps * cfg.num_rounds, base=base)
+            sigma = calibrate_noise(target, ledger.delta, q, steps * cfg.num_rounds, base=base)
         except ValueError:
             return None
+        ledger.plans[cfg.run_key] = max(sigma, policy.min_noise_multiplier)  # never below the site's floor
         ledger.save()
     return ledger.plans[cfg.run_key]
 
@@ -369,47 +442,68 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     bad = _bad_numbers(cfg)
     if bad:
         return Reply(STATUS_REFUSED, policy.site_name, reason=bad)
+    if 0 < cfg.noise_multiplier < policy.min_noise_multiplier:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=(
+            f"noise-multiplier {cfg.noise_multiplier:g} is below this site's minimum {policy.min_noise_multiplier:g}: refused"))
     if not _finite_arrays(arrays):
         return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
+    unit = _unit_or_none(policy, cfg)
+    if unit is None:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
     head = _build_head(cfg)
     _load_arrays(head, arrays)
     if cfg.task == "classify":
         x, y = site_features(policy, cfg, "train")
+        units = site_units(policy, cfg, "train")
         inputs, model, loss_fn = (torch.from_numpy(x),), head, None
     else:
         xs, y, _ = site_maps(policy, cfg, "train", head)
+        units = site_units(policy, cfg, "train", head)
         inputs, model, loss_fn = tuple(torch.from_numpy(a) for a in xs), MapsHead(head), PerImageSegLoss()
     n = len(y)
     if n == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no readable, labelled training images at this site")
+    n_units = n if units is None else len(np.unique(units))  # the sampling rate and steps count units
     request = request_hash("train", cfg, arrays)
     with _release(policy, cfg, request) as (ledger, store, early):
         if early is not None:
             return early
-        q = sample_rate(n, cfg.batch_size)
-        steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+        q = sample_rate(n_units, cfg.batch_size)
+        steps = cfg.local_epochs * steps_per_epoch(n_units, cfg.batch_size)
         sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else _planned_sigma(policy, cfg, ledger, q, steps)
         release = Release("train", sigma or 0.0, q, steps, cfg.max_grad_norm, run=cfg.run_key, round=cfg.server_round,
-                          request=request, private=not policy.insecure_deterministic_noise)
+                          request=request, private=not policy.insecure_deterministic_noise, unit=unit)
         if sigma is None or ledger.would_exceed(release):
             spent = ledger.epsilon()
             return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
                          reason=f"privacy budget exhausted: spent epsilon {spent:.3f} of this site's lifetime budget "
-                                f"{policy.target_epsilon}; the next round would exceed it")
+                                f"{policy.target_epsilon}; the next round would exceed it", unit=ledger.unit)
         stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
             epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
             noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train"),
             device=site_device(policy.device).torch_device),
-            loss_fn=loss_fn)
-        if (stats["sample_rate"], stats["steps"]) != (q, steps):  # the trainer must spend exactly what is charged
-            raise RuntimeError(f"trained at q={stats['sample_rate']}, {stats['steps']} steps; charged q={q}, {steps} steps")
+            loss_fn=loss_fn, units=None if units is None else torch.from_numpy(units))
+        if (stats["sample_rate"], stats["steps"], stats["unit"]) != (q, steps, unit):  # spend exactly what is charged
+            raise RuntimeError(f"trained per {stats['unit']} at q={stats['sample_rate']}, {stats['steps']} steps; "
+                               f"charged per {unit} at q={q}, {steps} steps")
         ledger.charge(release)  # durable before anything leaves the site
         # Only trainable parameters leave the site (fixed buffers such as the public projection stay).
         state = {k: v.detach().cpu().numpy() for k, v in head.named_parameters()}
         reply = Reply(STATUS_OK, policy.site_name, 1, state, _figures(policy, ledger),
-                      NOT_PRIVATE if policy.insecure_deterministic_noise else "")
+                      NOT_PRIVATE if policy.insecure_deterministic_noise else "", unit)
         store.put(request, reply.fields(), reply.arrays)
         return reply
+
+
+def _unit_or_none(policy: SitePolicy, cfg: RoundConfig) -> str | None:
+    """The site's unit of privacy, or None when its policy demands patients its data does not name."""
+    try:
+        return site_unit(policy, cfg)
+    except ValueError as e:
+        if str(e) != NO_PATIENTS:
+            raise
+        log.error("site %s: %s", policy.site_name, e)
+        return None
 
 
 def _verify_fixed_parts(policy: SitePolicy, cfg: RoundConfig, head) -> str | None:
@@ -441,6 +535,9 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
     if not _finite_arrays(arrays):
         return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
+    unit = _unit_or_none(policy, cfg)
+    if unit is None:
+        return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
     head = _build_head(cfg)
     _load_arrays(head, arrays)
     head.eval()
@@ -452,9 +549,11 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         with torch.no_grad():
             logits = head(torch.from_numpy(x)) if len(y) else torch.zeros(0, len(cfg.labels))
         per_image = _classify_contributions(logits, torch.from_numpy(y), len(cfg.labels))
+        units = site_units(policy, cfg, "val")
         exact = lambda: _exact_classify_metrics(logits, y, len(cfg.labels))  # noqa: E731
     else:
         per_image, seg_exact = _segment_contributions(policy, cfg, head)
+        units = site_units(policy, cfg, "val", head)
         exact = lambda: seg_exact  # noqa: E731
     if len(per_image) == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
@@ -466,22 +565,27 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
             if ledger.disclosed_in_run("evaluate", cfg.run_key) >= policy.disclosed_evaluations_per_run:
                 return Reply(STATUS_REFUSED, policy.site_name, reason=(
                     f"this site discloses at most {policy.disclosed_evaluations_per_run} exact evaluations per run"))
+            if ledger.disclosed("evaluate") >= policy.disclosed_evaluations_lifetime:
+                return Reply(STATUS_REFUSED, policy.site_name, reason=(
+                    f"this site has disclosed its lifetime limit of {policy.disclosed_evaluations_lifetime} exact evaluations"))
             ledger.disclose(Disclosure("evaluate", cfg.run_key, cfg.server_round, request))
             metrics = exact()
         else:
             sensitivity = _SENSITIVITY[cfg.task](len(cfg.labels))
             release = Release("evaluate", policy.evaluation_noise_multiplier, 1.0, 1, sensitivity, run=cfg.run_key,
-                              round=cfg.server_round, request=request, private=not policy.insecure_deterministic_noise)
+                              round=cfg.server_round, request=request, private=not policy.insecure_deterministic_noise,
+                              unit=unit)
             if ledger.would_exceed(release):
-                return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
+                return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger), unit=ledger.unit,
                              reason="privacy budget exhausted: an accounted evaluation would exceed this site's lifetime budget")
             rng = DPRandom(_insecure_seed(policy, cfg, "evaluate"))
-            sums = per_image.sum(0).double() + rng.gaussian(policy.evaluation_noise_multiplier * sensitivity,
-                                                             (per_image.shape[1],), torch.float64)
+            contributions = unit_rows(per_image, units, sensitivity)  # per patient: a patient's rows summed, clipped
+            sums = contributions.sum(0).double() + rng.gaussian(policy.evaluation_noise_multiplier * sensitivity,
+                                                                (per_image.shape[1],), torch.float64)
             ledger.charge(release)
             metrics = _metrics_of(cfg, sums)
         reply = Reply(STATUS_OK, policy.site_name, 1, None, {**metrics, **_figures(policy, ledger)},
-                      NOT_PRIVATE if policy.insecure_deterministic_noise else "")
+                      NOT_PRIVATE if policy.insecure_deterministic_noise else "", ledger.unit)
         store.put(request, reply.fields(), None)
         return reply
 

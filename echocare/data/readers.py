@@ -200,9 +200,12 @@ def read_folder(path: Path, spec: str, opts: ReadOptions) -> SiteData:
 
 
 def read_csv_manifest(path: Path, spec: str, opts: ReadOptions) -> SiteData:
-    """A CSV with columns ``path,label`` and optionally ``mask`` (``;`` between several) and ``group``.
+    """A CSV with columns ``path,label`` and optionally ``mask`` (``;`` between several), ``group``
+    and ``patient``.
 
-    Paths are relative to the CSV's folder. An empty label means unlabeled.
+    Paths are relative to the CSV's folder. An empty label means unlabeled. ``patient`` (a
+    pseudonym; it never leaves the site) goes to ``meta["patient"]`` and into the group, so a
+    patient's images stay in one split and the site can give per-patient DP (docs/privacy.md).
     """
     if not path.is_file():
         raise FileNotFoundError(f"csv: manifest not found: {path}")
@@ -224,8 +227,10 @@ def read_csv_manifest(path: Path, spec: str, opts: ReadOptions) -> SiteData:
         label = (row.get(columns["label"]) or "").strip() or None
         mask_field = (row.get(columns["mask"]) or "").strip() if "mask" in columns else ""
         group = (row.get(columns["group"]) or "").strip() or None if "group" in columns else None
+        patient = (row.get(columns["patient"]) or "").strip() if "patient" in columns else ""
         mask_paths = [base / m.strip() for m in mask_field.split(";") if m.strip()]
-        samples.append(Sample(rel, label, image_loader(base / rel), mask_loader(mask_paths), group))
+        samples.append(Sample(rel, label, image_loader(base / rel), mask_loader(mask_paths),
+                              f"patient:{patient}" if patient else group, {"patient": patient} if patient else {}))
     labels = sorted({s.label for s in samples if s.label is not None})
     has_masks = any(s.load_mask for s in samples)
     hint = "classify" if labels else ("segment" if has_masks else None)
@@ -350,7 +355,7 @@ def read_hc18(path: Path, spec: str, opts: ReadOptions) -> SiteData:
                 image_loader(img),
                 (lambda a=annotation: _hc18_mask(a)),
                 f"patient-{patient.group(1)}" if patient else name,
-                {"pixel_size_mm": pixel_mm, "hc_mm": hc_mm},
+                {"pixel_size_mm": pixel_mm, "hc_mm": hc_mm, **({"patient": patient.group(1)} if patient else {})},
             )
         )
     return SiteData(spec, [], select_limit(samples, opts.limit, opts.seed), problems, "hc")

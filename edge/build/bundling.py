@@ -57,6 +57,7 @@ def model_card(info: dict, report: dict | None) -> dict:
             p = entry.get("privacy") or {}
             if p.get("epsilon") is not None:
                 privacy[site] = {k: p[k] for k in ("epsilon", "delta", "noise_multiplier", "steps") if k in p}
+                privacy[site]["unit"] = p.get("unit") or "image"  # what epsilon protects: one patient or one image
     card.update({
         "sites": sites,
         "rounds": len(rounds),

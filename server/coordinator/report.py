@@ -1,7 +1,10 @@
 """The run report: report.json, report.csv, PNG plots and MODEL_CARD.md in the run directory.
 
 For every round and every site: the metrics and the privacy figures ``epsilon``, ``delta``,
-``noise_multiplier``, ``sample_rate``, ``steps`` (cumulative DP-SGD steps) and ``accountant``.
+``noise_multiplier``, ``sample_rate``, ``steps`` (cumulative DP-SGD steps), ``accountant`` and
+``unit``: what the site's guarantee protects, ``"patient"`` (user-level DP: all of one patient's
+images) or ``"image"`` (one image; a site that does not know its patients, or an older site that
+does not say, is reported per image).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from pathlib import Path
 
 PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
+UNIT_KEY = "privacy_unit"  # what the strategy records from a reply's "privacy-unit"
 
 
 def build_report(run: dict, rounds: dict[int, dict]) -> dict:
@@ -22,10 +26,10 @@ def build_report(run: dict, rounds: dict[int, dict]) -> dict:
         for site in sorted(set(rl.get("train", {})) | set(rl.get("evaluate", {})) | set(rl.get("rejected", {}))):
             t = rl.get("train", {}).get(site, {})
             entry = {"status": t.get("status", "not-trained"),
-                     "train": {k: v for k, v in t.items() if k not in PRIVACY_KEYS and k not in ("status", "dp-weight", "device")},
+                     "train": {k: v for k, v in t.items() if k not in PRIVACY_KEYS and k not in ("status", "dp-weight", "device", UNIT_KEY)},
                      "evaluate": rl.get("evaluate", {}).get(site, {})}
             if any(k in t for k in PRIVACY_KEYS):
-                entry["privacy"] = {**{k: t.get(k) for k in PRIVACY_KEYS}, "accountant": "rdp"}
+                entry["privacy"] = {**{k: t.get(k) for k in PRIVACY_KEYS}, "accountant": "rdp", "unit": t.get(UNIT_KEY) or "image"}
                 if entry["privacy"]["steps"] is not None:
                     entry["privacy"]["steps"] = int(entry["privacy"]["steps"])
             if "device" in t:  # the site's compute device class, e.g. "cuda:H200" or "cpu" (a capability)
@@ -107,18 +111,20 @@ def model_card(report: dict) -> str:
     enc = report["encoder"]
     lines = [
         f"# Model card — {report['task']} head on EchoCare ({enc['config']})", "",
-        "Trained by federated learning with example-level differential privacy (DP-SGD, Opacus) at each site.", "",
+        f"Trained by federated learning with differential privacy (DP-SGD) at each site, {_unit_words(final_eps)}.", "",
         "## Model",
         f"- Encoder: `{enc['config']}` (frozen), checkpoint sha256: `{enc.get('sha256') or 'none — seeded random init (seed %s), no released weights used' % enc.get('seed')}`",
         f"- Task: `{report['task']}`; labels: {', '.join(report['labels'])}",
         f"- Head: {json.dumps(report.get('head', {}))}",
         f"- Strategy: {report['strategy']}; rounds: {report['rounds_completed']} of {report['num_rounds']}",
         "", "## Sites", "",
-        "| site | final epsilon | delta | noise multiplier | sample rate | DP-SGD steps |", "|---|---|---|---|---|---|",
+        "| site | privacy unit | final epsilon | delta | noise multiplier | sample rate | DP-SGD steps |",
+        "|---|---|---|---|---|---|---|",
     ]
     for site, p in sorted(final_eps.items()):
         shown = lambda k, fmt: "not disclosed" if p.get(k) is None else format(p[k], fmt)  # noqa: E731  (site policy: docs/privacy.md)
-        lines.append(f"| {site} | {p['epsilon']:.3f} | {p['delta']:.2g} | {shown('noise_multiplier', '.3f')} | {shown('sample_rate', '.4f')} | {shown('steps', 'd')} |")
+        lines.append(f"| {site} | per {p.get('unit') or 'image'} | {p['epsilon']:.3f} | {p['delta']:.2g} | "
+                     f"{shown('noise_multiplier', '.3f')} | {shown('sample_rate', '.4f')} | {shown('steps', 'd')} |")
     not_private = sorted({s for r in report["rounds"] for s, e in r["sites"].items() if e.get("train", {}).get("not-private")})
     if not_private:  # a site's policy set insecure_deterministic_noise (tests only): docs/privacy.md
         lines += ["", f"**NOT PRIVATE: {', '.join(not_private)} trained with insecure deterministic noise (a test "
@@ -135,9 +141,22 @@ def model_card(report: dict) -> str:
     lines += ["", "## DP parameters",
               f"- per-example clipping norm: {report['dp']['max_grad_norm']}; accountant: RDP; "
               f"target epsilon per site: {report['dp']['target_epsilon']}",
-              "- Guarantee: (epsilon, delta)-DP per site, at the level of one training image, epsilon is each site's lifetime total on its dataset (every run and every release, docs/privacy.md).",
+              f"- Guarantee: (epsilon, delta)-DP per site, {_unit_words(final_eps)}; epsilon is each site's lifetime total on its dataset (every run and every release, docs/privacy.md).",
               "", "Images, features, file names and patient fields never left the sites.", ""]
     return "\n".join(lines)
+
+
+def _unit_words(final: dict[str, dict]) -> str:
+    """What the guarantee protects, in words, from each site's reported unit ("image" when unsaid)."""
+    units = {site: (p.get("unit") or "image") for site, p in final.items()}
+    if units and set(units.values()) == {"patient"}:
+        return "at the level of one patient (user-level DP: all of a patient's images together)"
+    patients = sorted(s for s, u in units.items() if u == "patient")
+    if patients:
+        return (f"at the level of one patient at {', '.join(patients)} and of one training image at the other sites "
+                "(a patient with k images there is protected roughly k times more weakly)")
+    return ("at the level of one training image (per image: a patient with k images is protected roughly "
+            "k times more weakly)")
 
 
 def write_report(run_dir: Path, run: dict, rounds: dict[int, dict], metric: str) -> dict:

@@ -185,7 +185,8 @@ class SecureFedAvg(LegacyStrategy):
             status, reason = str(m.pop("status", STATUS_OK)), str(m.pop("reason", ""))
             m.pop("accountant", None)
             rl.train[site] = {**{k: float(v) for k, v in m.items() if isinstance(v, (int, float))}, "status": status,
-                             **({"device": str(m["device"])} if "device" in m else {})}
+                             **({"device": str(m["device"])} if "device" in m else {}),
+                             **({"privacy_unit": str(m["privacy-unit"])} if "privacy-unit" in m else {})}
             if status == STATUS_EXHAUSTED:
                 self.guard.excluded_nodes.add(proxy.node_id)
                 self.guard.exhausted_sites.add(site)

@@ -175,6 +175,13 @@ def site_device(msg: Message) -> dict[str, str]:
     return {"device": str(rec["device"])} if rec is not None and "device" in rec else {}
 
 
+def privacy_unit(msg: Message) -> dict[str, str]:
+    """``{"privacy_unit": "patient" | "image"}`` when the reply names the unit its site's DP
+    guarantee protects (docs/privacy.md), else ``{}``."""
+    rec = msg.content.config_records.get("site") if msg.content else None
+    return {"privacy_unit": str(rec["privacy-unit"])} if rec is not None and "privacy-unit" in rec else {}
+
+
 def _metrics(msg: Message) -> dict[str, float]:
     """The figures a site reported, as it reported them (its claimed ``num-examples`` included)."""
     recs = list(msg.content.metric_records.values())
@@ -277,7 +284,7 @@ class SiteGuard(Strategy):
                 continue
             site, status, reason = _site_info(msg)
             metrics = _metrics(msg)
-            rl.train[site] = {**metrics, "status": status, **site_device(msg)}
+            rl.train[site] = {**metrics, "status": status, **site_device(msg), **privacy_unit(msg)}
             if status == "budget-exhausted":
                 self.excluded_nodes.add(msg.metadata.src_node_id)
                 self.exhausted_sites.add(site)

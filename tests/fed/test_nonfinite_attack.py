@@ -10,6 +10,7 @@ zero, exactly as if it had not been sampled, and a head holding NaN/inf is refus
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fed.dp import linear_clipped_sum, linear_input_factor
@@ -62,3 +63,28 @@ def test_non_finite_or_absurd_coordinator_numbers_are_refused_before_the_ledger(
                    {"max_grad_norm": float("nan")}, {"noise_multiplier": 1e300}, {"batch_size": 0}, {"num_rounds": 0}):
         cfg = RoundConfig(**change)
         assert _bad_numbers(cfg), change
+
+
+@pytest.mark.parametrize("path", [dict(grad_sample_mode="ghost"), dict(grad_sample_mode="hooks"),
+                                  dict(grad_sample_mode="ghost", dropout=0.2)], ids=["ghost", "hooks", "dropout"])
+def test_a_hidden_head_that_overflows_for_one_image_still_releases_finite_weights(path):
+    """The Opacus path (heads with a hidden layer): the crafted head overflows only for the image
+    whose feature 0 is large; that image contributes zero and the release is finite, as on the
+    linear path (before: its NaN clip factor made every released weight NaN)."""
+    from fed.dp import DPConfig, train_head
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    x[:, 0] = x[:, 0].clamp(-3, 3)
+    x[7, 0] = 1e3  # the one image the coordinator targets
+    y = torch.randint(0, 3, (40,), generator=g)
+    dropout = path.pop("dropout", 0.0)
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        head[0].weight[0].zero_()
+        head[0].weight[0, 0] = 1e36  # feature 0 = 1e3 overflows float32; |feature| <= 3 stays finite
+        head[0].bias[0] = 0.0
+        assert not torch.isfinite(head(x[7:8])).all() and torch.isfinite(head(torch.cat([x[:7], x[8:]]))).all()
+    train_head(head, x, y, DPConfig(epochs=1, batch_size=40, lr=0.1, noise_multiplier=1.0, fast_linear=False, **path))
+    assert all(torch.isfinite(p).all() for p in head.parameters())

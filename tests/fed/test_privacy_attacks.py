@@ -185,7 +185,9 @@ def test_a_new_run_key_does_not_get_a_fresh_budget(tmp_path, cache, public):
     second = train_round(policy, _cfg(noise_multiplier=1.0, run_key="run-b", lr=0.5), w)
     assert second.status == "budget-exhausted", (second.status, second.metrics)
     book = _lifetime_ledger(policy)
-    assert book["epsilon"] == pytest.approx(first.metrics["epsilon"], abs=1e-3) and len(book["releases"]) == 1
+    assert len(book["releases"]) == 1
+    # the reply carries the lifetime epsilon rounded UP to a coarse grid (exact epsilon is a function of N)
+    assert book["epsilon"] <= first.metrics["epsilon"] < book["epsilon"] + 0.25
 
 
 def test_the_lifetime_ledger_recomposes_independently(tmp_path, cache, public):
