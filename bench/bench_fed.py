@@ -10,7 +10,11 @@ Prints ratios measured side by side in one run (this machine is noisy), never as
   quality  BUSI 3-class, 3 sites, Dirichlet 0.5, epsilon 8: macro AUROC of the federated DP head vs a
            centralised non-DP head on the same features and encoder
 
-Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|all] [--encoder echocare-tiny] [--quick]
+  sweep    what helps under DP: the quality protocol under each configuration of SWEEP (projection size,
+           rounds, local epochs, batch, lr, last-stage pooling, public pre-training of the head on
+           phantoms), the federation emulated in-process over the sites' real train_round
+
+Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|sweep|all] [--encoder echocare-tiny] [--quick]
 """
 
 from __future__ import annotations
@@ -265,14 +269,153 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
             "cost_of_federation_and_privacy": mean("centralised_non_dp_auroc") - mean("federated_dp_eps8_auroc")}
 
 
+# -- what helps under DP: an in-process sweep over the sites' real train_round -------------------------
+SWEEP = {  # name -> run-config changes from the quality protocol (projection 64, 10 rounds x 2 epochs, lr 0.2, batch 32)
+    "protocol": {},
+    "proj16": {"feature_projection": 16},
+    "proj32": {"feature_projection": 32},
+    "proj128": {"feature_projection": 128},
+    "rounds5-epochs1": {"num_server_rounds": 5, "local_epochs": 1},
+    "rounds20-epochs1": {"num_server_rounds": 20, "local_epochs": 1},
+    "batch64": {"batch_size": 64},
+    "batch128-lr0.5": {"batch_size": 128, "lr": 0.5},
+    "lr0.5": {"lr": 0.5},
+    "lr0.05": {"lr": 0.05},
+    "pooling-last": {"pooling": "last"},
+    "phantom-pretrain": {"pretrain": True},
+    "proj16-phantom-pretrain": {"feature_projection": 16, "pretrain": True},
+}
+
+
+def _fedavg(replies: list, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FedAvg with equal site weights (what SiteGuard's fedavg does with every site's fixed weight 1)."""
+    ok = [r.arrays for r in replies if r.status == "ok" and r.arrays]
+    if not ok:
+        return weights
+    return {**weights, **{k: np.mean([a[k] for a in ok], axis=0).astype(weights[k].dtype) for k in ok[0]}}
+
+
+def _phantom_pretrained(rc, cfg, weights: dict[str, np.ndarray], n: int = 300) -> dict[str, np.ndarray]:
+    """The initial head fitted (non-DP: public data, no privacy cost) on labelled PUBLIC phantoms of the
+    three classes, through the head's fixed public projection; the sites start from it."""
+    import torch
+
+    from echocare.data import open_data
+    from fed import task
+    from fed.dp import DPConfig, train_head
+    from fed.features import pooled_features, select_pooled
+
+    data = open_data(f"phantom:{n}?profiles=linear-a,convex-b,linear-c&seed=4242")
+    x, kept = pooled_features(data, rc.encoder, _spec(rc), Path(cfg.public_cache_dir))
+    head = task._build_head(rc)
+    task._load_arrays(head, weights)
+    x = select_pooled(x, rc.encoder.config, head.stages)
+    y = np.array([rc.labels.index(s.label) for s in kept], np.int64)
+    train_head(head, torch.from_numpy(x), torch.from_numpy(y), DPConfig(epochs=20, batch_size=32, lr=0.2, noise_multiplier=0.0))
+    return {k: v.detach().cpu().numpy().copy() for k, v in head.state_dict().items()}
+
+
+def _spec(rc):
+    from echocare.preprocess import PreprocessSpec
+
+    return PreprocessSpec.from_dict(rc.preprocess) if rc.preprocess else PreprocessSpec()
+
+
+def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: str | None, limit: int | None = None) -> dict:
+    """Federated DP (3 sites, Dirichlet 0.5, epsilon 8 per site) under each SWEEP configuration,
+    scored like ``quality`` on the pooled held-out splits, against the centralised non-DP reference of
+    the quality protocol (L2 logistic regression, C cross-validated, on the default 64-dim projection).
+
+    The federation is emulated in one process: each round every site runs its real ``train_round``
+    (its policy, lifetime ledger, noise calibration, DP-SGD), and the coordinator averages the
+    replies with equal weights (FedAvg as SiteGuard runs it; its outlier screening is left out).
+    Flower's transport and the per-round evaluations (disclosed, so without privacy cost in a
+    simulation) are skipped: that is what makes a sweep affordable on two cores."""
+    import torch
+    from sklearn.linear_model import LogisticRegressionCV
+
+    from echocare.metrics import auroc_macro_ovr
+    from echofleet.simulation import SimulationConfig, check, layout_sites
+    from fed import task
+    from fed.config import RunConfig
+    from fed.policy import load_policy
+    from fed.task import site_features, train_round
+    from server.coordinator.server_app import initial_head
+
+    if not BUSI.exists():
+        return {"skipped": f"BUSI not found at {BUSI}"}
+    tmp = Path(tempfile.mkdtemp())
+    cache = cache_dir or str(tmp / "cache")
+    data = f"busi:{BUSI}" + (f"?limit={limit}&seed=0" if limit else "")
+    base = dict(num_server_rounds=10, local_epochs=2, lr=0.2, batch_size=32, target_epsilon=8.0, feature_projection=64)
+    rows = []
+    for seed in range(seeds):
+        reference = None
+        for name in ["protocol"] + [n for n in names if n != "protocol"]:
+            change = dict(SWEEP[name])
+            pooling, pretrain = change.pop("pooling", None), change.pop("pretrain", False)
+            run_dir = tmp / f"s{seed}-{name}"
+            sim = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=change.get("num_server_rounds", 10),
+                                   epsilon=8.0, encoder=encoder, out=str(run_dir), cache_dir=cache, seed=seed,
+                                   local_epochs=change.get("local_epochs", 2), quiet=True, device="cpu")
+            run = check(sim).replace(**{**base, **change}, encoder_config=encoder, seed=seed, run_dir=str(run_dir),
+                                     public_cache_dir=cache)
+            rc = run.round_config(f"sweep-{seed}-{name}")
+            if pooling:
+                rc.head = {**rc.head, "pooling": pooling}
+            sites = layout_sites(sim, run_dir)
+            policies = [load_policy(sites / f"site-{k}" / "policy.toml") for k in range(3)]
+            t = time.perf_counter()
+            weights = initial_head(rc, run)
+            if pretrain:
+                weights = _phantom_pretrained(rc, run, weights)
+            start = dict(weights)
+            trained = 0
+            for rnd in range(1, run.num_server_rounds + 1):
+                replies = [train_round(p, dataclasses.replace(rc, server_round=rnd), weights) for p in policies]
+                trained += sum(r.status == "ok" for r in replies)
+                weights = _fedavg(replies, weights)
+            xs, ys, xv, yv = [], [], [], []
+            for p in policies:
+                a, b = site_features(p, rc, "train")
+                c, d = site_features(p, rc, "val")
+                xs.append(a), ys.append(b), xv.append(c), yv.append(d)
+            x_tr, y_tr, x_va, y_va = map(np.concatenate, (xs, ys, xv, yv))
+            head = task._build_head(rc)
+            task._load_arrays(head, weights)
+            with torch.no_grad():
+                auroc = float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
+            if reference is None:  # the quality protocol's centralised non-DP reference (64-dim projection)
+                task._load_arrays(head, start)
+                with torch.no_grad():
+                    proj = lambda x: ((torch.from_numpy(x) - head.proj_mean) @ head.proj_matrix).numpy()  # noqa: E731
+                lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr", max_iter=5000).fit(proj(x_tr), y_tr)
+                reference = float(auroc_macro_ovr(y_va, lr_cv.predict_proba(proj(x_va)), 3))
+            rows.append({"seed": seed, "config": name, "change": SWEEP[name], "federated_dp_eps8_auroc": auroc,
+                         "centralised_non_dp_auroc": reference, "gap": reference - auroc, "site_rounds_trained": trained,
+                         "seconds": round(time.perf_counter() - t, 1)})
+            print(f"  seed {seed} {name:24s} fed DP {auroc:.3f}  central non-DP {reference:.3f}  gap {reference - auroc:+.3f}"
+                  f"  ({trained} site-rounds trained, {rows[-1]['seconds']} s)", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        got = [r for r in rows if r["config"] == name]
+        summary[name] = {"federated_dp_eps8_auroc_mean": float(np.mean([r["federated_dp_eps8_auroc"] for r in got])),
+                         "federated_dp_eps8_auroc_sd": float(np.std([r["federated_dp_eps8_auroc"] for r in got])),
+                         "gap_mean": float(np.mean([r["gap"] for r in got])), "seeds": len(got)}
+    return {"encoder": encoder, "protocol": base, "rows": rows, "summary": summary}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="?", default="all", choices=["cache", "dp", "bytes", "scale", "quality", "all"])
+    ap.add_argument("which", nargs="?", default="all", choices=["cache", "dp", "bytes", "scale", "quality", "sweep", "all"])
     ap.add_argument("--encoder", default="echocare-tiny")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (scale: 20 sites x 3 rounds; quality: 150 images)")
     ap.add_argument("--sites", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--cache-dir", default=None, help="scale: keep the sites' feature caches here between runs")
+    ap.add_argument("--cache-dir", default=None, help="scale, sweep: keep the sites' feature caches here between runs")
+    ap.add_argument("--configs", default=",".join(SWEEP), help=f"sweep: which of {', '.join(SWEEP)}")
+    ap.add_argument("--seeds", type=int, default=3, help="sweep: Dirichlet partitions")
     a = ap.parse_args()
     todo = ["cache", "dp", "bytes", "scale", "quality"] if a.which == "all" else [a.which]
     results = {}
@@ -300,6 +443,10 @@ def main() -> None:
                     f"(+{r['feature_warmup_s']:.0f}s warm-up run: Ray start, feature extraction unless cached, noise calibration), peak RSS {r['peak_rss_gb']:.2f} GB "
                     f"(target <= 300 s, <= 4 GB); >= {r['sites_trained_per_round_min']} sites trained every round, "
                     f"sigma >= {r['min_noise_multiplier']:.2f}, final epsilon <= {r['final_epsilon_max']:.2f}")
+        elif name == "sweep":
+            r = bench_quality_sweep(a.encoder, a.configs.split(","), a.seeds, a.cache_dir, 150 if a.quick else None)
+            line = "skipped: " + r["skipped"] if "skipped" in r else "; ".join(
+                f"{k} {v['federated_dp_eps8_auroc_mean']:.3f} (gap {v['gap_mean']:+.3f})" for k, v in r["summary"].items())
         else:
             r = bench_quality(a.encoder, 150 if a.quick else None, seeds=1 if a.quick else 3)
             line = ("skipped: " + r["skipped"]) if "skipped" in r else (
