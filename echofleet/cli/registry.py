@@ -329,12 +329,16 @@ def list_releases(
         raise _fail(f"--channel {channel!r}: expected canary or stable", 2)
     with conn.client() as client:
         releases = _registry_call(lambda: client.list_releases(device_class, channel))
+    from server.registry.store import acceptance_verdict
+
     table = Table(title=f"{device_class} / {channel}")
-    for col in ("", "version", "name", "task", "size", "published", "promoted", "sha256"):
+    for col in ("", "version", "name", "task", "acceptance", "size", "published", "promoted", "sha256"):
         table.add_column(col)
     for r in releases:
         m = json.loads(r.manifest_json)
+        accepted, why = acceptance_verdict(m)
         table.add_row("*" if r.current else "", r.version, str(m.get("name", "")), str(m.get("task", "")),
+                      "[green]passed[/]" if accepted else f"[red]{escape(why[:60])}[/]",
                       f"{r.size:,} B", _when(r.published_at), _when(r.promoted_at), r.sha256[:12])
     console.print(table if releases else f"no releases on {channel} for {device_class}")
 

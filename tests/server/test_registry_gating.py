@@ -155,6 +155,8 @@ def test_registry_cli_promote_force_reason_and_audit(server, admin, bundles, mon
     r = runner.invoke(app, ["registry", "promote", "-c", "cart", "-v", "1.1.0", "--force", "--reason",
                             "[bold]field fix[/] ticket 9", *conn])
     assert r.exit_code == 0 and "FORCED" in r.output, r.output
+    r = runner.invoke(app, ["registry", "list", "-c", "cart", *conn])
+    assert r.exit_code == 0 and "the signed manifest has no acceptance record" in r.output, r.output
     r = runner.invoke(app, ["registry", "audit", *conn])
     assert r.exit_code == 0 and "promote-refused" in r.output and "promote-forced" in r.output, r.output
     assert "[bold]field fix[/] ticket 9" in r.output  # the reason is text, not markup
