@@ -97,6 +97,8 @@ class SitePolicy:
     allowed_tasks: tuple[str, ...] = ("classify",)
     target_epsilon: float = 8.0
     delta: float | None = None
+    privacy_unit: str = "auto"
+    min_noise_multiplier: float = 0.5
     max_local_epochs: int = 5
     max_grad_norm: float | None = None
     evaluation: str = "accounted"
@@ -155,8 +157,9 @@ class SitePolicy:
         return Path(self.cache_dir) if self.cache_dir else Path(self.state_dir) / "features"
 
     def delta_for(self, n: int) -> float:
-        """The delta for a site with ``n`` images (policy value, or ``min(1e-5, 0.1/N)``)."""
-        return self.delta if self.delta is not None else min(1e-5, 0.1 / max(1, n))
+        """The delta for a site with ``n`` privacy units (policy value, or the largest power of ten
+        not above ``min(1e-5, 0.1/N)``: on a fixed grid, so that a released delta does not reveal N)."""
+        return self.delta if self.delta is not None else delta_on_grid(min(1e-5, 0.1 / max(1, n)))
 
     def delta_problem(self, n: int, delta: float | None = None, unit: str = "image") -> str | None:
         """Why ``delta`` (default: this policy's) is not acceptable for ``n`` units (it must be
