@@ -294,7 +294,7 @@ class Agent:
         release = self.client.current_release(self.cfg.device_class, self.cfg.channel)
         state = self._load_state()
         running = self.running_version()
-        problem = None if release is None else release_problem(release)
+        problem = None if release is None else release_problem(release, self.cfg.device_class)
         if release is None:
             result = CycleResult("no-release", running, "", "healthy" if running else "unknown",
                                  f"no release on the {self.cfg.channel} channel yet")
@@ -486,9 +486,13 @@ class Agent:
             self._sleep(delay)
 
 
-def release_problem(release) -> str | None:
+def release_problem(release, device_class: str) -> str | None:
     """Why a release announced by the registry must not be used here (its fields name files), or None."""
     version, sha = getattr(release, "version", None), getattr(release, "sha256", None)
+    announced_class = getattr(release, "device_class", "") or ""
+    if announced_class and announced_class != device_class:
+        return (f"the registry announced a release of device class {announced_class!r}, this is {device_class!r}; "
+                "nothing was written")
     if not isinstance(version, str) or not re.fullmatch(NAME_PATTERN, version):
         return f"version {version!r} is not a bundle version (must match {NAME_PATTERN}); nothing was written"
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):

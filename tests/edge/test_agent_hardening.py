@@ -75,10 +75,12 @@ def _files(root: Path) -> set[str]:
     ("1.0/../../x", None, "is not a bundle version"),
     ("1.0.0\n", None, "is not a bundle version"),
     ("1.0.0", "../../outside" + "0" * 51, "is not 64 lowercase hex digits"),
+    ("1.0.0@other-class", None, "announced a release of device class 'handheld', this is 'cart'"),
 ])
 def test_a_malicious_release_name_is_refused_before_anything_is_written(tmp_path, release, version, sha, problem):
     data = release["data"]
-    announced = pb.Release(device_class="cart", version=version, sha256=sha or hashlib.sha256(data).hexdigest(),
+    version, _, other_class = version.partition("@")
+    announced = pb.Release(device_class="handheld" if other_class else "cart", version=version, sha256=sha or hashlib.sha256(data).hexdigest(),
                            size=len(data))
     fake = FakeRegistry(announced, data)
     device = tmp_path / "fleet" / "dev"
