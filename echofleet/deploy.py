@@ -13,7 +13,11 @@ Everything ``docs/deploy.md`` tells a coordinator and a hospital to do, done for
    pointing at its policy;
 5. coordinator: ``flwr run`` of the Flower app (this repository) with run-config overrides; wait
    until the run finishes and its report is written;
-6. stop every process started here (also on error, timeout or Ctrl-C).
+6. optionally (``DeployConfig.release_target``) the edge release: ``edge build RUN --calib sites``
+   whose calibration is a second ``flwr run`` with ``mode = "release"`` over the same TLS SuperLink
+   (each hospital answers with noisy activation histograms charged to its ledger; no patient image
+   reaches the coordinator), then the central gate on public phantoms, sign, verify;
+7. stop every process started here (also on error, timeout or Ctrl-C).
 
 Every file (keys, policies, Flower homes, the SuperLink database, logs, the run report) lands in
 the run directory; nothing is written to ``~/.flwr``. ``examples/deploy-localhost/run.py`` is the
@@ -71,6 +75,10 @@ class DeployConfig:
     run_config: dict = field(default_factory=dict)
     timeout: float = 900.0  # seconds for the whole federation (flwr run until the report is written)
     startup_timeout: float = 90.0  # seconds for the SuperLink / SuperNodes to come up
+    # after training: an INT8 edge build of the global model for this target, calibrated at the hospitals
+    # (`edge build RUN --calib sites`), gated on public phantoms (release_val), signed with a key made here
+    release_target: str | None = None
+    release_val: str = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=9"
 
 
 @dataclass
@@ -262,6 +270,7 @@ class Deployment:
         self.processes: list[Started] = []
         self.node_ids: dict[str, str] = {}
         self.active_run: str | None = None  # a run submitted and not yet finished
+        self._fab = ""  # the app and FAB hash of the last run submitted (for the log)
 
     # -- paths the coordinator owns
     @property
@@ -495,21 +504,23 @@ class Deployment:
     def run_config(self) -> dict:
         return federation_run_config(self.cfg, self.federation_dir)
 
-    def run_federation(self, progress: Callable[[str], None] = print) -> tuple[str, dict]:
-        """``flwr run`` the app; wait until it finishes and ``report.json`` exists. Returns (run id, report)."""
-        overrides = self.coordinator / "run-config.toml"
-        overrides.write_text(toml_dumps(self.run_config()))
+    def submit(self, run_config: dict, name: str = "run-config") -> str:
+        """``flwr run`` the app with ``run_config`` (written to a TOML file beside the coordinator); the run id."""
+        overrides = self.coordinator / f"{name}.toml"
+        overrides.write_text(toml_dumps(run_config))
         reply = self.flwr("run", str(self.cfg.app), "--run-config", str(overrides), timeout=300).data
-        run_id = str(reply["run-id"])
-        self.active_run = run_id
-        progress(f"run {run_id} submitted (app {reply.get('fab-id')} {reply.get('fab-version')}, FAB {reply.get('fab-hash')})")
-        report_path = self.federation_dir / "report.json"
+        self.active_run = str(reply["run-id"])
+        self._fab = f"app {reply.get('fab-id')} {reply.get('fab-version')}, FAB {reply.get('fab-hash')}"
+        return self.active_run
+
+    def wait(self, run_id: str, progress: Callable[[str], None], nearly_done: Callable[[], bool]) -> str:
+        """Wait until run ``run_id`` finishes (or the timeout stops it); its final status."""
         deadline, last, asked = time.monotonic() + self.cfg.timeout, "", 0.0
         while True:
             self.check_alive([h.name for h in self.hospitals])
             # Ask the SuperLink every 10 s (each `flwr list` starts a CLI: CPU the sites need), every 2 s once
-            # the report is there (the run is about to finish).
-            if time.monotonic() - asked >= (2.0 if report_path.is_file() else 10.0):
+            # the run's output is there (the run is about to finish).
+            if time.monotonic() - asked >= (2.0 if nearly_done() else 10.0):
                 asked = time.monotonic()
                 runs = self.flwr("list", "--run-id", run_id, check=False, timeout=60).data.get("runs", [])
                 status = runs[0]["status"] if runs else "unknown"
@@ -518,7 +529,7 @@ class Deployment:
                     last = status
                 if status.startswith("finished"):
                     self.active_run = None
-                    break
+                    return last
             if time.monotonic() > deadline:
                 self.flwr("stop", run_id, check=False, timeout=60)
                 self.active_run = None
@@ -526,6 +537,13 @@ class Deployment:
                 raise DeployError(f"run {run_id} still '{last}' after {self.cfg.timeout:.0f} s (stopped); "
                                   f"ServerApp log: {self.coordinator / 'serverapp.log'}")
             time.sleep(1.0)
+
+    def run_federation(self, progress: Callable[[str], None] = print) -> tuple[str, dict]:
+        """``flwr run`` the app; wait until it finishes and ``report.json`` exists. Returns (run id, report)."""
+        run_id = self.submit(self.run_config())
+        progress(f"run {run_id} submitted ({self._fab})")
+        report_path = self.federation_dir / "report.json"
+        last = self.wait(run_id, progress, report_path.is_file)
         log_path = self.save_run_log(run_id)
         model_path = self.federation_dir / "global" / "model.json"
         if last != "finished:completed" or not report_path.is_file() or not model_path.is_file():
@@ -533,6 +551,30 @@ class Deployment:
                               f"global/model.json written: {model_path.is_file()}); ServerApp log {log_path}:\n"
                               + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
         return run_id, json.loads(report_path.read_text())
+
+    # -- 6. coordinator: the edge release, calibrated at the hospitals (run-config mode = "release")
+    def site_calibration(self, progress: Callable[[str], None] = print):
+        """A :data:`edge.federated.coordinator.SiteCalibration` over this deployment: the plan goes to
+        ``RUN/release/plan.npz``, a ``flwr run`` with ``mode = "release"`` (same TLS SuperLink, same
+        registered SuperNodes) sends it to every hospital, and the answers are read back."""
+        from echofleet.apps import answers_path, plan_path
+        from edge.federated.coordinator import load_answers, save_plan
+
+        def ask(plan):
+            save_plan(plan, plan_path(self.federation_dir))
+            answers = answers_path(self.federation_dir, plan)
+            answers.unlink(missing_ok=True)
+            run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
+            progress(f"release run {run_id} submitted: calibration plan to {len(self.hospitals)} hospitals ({self._fab})")
+            last = self.wait(run_id, progress, answers.is_file)
+            log_path = self.save_run_log(run_id)
+            if last != "finished:completed" or not answers.is_file():
+                raise DeployError(f"release run {run_id} ended '{last}' (answers written: {answers.is_file()}); "
+                                  f"ServerApp log {log_path}:\n"
+                                  + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+            return load_answers(answers)
+
+        return ask
 
     def save_run_log(self, run_id: str) -> Path:
         """The ServerApp's log, fetched from the SuperLink (``flwr log RUN_ID --show``)."""
@@ -588,12 +630,35 @@ def deploy(cfg: DeployConfig, say: Callable[[str], None] = print) -> dict:
             step(f"coordinator: flwr run {cfg.app} with {d.run_config()}")
             run_id, report = d.run_federation(progress=step)
             step(f"run {run_id} completed: {d.federation_dir / 'report.json'}")
+            if cfg.release_target:
+                report["release"] = release(d, cfg, step)
         finally:
             step("stopping every process started here")
             d.close()
             summary = d.summary()
             atomic_write_bytes(run_dir / "deployment.json", json.dumps(summary, indent=2).encode())
     return report
+
+
+def release(d: Deployment, cfg: DeployConfig, step: Callable[[str], None]) -> dict:
+    """Step 6: an INT8 build of the run's global model for ``cfg.release_target``, calibrated at the
+    hospitals over the deployment; the signing key is made here (``coordinator/keys/release``)."""
+    from echocare.bundle import generate_keypair
+    from edge.build.pipeline import build
+
+    key, _pub = generate_keypair(d.coordinator / "keys" / "release", overwrite=True)
+    step(f"coordinator: edge build {d.federation_dir} --target {cfg.release_target} --calib sites (mode=release)")
+    from edge.build.gate import GateFailed
+
+    try:
+        summary = build(d.federation_dir, cfg.release_target, "sites", cfg.release_val, key, d.run_dir / "dist",
+                        sites=d.site_calibration(progress=step), progress=step)
+    except GateFailed as e:  # a refused build is an outcome, not a broken deployment
+        step(f"edge release refused by the gate: {e}")
+        return {"ok": False, "reason": str(e)}
+    step(f"edge release {'ok' if summary.ok else 'FAILED'}: {summary.tarball}")
+    return {"ok": summary.ok, "tarball": str(summary.tarball), "calibration": summary.manifest["calibration"],
+            "gate": summary.gate.to_dict() if summary.gate else None}
 
 
 def print_summary(report: dict, run_dir: Path) -> None:

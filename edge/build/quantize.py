@@ -257,7 +257,9 @@ def quantize_qdq(onnx_path: Path, calib: np.ndarray | None, out_path: Path, conf
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=keep,
-                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+                # CalibMaxIntermediateOutputs: MinMax merges every 16 images' tensors (same ranges, bounded
+                # memory: one echocare-tiny image holds ~23 M calibrated values)
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibMaxIntermediateOutputs": 16},
                 **source,
             )
         except Exception as e:

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
                         "repeatable, e.g. -c local-epochs=2 -c lr=0.3")
     p.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the Flower app to run (default: this repository)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds the federation may take (default 900)")
+    p.add_argument("--release-target", default=None, metavar="TARGET",
+                   help="then build a signed INT8 edge bundle for TARGET (e.g. onnxruntime-cpu) calibrated at the "
+                        "hospitals: a second `flwr run` with mode=\"release\" over the same TLS SuperLink")
     a = p.parse_args(argv)
     if a.sites < 1 or a.rounds < 1:
         p.error("--sites and --rounds must be >= 1")
@@ -48,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
     except ValueError as e:
         p.error(str(e))
     return DeployConfig(run_dir=a.run_dir, sites=a.sites, data=a.data, rounds=a.rounds, encoder=a.encoder,
-                        epsilon=a.epsilon, app=a.app.resolve(), run_config=overrides, timeout=a.timeout)
+                        epsilon=a.epsilon, app=a.app.resolve(), run_config=overrides, timeout=a.timeout,
+                        release_target=a.release_target)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -67,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; every process started here was stopped", file=sys.stderr)
         return 130
     print_summary(report, Path(cfg.run_dir).resolve())
+    if "release" in report:
+        r = report["release"]
+        sites = ", ".join(f"{a['site']} {a['status']} (epsilon {a['epsilon']})" for a in r.get("calibration", {}).get("sites", []))
+        print(f"edge release {'ok' if r['ok'] else 'refused'}: {r.get('tarball') or r.get('reason')}"
+              + (f"; calibrated at {sites}" if sites else ""))
+        if not r["ok"]:
+            return 1
     return 0
 
 

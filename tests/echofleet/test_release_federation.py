@@ -87,3 +87,53 @@ def test_calib_sites_without_simulated_sites_is_one_error_line(release, tmp_path
                                  "--val", PUBLIC_VAL, "--key", str(key), "--out", str(tmp_path / "d")])
     assert r.exit_code == 2, r.output
     assert "--calib sites" in r.output and "no simulated sites" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployment_calibrates_over_the_tls_superlink(tmp_path):
+    """The deploy-localhost path (echofleet.deploy): TLS SuperLink with SuperNode authentication, 3
+    registered SuperNodes with site policies; `edge build --calib sites` sends the plan with a
+    `flwr run` in mode "release" and reads the hospitals' answers back; each hospital's ledger shows
+    the calibration. (The training run is skipped: a fresh global model stands in for its result.)"""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from edge_helpers import fresh_model
+    from test_deploy_localhost import _alive_leftovers, _kill_leftovers
+
+    from echocare.bundle import generate_keypair
+    from echofleet.deploy import DeployConfig, Deployment
+    from edge.build.gate import GateBounds
+    from edge.build.pipeline import BuildConfig, build
+    from fed.ledger import PrivacyLedger
+    from fed.policy import load_policy
+
+    cfg = DeployConfig(run_dir=tmp_path / "dl", sites=3, data=SITE_DATA, startup_timeout=120, timeout=600)
+    cfg.run_dir.mkdir()
+    key, _ = generate_keypair(tmp_path / "keys" / "release")
+    try:
+        with Deployment(cfg) as d:
+            d.prepare_coordinator()
+            for h in d.hospitals:
+                d.prepare_hospital(h)
+            d.start_superlink()
+            for h in d.hospitals:
+                d.register(h)
+            for h in d.hospitals:
+                d.start_supernode(h)
+            d.wait_online([h.name for h in d.hospitals])
+            fresh_model(d.federation_dir / "global", "classify")
+            summary = build(d.federation_dir, "onnxruntime-cpu", "sites", PUBLIC_VAL, key, tmp_path / "dist",
+                            config=BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1),
+                            sites=d.site_calibration(progress=lambda _m: None))
+            hospitals = [(h.name, load_policy(h.policy)) for h in d.hospitals]
+    finally:
+        _kill_leftovers(cfg.run_dir)
+    assert _alive_leftovers(cfg.run_dir) == []
+    assert summary.ok
+    cal = summary.manifest["calibration"]
+    assert sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
+    for name, policy in hospitals:
+        assert [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] == ["calibrate"], name
+    assert (d.federation_dir / "release" / "plan.npz").is_file()
