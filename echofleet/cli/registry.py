@@ -236,7 +236,7 @@ def publish(
     device_class: str = typer.Option(
         "", "--device-class", "-c", help="Target class; only needed when the manifest has no `device_class`."
     ),
-    channel: str = typer.Option("canary", "--channel", help="canary (default) or stable."),
+    channel: str = typer.Option("canary", "--channel", help="canary (default) or stable (only with a passing signed acceptance record)."),
 ) -> None:
     """Upload a signed bundle; the registry checks its signature before storing it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
