@@ -172,9 +172,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             version = str(manifest["version"])
             with self._status_on_store_errors(context):
                 check_version(version)
-                if channel == "stable":  # gated before any blob is kept
-                    self.store.check_promotable(manifest, f"publishing {device_class} {version} straight to stable")
                 sha256, size = self.store.digest(tmp)
+                if channel == "stable":  # gated (and a refusal audited) before any blob is kept
+                    self.store.gate(manifest, f"publishing {device_class} {version} straight to stable", device_class,
+                                    version, sha256=sha256, actor=_actor(context))
                 self.store.check_new_release(device_class, version, sha256)  # before any blob is kept
                 self.store.commit_blob(tmp, sha256)
                 rec, already = self.store.add_release(device_class, version, sha256, size, manifest, channel=channel,

@@ -333,6 +333,20 @@ class RegistryStore:
                               "goes to stable; to override, promote it with --force --reason TEXT (audited)")
         return verdict
 
+    def gate(self, manifest: dict, what: str, device_class: str, version: str, *, sha256: str = "",
+             actor: str = "") -> str:
+        """:meth:`check_promotable`, with a refusal appended to the audit log (best effort: the
+        refusal stands whether or not it could be recorded)."""
+        try:
+            return self.check_promotable(manifest, what)
+        except GateRefused:
+            try:
+                self.audit.append("promote-refused", device_class, version, sha256=sha256,
+                                  acceptance=acceptance_verdict(manifest)[1], actor=actor)
+            except OSError:
+                pass
+            raise
+
     def _audit(self, event: str, device_class: str, version: str, **fields: str) -> AuditEvent:
         try:
             return self.audit.append(event, device_class, version, **fields)
@@ -356,12 +370,8 @@ class RegistryStore:
         rec = self.get_release(device_class, version)  # NotFound
         ok, verdict = acceptance_verdict(rec.manifest)
         if not ok and not force:
-            try:
-                self.audit.append("promote-refused", device_class, version, sha256=rec.sha256, acceptance=verdict,
-                                  actor=actor)
-            except OSError:  # the refusal stands whether or not it could be recorded
-                pass
-            self.check_promotable(rec.manifest, f"promoting {device_class} {version} to stable")
+            self.gate(rec.manifest, f"promoting {device_class} {version} to stable", device_class, version,
+                      sha256=rec.sha256, actor=actor)
         event = self._audit("promote" if ok else "promote-forced", device_class, version, sha256=rec.sha256,
                             reason=reason, acceptance=verdict, actor=actor)
         with self._tx() as db:

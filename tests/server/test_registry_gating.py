@@ -107,7 +107,7 @@ def test_publish_straight_to_stable_is_gated_and_stores_nothing_when_refused(ser
     admin.publish(bundles["accepted"], channel="stable")
     assert _stable(admin) == ["1.0.0"]
     events, _ = admin.audit("cart")
-    assert [(e.event, e.version) for e in events] == [("promote", "1.0.0")]
+    assert [(e.event, e.version) for e in events] == [("promote-refused", "1.1.0"), ("promote", "1.0.0")]
 
 
 def test_an_unwritable_audit_log_stops_the_promotion(server, admin, bundles):
