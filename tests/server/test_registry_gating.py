@@ -118,9 +118,15 @@ def test_an_unwritable_audit_log_stops_the_promotion(server, admin, bundles):
     assert _stable(admin) == []
 
 
-def test_audit_log_is_append_only_and_survives_a_torn_line(tmp_path):
+def test_audit_log_is_append_only_and_survives_a_torn_line(tmp_path, monkeypatch):
+    import server.registry.audit as audit_module
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(audit_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     log = AuditLog(tmp_path / "audit.jsonl")
     log.append("promote", "cart", "1.0.0", sha256="a" * 64, acceptance="passed")
+    assert synced, "an audit event must be fsync'd before the action it records"
     first = log.path.read_bytes()
     with open(log.path, "ab") as f:  # a crash in the middle of an append
         f.write(b'{"at": 1.0, "event": "promo')
