@@ -127,10 +127,12 @@ def test_audit_log_is_append_only_and_survives_a_torn_line(tmp_path, monkeypatch
     log = AuditLog(tmp_path / "audit.jsonl")
     log.append("promote", "cart", "1.0.0", sha256="a" * 64, acceptance="passed")
     assert synced, "an audit event must be fsync'd before the action it records"
+    n = len(synced)
     first = log.path.read_bytes()
     with open(log.path, "ab") as f:  # a crash in the middle of an append
         f.write(b'{"at": 1.0, "event": "promo')
     log.append("promote-forced", "cart", "1.1.0", reason="why", acceptance="no record")
+    assert len(synced) == n + 1  # the file itself (its folder is fsync'd only when the file is created)
     data = log.path.read_bytes()
     assert data.startswith(first)  # nothing before is ever rewritten
     found = read_audit(log.path)
