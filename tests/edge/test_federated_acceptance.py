@@ -288,3 +288,53 @@ def test_quorum_logic() -> None:
     assert decide_acceptance([_reply("n", 0.0, mode="accounted", noise=0.005)], bounds).passed
     with pytest.raises(ValueError):
         decide_acceptance([good], bounds, quorum=0)
+
+
+def _dark_segmenter(path: Path) -> Path:
+    """A 1x1 convolution: the lesion channel wins where the image is darker than 0.3 (hypoechoic)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.zeros((2, 3, 1, 1), np.float32)
+    w[0, :, 0, 0], w[1, :, 0, 0] = 10.0 / 3, -10.0 / 3
+    b = np.array([-1.5, 1.5], np.float32)  # logit difference 20 * (x - 0.3)
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w", "b"], ["logits"])], "dark",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, SIZE, SIZE])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_segmentation_candidate_disclosed_and_accounted(world) -> None:
+    """Segmentation: the gate metric is Dice. An FP32 candidate of the same model (another target's
+    FP32 build) differs by exactly 0 when disclosed; the accounted answer is charged and noisy."""
+    from edge.build.bundling import assemble_bundle
+    from edge.build.compiled import CompileOptions, compile_model
+
+    tmp, labels, key = world["tmp"] / "seg", ["background", "lesion"], world["tmp"] / "keys" / "release"
+    tmp.mkdir()
+    onnx_path = _dark_segmenter(tmp / "seg.onnx")
+    info = {"task": "segment", "labels": labels, "preprocess": world["pre"].to_dict(),
+            "encoder": {"config": "none", "checkpoint": None, "sha256": None, "seed": 0}, "head": {"kind": "dark"},
+            "provenance": {"note": "test model: a darkness threshold"}, "opset": 17,
+            "input": {"name": "input", "shape": [-1, 3, SIZE, SIZE], "dtype": "float32", "layout": "NCHW"},
+            "output": {"name": "logits", "shape": [-1, 2, SIZE, SIZE]}}
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    ref = acc.reference_bundle(onnx_path, info, key, tmp / "bundles", name="dark-fp32", version="1", selftest_inputs=x)
+    compiled = compile_model("onnxruntime-cpu", onnx_path, tmp / "cand", CompileOptions(graph_precision="fp32",
+                                                                                        input_chw=(3, SIZE, SIZE)))
+    cand = assemble_bundle(tmp / "bundles", key, info=info, compiled=compiled,
+                           selftest_inputs=x, name="dark-fp32-other", version="1", work=tmp / "cand")
+    request = AcceptanceRequest(reference=ref, val_fraction=0.5, latency_runs=2)
+    disclosed = accept_at_site(world["site"]("seg-d", "linear-a", 41, allowed_tasks=("segment",)), cand, request)
+    assert disclosed.status == "ok" and disclosed.metric == "dice" and disclosed.difference == 0.0, disclosed.reason
+    assert decide_acceptance([disclosed], GateBounds(dice=0.0)).passed
+    policy = world["site"]("seg-a", "linear-a", 41, allowed_tasks=("segment",), evaluation="accounted",
+                           evaluation_noise_multiplier=0.5, target_epsilon=50.0)
+    accounted = accept_at_site(policy, cand, request)
+    assert accounted.status == "ok" and accounted.mode == "accounted" and accounted.difference != 0.0
+    assert accounted.noise_sd > 0 and [r["kind"] for r in _ledger(policy)["releases"]] == ["accept"]
+    assert _ledger(policy)["releases"][0]["max_grad_norm"] == pytest.approx(math.sqrt(2 * 5))
