@@ -452,6 +452,52 @@ def site_results(replies: list[AcceptanceReply]) -> list[dict]:
     return [{k: v for k, v in r.fields().items() if k in keep} for r in replies]
 
 
+# ------------------------------------------------------------------- messages as records
+def request_record(candidate: bytes | Path | str, request: AcceptanceRequest) -> dict:
+    """A flat dict of bytes/str/int/float (a Flower ``ConfigRecord``) carrying the candidate tarball,
+    the reference tarball and the request's numbers; bundles given as paths must be tarballs."""
+    return {"candidate": _tar_bytes(candidate, "candidate"), "reference": _tar_bytes(request.reference, "reference"),
+            "run-key": request.run_key, "round": int(request.round), "val-fraction": float(request.val_fraction),
+            "seed": int(request.seed), "latency-runs": int(request.latency_runs)}
+
+
+def request_from_record(record) -> tuple[bytes, AcceptanceRequest]:
+    """(candidate tarball, request) from :func:`request_record`'s dict; ``ValueError`` names a missing
+    or mistyped key (checked before anything is unpacked)."""
+    kinds = {"candidate": bytes, "reference": bytes, "run-key": str, "round": int, "val-fraction": float, "seed": int,
+             "latency-runs": int}
+    for k, kind in kinds.items():
+        if k not in record:
+            raise ValueError(f"acceptance request: '{k}' is missing")
+        v = record[k]
+        if isinstance(v, bool) or not (isinstance(v, kind) or (kind is float and isinstance(v, int))):
+            raise ValueError(f"acceptance request: '{k}' is a {type(v).__name__}, expected {kind.__name__}")
+    return bytes(record["candidate"]), AcceptanceRequest(
+        reference=bytes(record["reference"]), run_key=record["run-key"], round=record["round"],
+        val_fraction=float(record["val-fraction"]), seed=record["seed"], latency_runs=record["latency-runs"])
+
+
+def reply_record(reply: AcceptanceReply) -> dict:
+    """The reply as one JSON string (a ``ConfigRecord`` value)."""
+    return {"acceptance": json.dumps(reply.fields(), sort_keys=True)}
+
+
+def reply_from_record(record) -> AcceptanceReply:
+    try:
+        return AcceptanceReply.from_fields(json.loads(record["acceptance"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"acceptance reply: not a reply record ({e})") from None
+
+
+def _tar_bytes(bundle: bytes | Path | str, which: str) -> bytes:
+    if isinstance(bundle, bytes):
+        return bundle
+    path = Path(bundle)
+    if not path.is_file():
+        raise ValueError(f"{path}: the {which} bundle must travel as its .tar.gz (a directory cannot be sent)")
+    return path.read_bytes()
+
+
 # ------------------------------------------------------------------- the FP32 reference
 def reference_bundle(fp32_onnx: Path, info: dict, key: Path | str, out: Path, *, name: str, version: str,
                      selftest_inputs: np.ndarray) -> Path:
@@ -475,5 +521,9 @@ __all__ = [
     "accept_at_site",
     "decide_acceptance",
     "reference_bundle",
+    "reply_from_record",
+    "reply_record",
+    "request_from_record",
+    "request_record",
     "site_results",
 ]

@@ -338,3 +338,20 @@ def test_segmentation_candidate_disclosed_and_accounted(world) -> None:
     assert accounted.status == "ok" and accounted.mode == "accounted" and accounted.difference != 0.0
     assert accounted.noise_sd > 0 and [r["kind"] for r in _ledger(policy)["releases"]] == ["accept"]
     assert _ledger(policy)["releases"][0]["max_grad_norm"] == pytest.approx(math.sqrt(2 * 5))
+
+
+def test_messages_travel_as_flat_records(world) -> None:
+    """Request and reply as flat records (what a Flower ConfigRecord carries): the site answers a request
+    rebuilt from its record, the reply comes back equal; a malformed record names the key."""
+    record = acc.request_record(world["cand"], _request(world, run_key="records"))
+    assert all(isinstance(v, (bytes, str, int, float)) for v in record.values())
+    candidate, request = acc.request_from_record(record)
+    reply = accept_at_site(world["site"]("hospital-a", "linear-a", 41), candidate, request)
+    assert reply.status == "ok", reply.reason
+    assert acc.reply_from_record(json.loads(json.dumps(acc.reply_record(reply)))) == reply
+    with pytest.raises(ValueError, match="'reference' is missing"):
+        acc.request_from_record({k: v for k, v in record.items() if k != "reference"})
+    with pytest.raises(ValueError, match="'round' is a str"):
+        acc.request_from_record({**record, "round": "1"})
+    with pytest.raises(ValueError, match="must travel as its .tar.gz"):
+        acc.request_record(world["tmp"], _request(world))
