@@ -11,7 +11,10 @@ the run's round config (which split of its data is "train": the same split as tr
 2. runs every image of its **training split** through the model with ONNX Runtime, one image at a
    time (intermediate tensors of a Swin mix the batch with the windows), fetching the points;
 3. sums one bounded contribution per image (:func:`edge.federated.plan.image_row`: L2 norm at
-   most ``clip``), so one image changes the sums by at most ``clip`` (the L2 sensitivity);
+   most ``clip``), so one image changes the sums by at most ``clip`` (the L2 sensitivity); where the
+   site's unit of privacy is the patient (policy ``privacy_unit``, ``fed.task.site_unit``), each
+   patient's rows are summed and that sum is scaled down to ``clip``, so one patient moves the sums
+   by at most ``clip`` however many images it has, and the release is accounted per patient;
 4. adds Gaussian noise of standard deviation ``evaluation_noise_multiplier * clip`` from OS
    entropy (:class:`fed.dp.DPRandom`), after charging the release to its **lifetime ledger** as a
    release of kind ``"calibrate"`` (one unsampled Gaussian release: ``q = 1``, one step), under
@@ -28,7 +31,7 @@ guarantee does not depend on what the model computes (the bound holds for any mo
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from typing import Hashable, Iterable, Iterator
 
 import numpy as np
 
@@ -37,8 +40,8 @@ from edge.federated.plan import CalibrationPlan, PlanError, activation_session, 
 from fed.dp import DPRandom
 from fed.ledger import Release
 from fed.policy import SitePolicy
-from fed.task import (NOT_PRIVATE, STATUS_EXHAUSTED, STATUS_OK, STATUS_REFUSED, Reply, RoundConfig, _figures, _guarded,
-                      _insecure_seed, _release, request_hash, site_split)
+from fed.task import (NO_PATIENTS, NOT_PRIVATE, PATIENT, STATUS_EXHAUSTED, STATUS_OK, STATUS_REFUSED, Reply, RoundConfig,
+                      _figures, _guarded, _insecure_seed, _release, _unit_or_none, patient_ids, request_hash, site_split)
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +50,47 @@ POLICY_REFUSAL = "this site's policy does not take part in federated calibration
 
 
 def histogram_sums(plan: CalibrationPlan, images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
-    """(exact sums (P, B) of the images' bounded rows, number of images). Site-local: the sums
-    leave the site only with noise (:func:`calibrate_round`); the count never does."""
+    """(exact sums (P, B) of the images' bounded rows, number of images): every image its own unit."""
+    return unit_histogram_sums(plan, enumerate(images))
+
+
+def unit_histogram_sums(plan: CalibrationPlan, items: Iterable[tuple[Hashable, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """Exact sums (P, B) over ``(unit, image)`` items: each image's bounded row, the rows of one unit
+    (a patient) summed and that sum scaled down to L2 norm ``plan.clip``; and the number of images.
+    Site-local: the sums leave the site only with noise (:func:`calibrate_round`); the count never does."""
     session, input_name = activation_session(plan)
     names = [o.name for o in session.get_outputs()]
-    sums, n = np.zeros((len(plan.points), plan.bins)), 0
-    for x in images:
+    per_unit: dict[Hashable, np.ndarray] = {}
+    n = 0
+    for unit, x in items:
         x = np.ascontiguousarray(x[None] if x.ndim == 3 else x, np.float32)
         got = dict(zip(names, session.run(names, {input_name: x})))
         got[input_name] = x
-        sums += image_row([got[p] for p in plan.points], plan.edges, plan.clip)
+        row = image_row([got[p] for p in plan.points], plan.edges, plan.clip)
+        per_unit[unit] = per_unit[unit] + row if unit in per_unit else row
         n += 1
+    sums = np.zeros((len(plan.points), plan.bins))
+    for rows in per_unit.values():
+        norm = float(np.linalg.norm(rows))
+        sums += rows * (plan.clip / norm) if norm > plan.clip else rows
     return sums, n
 
 
-def train_images(policy: SitePolicy, cfg: RoundConfig) -> Iterator[np.ndarray]:
-    """The site's training split (the split its training rounds used), preprocessed as the model
-    expects, one (3, S, S) image at a time; an image the preprocessing cannot use is skipped."""
+def train_images(policy: SitePolicy, cfg: RoundConfig, per_patient: bool = False) -> Iterator[tuple[Hashable, np.ndarray]]:
+    """(unit, image) for the site's training split (the split its training rounds used), preprocessed as
+    the model expects, one (3, S, S) image at a time; the unit is the image's patient (``per_patient``)
+    or the image itself. An image the preprocessing cannot use is skipped."""
     spec = PreprocessSpec.from_dict(cfg.preprocess) if cfg.preprocess else PreprocessSpec()
-    for _sample, image in site_split(policy, cfg, "train").iter_images():
+    data = site_split(policy, cfg, "train")
+    ids = patient_ids(data.samples) if per_patient else None
+    patient = {s.key: int(i) for s, i in zip(data.samples, ids)} if ids is not None else {}
+    for sample, image in data.iter_images():
         try:
-            yield preprocess_image(image, spec)[0]
+            x = preprocess_image(image, spec)[0]
         except ValueError as e:
             log.warning("site %s: an image skipped for calibration (%s)", policy.site_name, e)
+            continue
+        yield (("patient", patient[sample.key]) if per_patient else ("image", sample.key)), x
 
 
 @_guarded
@@ -83,7 +104,10 @@ def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.n
         plan = CalibrationPlan.from_arrays(arrays)
     except PlanError as e:  # depends only on what the coordinator sent
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"calibration plan refused: {e}")
-    sums, n = histogram_sums(plan, train_images(policy, cfg))
+    unit = _unit_or_none(policy, cfg)
+    if unit is None:  # the policy demands patients its data does not name
+        return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
+    sums, n = unit_histogram_sums(plan, train_images(policy, cfg, per_patient=unit == PATIENT))
     if n == 0:
         return Reply(STATUS_REFUSED, policy.site_name, reason="no readable training images at this site")
     sigma = policy.evaluation_noise_multiplier
@@ -92,9 +116,9 @@ def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.n
         if early is not None:
             return early
         release = Release(KIND, sigma, 1.0, 1, plan.sensitivity, run=cfg.run_key, round=cfg.server_round,
-                          request=request, private=not policy.insecure_deterministic_noise)
+                          request=request, private=not policy.insecure_deterministic_noise, unit=unit)
         if ledger.would_exceed(release):
-            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
+            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger), unit=ledger.unit,
                          reason="privacy budget exhausted: a calibration release would exceed this site's lifetime budget")
         import torch
 
@@ -104,6 +128,6 @@ def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.n
         noisy = {"histograms": (sums + noise).astype(np.float64)}
         reply = Reply(STATUS_OK, policy.site_name, 1, noisy,
                       {**_figures(policy, ledger), "noise-std": float(sigma * plan.sensitivity)},
-                      NOT_PRIVATE if policy.insecure_deterministic_noise else "")
+                      NOT_PRIVATE if policy.insecure_deterministic_noise else "", ledger.unit)
         store.put(request, reply.fields(), reply.arrays)
         return reply

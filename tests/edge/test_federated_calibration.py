@@ -16,7 +16,7 @@ from edge.build.evaluate import load_calibration
 from edge.build.quantize import QuantizeConfig, prepare_for_qdq, quantize
 from edge.federated.coordinator import SiteAnswer, calibration_points, derive_ranges, make_plan, merge
 from edge.federated.plan import CalibrationPlan, PlanError, image_row
-from edge.federated.site import POLICY_REFUSAL, calibrate_round, histogram_sums
+from edge.federated.site import POLICY_REFUSAL, calibrate_round, histogram_sums, unit_histogram_sums
 from fed.policy import SitePolicy
 from fed.task import RoundConfig
 
@@ -80,6 +80,20 @@ def test_one_image_changes_a_sites_histograms_by_at_most_the_bound(tiny):
     # per point, before clipping: a normalised histogram (sums to 1; all zero when nothing is finite)
     row = image_row([np.array([1.0, 2.0, np.nan]), np.array([np.nan])], np.array([[0, 1, 2, 3.0], [0, 1, 2, 3.0]]), 10.0)
     assert row[0].sum() == pytest.approx(1.0) and row[1].sum() == 0.0
+
+
+def test_one_patient_changes_the_sums_by_at_most_the_bound_however_many_images(tiny):
+    """Per-patient privacy: a patient's rows are summed, then that sum is clipped, so adding a patient
+    with five images moves the sums by at most ``clip`` (per image it would be up to 5 x clip)."""
+    plan = replace(tiny["plan"], clip=0.5)
+    zeros = np.zeros((3, SIZE, SIZE), np.float32)
+    others = [(("p", i), x) for i, x in enumerate(tiny["images"][:3])]
+    base, _ = unit_histogram_sums(plan, others)
+    with_patient, n = unit_histogram_sums(plan, [*others, *((("p", 99), zeros) for _ in range(5))])
+    assert n == 8
+    assert np.linalg.norm(with_patient - base) <= plan.clip * (1 + 1e-9)
+    as_images, _ = unit_histogram_sums(plan, [*others, *((("i", k), zeros) for k in range(5))])
+    assert np.linalg.norm(as_images - base) > 4 * plan.clip  # the same five images as five units
 
 
 def test_merged_site_histograms_give_the_pooled_ranges_exactly_without_noise(tiny):
@@ -158,7 +172,7 @@ def test_site_charges_one_calibrate_release_and_replays_an_identical_request(tin
     # the noise is there, at the stated scale (deterministic here: the NOT PRIVATE test switch)
     from edge.federated.site import train_images
 
-    exact, _ = histogram_sums(tiny["plan"], train_images(policy, cfg))
+    exact, _ = unit_histogram_sums(tiny["plan"], train_images(policy, cfg))
     assert np.std(noisy - exact) == pytest.approx(policy.evaluation_noise_multiplier, rel=0.15)
     # an identical re-delivered request: the stored reply, no new charge
     again = calibrate_round(policy, cfg, arrays)
