@@ -78,6 +78,8 @@ def site_device(request: str = "auto", precision: str = "auto") -> ComputeDevice
     return device
 
 
+#: Images handed to a GPU at once (then run in batches that fit its free memory).
+GPU_CHUNK = 512
 #: The default device of every function here: the CPU, fp32.
 CPU = ComputeDevice("cpu", "cpu", "cpu", None, "device cpu (fp32)")
 
@@ -197,16 +199,21 @@ def pooled_features(data: SiteData, ref: EncoderRef, spec: PreprocessSpec, cache
             keys.append(k)
             yield k, img
 
-    gpu_batch: list[int] = []  # fitted to the GPU's free memory on the first batch
+    # The encoder is loaded only when an image is not cached yet. On a GPU the images come in chunks of
+    # 512 and run in batches fitted to its free memory (measured once, on a probe of 4 blank images).
+    fitted: list[int] = []
 
     def compute(images):
         x = np.stack([preprocess_image(im, spec)[0] for im in images])
         module = _encoder(ref, device.torch_device)
-        if device.is_cuda and not gpu_batch:
-            gpu_batch.append(fit_batch_size(device, lambda n: run_frozen(module, x[:n], device, n, _encode_pooled),
-                                            probe=min(4, len(x))))
-        return {"pooled": run_frozen(module, x, device, gpu_batch[0] if gpu_batch else len(x), _encode_pooled)}
+        if not fitted:
+            blank = np.zeros((1, *x.shape[1:]), np.float32)
+            fitted.append(fit_batch_size(device, lambda n: run_frozen(module, np.repeat(blank, n, 0), device, n, _encode_pooled),
+                                         probe=4, max_batch=GPU_CHUNK, cpu_batch=len(x)))
+        return {"pooled": run_frozen(module, x, device, fitted[0], _encode_pooled)}
 
+    if device.is_cuda:
+        batch_size = GPU_CHUNK
     cache.ensure(items(), compute, batch_size=batch_size, on_batch=progress)
     if not keys:
         return np.zeros((0, 0), np.float32), []
