@@ -290,7 +290,7 @@ def run_federation_secagg(grid: Grid, cfg: RunConfig, settings: SecAggSettings |
 
     Same run directory, checkpoints, evaluation and report as ``run_federation``; ``settings``
     default to the run config's secure-aggregation keys."""
-    from server.coordinator.server_app import _evaluate_initial, _finish, _record, _roundlog, initial_head, pinned_encoder
+    from server.coordinator.server_app import _evaluate_initial, _finish, _record, _resume, initial_head, pinned_encoder
 
     settings = settings or SecAggSettings.from_run_config(cfg)
     check_secagg_config(cfg)
@@ -305,16 +305,7 @@ def run_federation_secagg(grid: Grid, cfg: RunConfig, settings: SecAggSettings |
     # SiteGuard here only evaluates and keeps the round log; it never sees an update.
     guard = SiteGuard(build_strategy("fedavg", min_sites=cfg.min_sites), min_sites=cfg.min_sites)
 
-    weights, done = initial_head(rc, cfg), 0
-    latest = store.latest() if cfg.resume else None
-    if latest is not None:
-        if latest.state.get("config_hash") != chash:
-            raise RuntimeError(f"cannot resume {run_dir}: its run config differs (hash {latest.state.get('config_hash')} "
-                               f"vs {chash}); start a new run directory instead")
-        weights, done = latest.weights, latest.round
-        guard.rounds = {int(k): _roundlog(v) for k, v in latest.state["rounds"].items()}
-        guard.exhausted_sites = set(latest.state.get("exhausted_sites", []))
-        log.info("resuming %s after round %d", run_dir, done)
+    weights, done, _ = _resume(store, cfg, chash, guard, initial_head(rc, cfg))
     keys = update_keys(rc)
 
     if done == 0:

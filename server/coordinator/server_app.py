@@ -107,20 +107,10 @@ def run_federation(grid: Grid, cfg: RunConfig, progress=None) -> dict:
                            central_dp_clip=cfg.central_dp_clip, num_sites=max(1, num_sites))
     guard = SiteGuard(inner, min_sites=cfg.min_sites, max_update_norm=cfg.max_update_norm, outlier_factor=cfg.outlier_factor)
 
-    weights, done = initial_head(rc, cfg), 0
-    latest = store.latest() if cfg.resume else None
+    weights, done, latest = _resume(store, cfg, chash, guard, initial_head(rc, cfg))
     if latest is not None:
-        if latest.state.get("config_hash") != chash:
-            raise RuntimeError(f"cannot resume {run_dir}: its run config differs (hash {latest.state.get('config_hash')} "
-                               f"vs {chash}); start a new run directory instead")
-        weights, done = latest.weights, latest.round
-        guard.round_offset = done
-        guard.rounds = {int(k): _roundlog(v) for k, v in latest.state["rounds"].items()}
-        guard.exhausted_sites = set(latest.state.get("exhausted_sites", []))
+        guard.round_offset = done  # Flower's own round numbers restart at 1
         guard.load_inner_state(latest.strategy_arrays)
-        log.info("resuming %s after round %d", run_dir, done)
-    elif cfg.resume:
-        log.info("no checkpoint in %s: starting from round 1", run_dir)
 
     config = ConfigRecord(rc.to_record())
     if done == 0:
@@ -149,6 +139,27 @@ def run_federation(grid: Grid, cfg: RunConfig, progress=None) -> dict:
         final = result.arrays if result.arrays else final
     final_weights = {k: v.numpy() for k, v in final.items()}
     return _finish(run_dir, cfg, rc, guard, final_weights)
+
+
+def _resume(store: CheckpointStore, cfg: RunConfig, chash: str, guard: SiteGuard, weights: dict[str, np.ndarray]):
+    """Where a run continues: (weights, last completed round, checkpoint or None).
+
+    With ``cfg.resume`` and a checkpoint in the run directory: that checkpoint's weights and round,
+    its round log and exhausted sites restored into ``guard``; its run config must be this one
+    (hash ``chash``), else the run stops with the reason. Otherwise ``weights`` and round 0. Both
+    the plain and the secure-aggregation federation call it."""
+    latest = store.latest() if cfg.resume else None
+    if latest is None:
+        if cfg.resume:
+            log.info("no checkpoint in %s: starting from round 1", store.dir.parent)
+        return weights, 0, None
+    if latest.state.get("config_hash") != chash:
+        raise RuntimeError(f"cannot resume {store.dir.parent}: its run config differs (hash {latest.state.get('config_hash')} "
+                           f"vs {chash}); start a new run directory instead")
+    guard.rounds = {int(k): _roundlog(v) for k, v in latest.state["rounds"].items()}
+    guard.exhausted_sites = set(latest.state.get("exhausted_sites", []))
+    log.info("resuming %s after round %d", store.dir.parent, latest.round)
+    return latest.weights, latest.round, latest
 
 
 def no_training_reason(guard: SiteGuard) -> str | None:

@@ -57,7 +57,7 @@ def test_simulate_option_defaults_are_the_dataclass_defaults():
     for name in ("central_dp_noise", "max_update_norm"):
         assert options[name] == getattr(run, name), name
     # the simulation's own options: SimulationConfig's defaults
-    for name in ("data", "sites", "partition", "checkpoint", "cache_dir", "device"):
+    for name in ("data", "sites", "partition", "checkpoint", "cache_dir", "device", "site_state"):
         assert options[name] == getattr(sim, name), name
     assert str(options["out"]) == sim.out and options["site_epsilons"] is None and sim.site_epsilons == []
     assert options["verbose"] is False  # the CLI shows a progress bar, not Flower's log lines
@@ -65,7 +65,7 @@ def test_simulate_option_defaults_are_the_dataclass_defaults():
     assert options["insecure_deterministic_noise"] is False is sim.insecure_deterministic_noise
     assert not set(options) - set(SHARED_FIELDS) - set(RUN_FIELDS) - {
         "data", "sites", "partition", "site_epsilons", "central_dp_noise", "max_update_norm", "verbose",
-        "insecure_deterministic_noise", "device"}, \
+        "insecure_deterministic_noise", "device", "site_state"}, \
         "a new option: say here where its default comes from"
 
 
