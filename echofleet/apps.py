@@ -31,7 +31,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from edge.federated.coordinator import SiteCalibration, SiteAnswer, ask_sites, load_plan, save_answers
+from flwr.app import ConfigRecord, RecordDict
+
+from edge.federated.accept import AcceptanceReply, AcceptanceRequest, accept_at_site, reply_record, request_from_record
+from edge.federated.coordinator import SiteCalibration, SiteAnswer, ask_accept, ask_sites, load_plan, save_answers
 from edge.federated.plan import CalibrationPlan
 from edge.federated.site import calibrate_round
 from fed.client_app import _arrays, make_client_app as make_training_client_app, policy_from_context, to_content
@@ -50,6 +53,13 @@ def handle_calibrate(msg: Message, context: Context, sites_dir: str | None = Non
     return Message(to_content(calibrate_round(policy, cfg, _arrays(msg))), reply_to=msg)
 
 
+def handle_accept(msg: Message, context: Context, sites_dir: str | None = None) -> Message:
+    policy = policy_from_context(context, sites_dir)
+    candidate, request = request_from_record(msg.content["config"])  # a malformed request: an error reply
+    reply = accept_at_site(policy, candidate, request)
+    return Message(RecordDict({"acceptance": ConfigRecord(reply_record(reply))}), reply_to=msg)
+
+
 def make_client_app(sites_dir: str | None = None) -> ClientApp:
     """fed.client_app's ClientApp (train, evaluate, SecAgg+) plus the release queries."""
     client = make_training_client_app(sites_dir)
@@ -57,6 +67,10 @@ def make_client_app(sites_dir: str | None = None) -> ClientApp:
     @client.query("calibrate")
     def calibrate(msg: Message, context: Context) -> Message:
         return handle_calibrate(msg, context, sites_dir)
+
+    @client.query("accept")
+    def accept(msg: Message, context: Context) -> Message:
+        return handle_accept(msg, context, sites_dir)
 
     return client
 
@@ -121,18 +135,22 @@ def simulated_site_dirs(run_dir: str | Path) -> list[Path]:
     return found
 
 
-def simulated_sites(run_dir: str | Path, *, cpus_per_site: float = 1.0) -> SiteCalibration:
-    """A :data:`~edge.federated.coordinator.SiteCalibration` that asks a local simulation's virtual
-    hospitals (their policies, data shares and ledgers under ``RUN/sites``) through Flower's
-    simulation engine, with the apps of this module."""
-    run_dir = Path(run_dir).resolve()
-    sites = simulated_site_dirs(run_dir)
-    if not sites:
-        raise ValueError(f"{run_dir}: no simulated sites (sites/site-K/policy.toml); a real federation's "
-                         "sites answer over `flwr run` with mode=\"release\" (docs/edge.md)")
-    run = run_config_of(run_dir).replace(sim_sites_dir=str(run_dir / "sites"))
+class SimulatedSites:
+    """A local simulation's virtual hospitals (their policies, data shares and ledgers under
+    ``RUN/sites``), asked through Flower's simulation engine with the apps of this module:
+    :meth:`calibrate` is a :data:`~edge.federated.coordinator.SiteCalibration`, :meth:`accept` sends
+    a candidate for federated acceptance. Each call is one short simulation (one query round)."""
 
-    def ask(plan: CalibrationPlan) -> list[SiteAnswer]:
+    def __init__(self, run_dir: str | Path, *, cpus_per_site: float = 1.0):
+        self.run_dir = Path(run_dir).resolve()
+        self.sites = simulated_site_dirs(self.run_dir)
+        if not self.sites:
+            raise ValueError(f"{self.run_dir}: no simulated sites (sites/site-K/policy.toml); a real federation's "
+                             "sites answer over `flwr run` with mode=\"release\" (docs/edge.md)")
+        self.run = run_config_of(self.run_dir).replace(sim_sites_dir=str(self.run_dir / "sites"))
+        self.cpus_per_site = cpus_per_site
+
+    def _simulate(self, ask):
         from flwr.simulation import run_simulation
 
         out: dict = {}
@@ -140,9 +158,9 @@ def simulated_sites(run_dir: str | Path, *, cpus_per_site: float = 1.0) -> SiteC
 
         @server.main()
         def _release(grid: Grid, context: Context) -> None:
-            out["answers"] = ask_sites(grid, plan, release_round_config(run, plan).to_record())
+            out["answers"] = ask(grid)
 
-        os.environ.setdefault("FLWR_HOME", str(run_dir / ".flwr"))
+        os.environ.setdefault("FLWR_HOME", str(self.run_dir / ".flwr"))
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level
         flwr_log.setLevel(logging.WARNING)
@@ -150,16 +168,40 @@ def simulated_sites(run_dir: str | Path, *, cpus_per_site: float = 1.0) -> SiteC
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation: see echofleet/simulation.py
                 warnings.filterwarnings("ignore", message=".*Ray will no longer override accelerator", category=FutureWarning)
-                run_simulation(server_app=server, client_app=make_client_app(str(run_dir / "sites")),
-                               num_supernodes=len(sites),
-                               backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+                run_simulation(server_app=server, client_app=make_client_app(str(self.run_dir / "sites")),
+                               num_supernodes=len(self.sites),
+                               backend_config={"client_resources": {"num_cpus": self.cpus_per_site, "num_gpus": 0.0},
                                                "init_args": {"num_cpus": max(1, os.cpu_count() or 1),
                                                              "include_dashboard": False, "log_to_driver": False}})
         finally:
             flwr_log.setLevel(level)
         if "answers" not in out:
-            raise RuntimeError(f"the calibration federation of {run_dir} did not complete; see the log above")
-        save_answers(out["answers"], answers_path(run_dir, plan))
+            raise RuntimeError(f"the release federation of {self.run_dir} did not complete; see the log above")
         return out["answers"]
 
-    return ask
+    def calibrate(self, plan: CalibrationPlan) -> list[SiteAnswer]:
+        answers = self._simulate(lambda grid: ask_sites(grid, plan, release_round_config(self.run, plan).to_record()))
+        save_answers(answers, answers_path(self.run_dir, plan))
+        return answers
+
+    def accept(self, candidate: Path, request: AcceptanceRequest) -> list[AcceptanceReply]:
+        return self._simulate(lambda grid: ask_accept(grid, candidate, request))
+
+    def pin_release_key(self, public_pem: bytes) -> Path:
+        """Simulation only: every virtual hospital pins ``public_pem`` as its release key
+        (``RUN/sites/release-key.pub``); a real hospital's IT writes ``release_pubkey`` into its own
+        policy, here the researcher holds them all."""
+        from fed.policy import load_policy, write_policy
+
+        pinned = self.run_dir / "sites" / "release-key.pub"
+        pinned.write_bytes(public_pem)
+        for site in self.sites:
+            policy = load_policy(site / "policy.toml")
+            if policy.release_pubkey != str(pinned):
+                write_policy(replace(policy, release_pubkey=str(pinned)), site / "policy.toml")
+        return pinned
+
+
+def simulated_sites(run_dir: str | Path, *, cpus_per_site: float = 1.0) -> SiteCalibration:
+    """The calibration of :class:`SimulatedSites` (``edge build RUN --calib sites`` on a simulation run)."""
+    return SimulatedSites(run_dir, cpus_per_site=cpus_per_site).calibrate

@@ -472,7 +472,9 @@ def build(
     run_dir: Path = typer.Argument(..., help="Federation run directory (uses RUN/global) or a task-model directory."),
     target: str = typer.Option(..., "--target", help=_TARGET_HELP),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8), or 'sites': the run's sites calibrate (noisy histograms charged to their ledgers; no image here)."),
-    val: str = typer.Option(..., "--val", help="Labelled validation data spec for the accuracy gate."),
+    val: Optional[str] = typer.Option(None, "--val", help="Labelled validation data spec for the central accuracy gate (needed unless --accept sites)."),
+    accept: Optional[str] = typer.Option(None, "--accept", help="'sites': federated acceptance: every site gates the signed candidate on its own validation split (simulation runs: their virtual hospitals pin --key's public key)."),
+    quorum: Optional[int] = typer.Option(None, "--quorum", help="--accept sites: how many sites must pass (default: every participating site)."),
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Output folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
     precision: str = typer.Option("int8", help="int8 (default), fp16 or fp32."),
@@ -498,6 +500,12 @@ def build(
     _inference_precision(inference_precision, t)
     if precision == "int8" and not calib:
         raise fail("an INT8 build needs calibration images: --calib DATA_SPEC (or --precision fp16 / fp32)", 2)
+    if accept is not None and accept != "sites":
+        raise fail(f"--accept {accept!r}: the only value is 'sites' (federated acceptance)", 2)
+    if not val and accept is None:
+        raise fail("the accuracy gate needs labelled images: --val DATA_SPEC, or --accept sites", 2)
+    if quorum is not None:
+        _at_least(quorum, 1, "--quorum")
     _at_least(calib_limit, 1, "--calib-limit")
     if val_limit is not None:
         _at_least(val_limit, 1, "--val-limit")
@@ -509,20 +517,32 @@ def build(
     from edge.build.evaluate import EvalDataError
     from edge.build.export import ExportError
     from edge.build.gate import GateFailed
-    from edge.build.pipeline import SITES, BuildConfig, default_quantize_config
+    from edge.build.pipeline import SITES, AcceptanceRefused, BuildConfig, default_quantize_config
     from edge.build.pipeline import build as run_build
     from edge.build.quantize import QuantizeError
     from edge.federated.coordinator import CalibrationFailed
     from edge.report import print_build
 
-    sites = None
-    if calib == SITES and precision == "int8":
-        from echofleet.apps import simulated_sites
+    sites = federation = None
+    if (calib == SITES and precision == "int8") or accept == SITES:
+        from echofleet.apps import SimulatedSites
 
+        option = "--calib sites" if calib == SITES and precision == "int8" else "--accept sites"
         try:
-            sites = simulated_sites(run_dir)
+            federation = SimulatedSites(run_dir)
         except ValueError as e:
-            raise fail(f"--calib sites: {e}", 2) from None
+            raise fail(f"{option}: {e}", 2) from None
+        sites = federation.calibrate if calib == SITES and precision == "int8" else None
+        if accept == SITES:
+            from echocare.bundle import BundleError, load_private_key
+            from cryptography.hazmat.primitives import serialization
+
+            try:
+                pub = load_private_key(key).public_key().public_bytes(serialization.Encoding.PEM,
+                                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+            except BundleError as e:
+                raise fail(str(e), 2) from None
+            federation.pin_release_key(pub)  # simulation only: the researcher holds every virtual hospital
     console = _console(as_json)
     try:
         q = default_quantize_config(t, precision)
@@ -530,20 +550,22 @@ def build(
             q = replace(q, ignore_ops=tuple(ignore_op), ignore_names=tuple(ignore_name), smooth_quant=smooth_quant, calib_size=calib_limit)
         cfg = BuildConfig(precision=precision, inference_precision=inference_precision, quantize=q,
                           bounds=_bounds(max_auroc_drop, max_dice_drop, max_mae_increase), calib_limit=calib_limit,
-                          val_limit=val_limit, name=name, version=version, device_class=device_class)
+                          val_limit=val_limit, name=name, version=version, device_class=device_class, quorum=quorum)
     except (ValueError, re.error) as e:
         raise fail(str(e), 2) from None
     summary, code, error = None, 0, None
     try:
         with console.status("edge build") as status:
             summary = run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s),
-                                sites=sites)
+                                sites=sites, accept=federation.accept if accept == SITES else None)
         if not summary.ok:
             code, error = 1, f"self-test failed: {summary.selftest[1] if summary.selftest else 'not run'}"
     except GateFailed as e:
         summary, code, error = getattr(e, "summary", None), 1, str(e)
     except CalibrationFailed as e:  # every site refused or failed: named in the message
         code, error = 1, str(e)
+    except AcceptanceRefused as e:  # names the site(s) and the metric; nothing in --out
+        summary, code, error = e.summary, 1, str(e)
     except ExportError as e:
         code, error = (1 if "disagrees" in str(e) else 2), str(e)
     except (EvalDataError, BundleError, CompileError, QuantizeError, ValueError) as e:

@@ -73,6 +73,8 @@ class BuildConfig:
     calib_bins: int = DEFAULT_BINS
     calib_margin: float = DEFAULT_MARGIN
     calib_clip: float = DEFAULT_CLIP
+    # federated acceptance (accept_at_sites): how many sites must pass; None = every participating site
+    quorum: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -178,13 +180,31 @@ def run_gate(task: str, fp32_onnx: Path, candidate: Path, artifact_format: str, 
 
 
 # ------------------------------------------------------------------------------------ build
-def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: str, key: str | Path, out: str | Path, *,
+class AcceptanceRefused(Exception):
+    """The sites' federated acceptance refused the candidate (the message names the site(s) and the
+    metric); nothing is written to the output folder. ``record``: the acceptance record."""
+
+    def __init__(self, message: str, record=None, summary: "BuildSummary | None" = None):
+        super().__init__(message)
+        self.record, self.summary = record, summary
+
+
+#: A way to reach the sites for acceptance: (candidate tarball, request) -> their replies
+#: (``echofleet.apps.SimulatedSites.accept``, or a deployment's).
+SiteAcceptanceCall = Callable[[Path, "object"], list]
+
+
+def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: str | None, key: str | Path, out: str | Path, *,
           config: BuildConfig | None = None, progress: Callable[[str], None] | None = None,
-          sites: SiteCalibration | None = None) -> BuildSummary:
+          sites: SiteCalibration | None = None, accept: SiteAcceptanceCall | None = None) -> BuildSummary:
     """Build, gate, sign and verify an edge bundle for ``target`` from a run directory or task-model directory.
 
     ``calib_spec="sites"``: INT8 calibration at the sites (``sites`` sends them the plan and returns
-    their answers; :mod:`edge.federated`); no calibration image is read here.
+    their answers; :mod:`edge.federated`); no calibration image is read here. ``accept``: federated
+    acceptance (:mod:`edge.federated.accept`): the signed candidate and a signed FP32 reference go to
+    the sites, each gates it on its own validation split; the build is signed again with their
+    acceptance record, or refused (:class:`AcceptanceRefused`). ``val_spec`` None (only with
+    ``accept``): no central gate; the self-test sample and the export's parity inputs are public phantoms.
 
     Returns a :class:`BuildSummary`; raises :class:`~edge.build.gate.GateFailed` (nothing bundled) when
     the candidate loses more than the bound, :class:`~edge.build.export.ExportError` on a failed
@@ -199,6 +219,8 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         raise ValueError(f"inference precision {cfg.inference_precision!r} for {t.name}: choose one of {', '.join(t.inference_precisions)}")
     if cfg.precision == "int8" and not calib_spec:
         raise ValueError("an INT8 build needs a calibration set (--calib DATA_SPEC)")
+    if not val_spec and accept is None:
+        raise ValueError("the accuracy gate needs labelled images (--val DATA_SPEC) or the sites (--accept sites)")
     federated = calib_spec == SITES and qcfg is not None and qcfg.precision == "int8"
     if federated:
         if sites is None:
@@ -224,18 +246,20 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
 
     t0 = time.perf_counter()
     say("loading validation data")
-    ev = load_eval_set(val_spec, spec.task, list(spec.labels), pre, limit=cfg.val_limit)
+    ev = load_eval_set(val_spec, spec.task, list(spec.labels), pre, limit=cfg.val_limit) if val_spec else None
+    public = load_calibration(cfg.public_images, pre, limit=cfg.public_limit) if (federated or ev is None) else None
     calib = None
     if federated:  # public images only: the bin edges of the sites' histograms
-        calib = load_calibration(cfg.public_images, pre, limit=cfg.public_limit)
+        calib = public
     elif cfg.precision == "int8":
         calib = load_calibration(calib_spec, pre, limit=cfg.calib_limit)
-    step("data", t0, f"val {len(ev)} samples ({len(ev.problems)} skipped)"
+    samples = ev.inputs if ev is not None else public  # parity inputs and the bundle's self-test sample
+    step("data", t0, (f"val {len(ev)} samples ({len(ev.problems)} skipped)" if ev is not None else "no central val (the sites gate)")
          + (f", {'public edges' if federated else 'calib'} {len(calib)}" if calib is not None else ""))
 
     t0 = time.perf_counter()
     say("export: ONNX + parity")
-    exp = export_task_model(run_dir, work / "export", samples=ev.inputs[:4], config=cfg.export)
+    exp = export_task_model(run_dir, work / "export", samples=samples[:4], config=cfg.export)
     step("export", t0, exp.parity.describe())
 
     # 2. quantize -------------------------------------------------------------------------
@@ -265,19 +289,22 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         candidate_path, candidate_format = q.model_path, q.format
         step("quantize", t1, f"{qcfg.method} -> {q.model_path.name} ({q.precision})")
 
-    # 3. gate ---------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    say("gate: evaluating FP32 and the candidate")
-    g = run_gate(spec.task, exp.onnx_path, candidate_path, candidate_format, cfg.precision, ev, cfg.bounds,
-                 inference_precision=cfg.inference_precision, batch=cfg.batch_size)
-    gate, fp32_metrics, cand_metrics = g.result, g.fp32_metrics, g.candidate_metrics
-    step("gate", t0, gate.reason)
+    # 3. gate (central, on --val) ---------------------------------------------------------------
+    g, gate, fp32_metrics, cand_metrics = None, None, {}, {}
+    if ev is not None:
+        t0 = time.perf_counter()
+        say("gate: evaluating FP32 and the candidate")
+        g = run_gate(spec.task, exp.onnx_path, candidate_path, candidate_format, cfg.precision, ev, cfg.bounds,
+                     inference_precision=cfg.inference_precision, batch=cfg.batch_size)
+        gate, fp32_metrics, cand_metrics = g.result, g.fp32_metrics, g.candidate_metrics
+        step("gate", t0, gate.reason)
     summary = BuildSummary(t.name, cfg.precision, None, None, None, gate, fp32_metrics, cand_metrics, None, steps, work)
-    try:
-        enforce(gate)  # nothing is bundled past a failed gate
-    except GateFailed as e:
-        e.summary = summary  # the CLI prints the steps so far
-        raise
+    if gate is not None:
+        try:
+            enforce(gate)  # nothing is bundled past a failed gate
+        except GateFailed as e:
+            e.summary = summary  # the CLI prints the steps so far
+            raise
 
     # 4. compile ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -293,31 +320,74 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     extra = {
         "quantization": q.config if q is not None else None,
         "calibration": calibration or ({"method": "local", "data": _public_spec(calib_spec)} if calib is not None else None),
-        "model_card_validation": {"data": _public_spec(val_spec), "samples": len(ev), "fp32": fp32_metrics,
-                                  cfg.precision: cand_metrics, "gate": gate.to_dict(), "gate_backend": g.backend},
         "source": {"model_dir": str(model_dir.resolve()), "run_dir": str(Path(run_dir).resolve())},
     }
-    tarball = assemble_bundle(out, key, info=exp.info, compiled=compiled,
-                              selftest_inputs=ev.inputs[: max(1, cfg.selftest_samples)], name=name, version=version,
-                              work=work, device_class=cfg.device_class, extra=extra)
-    step("bundle", t0, f"{tarball.name} ({tarball.stat().st_size / 1e6:.1f} MB)")
+    if ev is not None:
+        extra["model_card_validation"] = {"data": _public_spec(val_spec), "samples": len(ev), "fp32": fp32_metrics,
+                                          cfg.precision: cand_metrics, "gate": gate.to_dict(), "gate_backend": g.backend}
+    selftest_inputs = samples[: max(1, cfg.selftest_samples)]
 
-    # 6. verify ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    say("verify: signature, hashes, self-test")
+    def bundle_into(folder: Path, more: dict) -> Path:
+        return assemble_bundle(folder, key, info=exp.info, compiled=compiled, selftest_inputs=selftest_inputs, name=name,
+                               version=version, work=work, device_class=cfg.device_class, extra={**extra, **more})
+
+    # with federated acceptance the signed candidate waits in the work folder until the sites accept it
+    tarball = bundle_into(work / "candidate" if accept is not None else out, {})
+    step("bundle", t0, f"{tarball.name} ({tarball.stat().st_size / 1e6:.1f} MB)" + (" (candidate)" if accept is not None else ""))
+    signed, selftest, backend = _verify(tarball, key, say, step)
+
+    # 7. federated acceptance -----------------------------------------------------------------------
+    if accept is not None:
+        from edge.federated.accept import AcceptanceRequest, decide_acceptance, reference_bundle
+
+        t0 = time.perf_counter()
+        say("accept at the sites: the signed candidate and its FP32 reference on each site's validation split")
+        reference = reference_bundle(exp.onnx_path, exp.info, key, work / "reference", name=f"{name}-fp32-reference",
+                                     version=version, selftest_inputs=selftest_inputs)
+        run = (exp.info.get("run_report") or {}).get("config") or {}
+        request = AcceptanceRequest(reference=reference, run_key=f"release-{_sha256(tarball)[:16]}",
+                                    val_fraction=float(run.get("val-fraction", 0.2)), seed=int(run.get("seed", 0)))
+        replies = accept(tarball, request)
+        record = decide_acceptance(replies, cfg.bounds, cfg.quorum)
+        ok, why = record.verdict()
+        step("accept", t0, why)
+        write_json_atomic(work / "acceptance.json", {"record": record.to_dict(), "replies": [r.fields() for r in replies]})
+        if not ok:
+            raise AcceptanceRefused(f"federated acceptance refused the candidate: {record.reason or why}", record, summary)
+        t0 = time.perf_counter()
+        tarball = bundle_into(out, {"acceptance": record.to_dict()})
+        step("bundle", t0, f"{tarball.name} signed with the sites' acceptance record")
+        signed, selftest, backend = _verify(tarball, key, say, step)
+    write_json_atomic(work / "build-summary.json", {"steps": [s.__dict__ for s in steps], "gate": gate.to_dict() if gate else None,
+                                                     "fp32": fp32_metrics, "candidate": cand_metrics, "backend": backend})
+    return replace(summary, tarball=tarball, bundle_dir=out / f"{name}-{version}", manifest=signed, selftest=selftest)
+
+
+def _verify(tarball: Path, key: str | Path, say: Callable[[str], None], step: Callable[[str, float, str], None]):
+    """Step 6: the tarball checked with the public key, loaded by the torch-free runtime, self-tested."""
     from cryptography.hazmat.primitives import serialization
 
     from edge.device.runtime import load_bundle
 
+    t0 = time.perf_counter()
+    say("verify: signature, hashes, self-test")
     public_pem = load_private_key(key).public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     signed = verify_bundle(tarball, public_pem)
     with load_bundle(tarball, public_key=public_pem) as rt:
         selftest = rt.self_test()
         backend = rt.backend
     step("verify", t0, f"signature + {len(signed['artifacts'])} hashes ok; {selftest[1]}")
-    write_json_atomic(work / "build-summary.json", {"steps": [s.__dict__ for s in steps], "gate": gate.to_dict(),
-                                                     "fp32": fp32_metrics, "candidate": cand_metrics, "backend": backend})
-    return replace(summary, tarball=tarball, bundle_dir=out / f"{name}-{version}", manifest=signed, selftest=selftest)
+    return signed, selftest, backend
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _public_spec(spec: str) -> str:

@@ -293,3 +293,31 @@ def load_answers(path: str | Path) -> list[SiteAnswer]:
         return [SiteAnswer(m["site"], m["status"], m["reason"], z[f"h/{i}"] if f"h/{i}" in z.files else None,
                            float(m["noise_std"]), m["epsilon"], m["delta"], bool(m.get("not_private", False)))
                 for i, m in enumerate(meta)]
+
+
+# ------------------------------------------------------------------ acceptance over Flower
+#: A way to reach the sites for acceptance: (candidate tarball, request) -> their replies.
+ACCEPT_MESSAGE_TYPE = "query.accept"
+
+
+def ask_accept(grid, candidate: Path, request, timeout: float = 3600.0) -> list:
+    """Send the signed candidate and the acceptance request (:mod:`edge.federated.accept`) to every
+    connected site; their :class:`~edge.federated.accept.AcceptanceReply` (an error reply names the node)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from edge.federated.accept import AcceptanceReply, reply_from_record, request_record
+
+    record = request_record(candidate, request)
+    messages = [Message(RecordDict({"config": ConfigRecord(dict(record))}), dst_node_id=node, message_type=ACCEPT_MESSAGE_TYPE)
+                for node in grid.get_node_ids()]
+    replies = []
+    for m in grid.send_and_receive(messages, timeout=timeout):
+        node = f"node-{m.metadata.src_node_id}"
+        if m.has_error():
+            replies.append(AcceptanceReply(node, "error", str(m.error.reason)[:300]))
+            continue
+        try:
+            replies.append(reply_from_record(m.content["acceptance"]))
+        except (KeyError, ValueError) as e:
+            replies.append(AcceptanceReply(node, "error", f"unreadable acceptance reply ({e})"))
+    return replies

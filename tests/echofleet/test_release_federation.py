@@ -1,7 +1,8 @@
-"""A simulated federation (3 virtual hospitals on phantoms, echocare-tiny) calibrates an INT8 edge build:
-``edge build RUN --calib sites`` reads no calibration image on the build machine; every site's lifetime
-ledger shows the calibration release; the signed manifest records it. One shared build (Flower's
-simulation engine, one query round) keeps this to about a minute on 2 cores."""
+"""A simulated federation (3 virtual hospitals on phantoms, echocare-tiny) calibrates and accepts an INT8
+edge build with no local data (``edge build RUN --calib sites --accept sites``, no ``--val``): every
+site's lifetime ledger shows the calibration release; the signed manifest records the calibration and
+the sites' acceptance. One shared build (two short simulations: one query round each); the deployment
+variant (TLS SuperLink) is marked slow."""
 
 from __future__ import annotations
 
@@ -39,23 +40,31 @@ def _run_dir(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> dict:
     from echocare.bundle import generate_keypair
-    from echofleet.apps import simulated_sites
+    from echofleet.apps import SimulatedSites
     from edge.build.gate import GateBounds
     from edge.build.pipeline import BuildConfig, build
 
     root = tmp_path_factory.mktemp("release")
     run = _run_dir(root)
-    key, _pub = generate_keypair(root / "keys" / "release")
+    key, pub = generate_keypair(root / "keys" / "release")
+    sites = SimulatedSites(run)
+    sites.pin_release_key(pub.read_bytes())  # simulation only: the virtual hospitals pin the release key
+    # a fresh head: the bound is wide on purpose (this is the path, not the accuracy: bench/bench_release.py)
     cfg = BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1)
-    summary = build(run, "onnxruntime-cpu", "sites", PUBLIC_VAL, key, root / "dist", config=cfg, sites=simulated_sites(run))
+    summary = build(run, "onnxruntime-cpu", "sites", None, key, root / "dist", config=cfg, sites=sites.calibrate,
+                    accept=sites.accept)
     return {"run": run, "summary": summary, "root": root}
 
 
-def test_sites_calibrate_an_int8_bundle_with_no_local_calibration_data(release):
+def test_sites_calibrate_and_accept_an_int8_bundle_with_no_local_data(release):
     s = release["summary"]
-    assert s.ok and s.tarball.is_file() and s.precision == "int8"
+    assert s.ok and s.tarball.is_file() and s.precision == "int8" and s.gate is None  # no central gate
     names = [st.name for st in s.steps]
-    assert names.index("calibrate") < names.index("quantize")
+    assert names.index("calibrate") < names.index("quantize") < names.index("accept")
+    acc = s.manifest["acceptance"]
+    assert acc["method"] == "federated" and acc["passed"]
+    assert sorted(site["site"] for site in acc["sites"]) == ["site-0", "site-1", "site-2"]
+    assert not list((release["root"] / "dist").glob("*reference*"))  # the FP32 reference stays in the work folder
     cal = s.manifest["calibration"]
     assert cal["method"] == "federated" and cal["ranges"] == "minmax"
     assert sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
@@ -67,26 +76,32 @@ def test_sites_calibrate_an_int8_bundle_with_no_local_calibration_data(release):
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(q)).graph.node)
 
 
-def test_every_sites_ledger_shows_the_calibration_release(release):
+def test_every_sites_ledger_shows_the_calibration_and_acceptance(release):
     from fed.ledger import PrivacyLedger
     from fed.policy import load_policy
 
     for k in range(3):
         policy = load_policy(release["run"] / "sites" / f"site-{k}" / "policy.toml")
-        releases = PrivacyLedger.load(policy.ledger_path).releases
-        assert [r.kind for r in releases] == ["calibrate"], policy.site_name
-        assert releases[0].noise_multiplier == policy.evaluation_noise_multiplier and releases[0].private
+        ledger = PrivacyLedger.load(policy.ledger_path)
+        assert [r.kind for r in ledger.releases] == ["calibrate"], policy.site_name
+        assert ledger.releases[0].noise_multiplier == policy.evaluation_noise_multiplier and ledger.releases[0].private
+        # the simulation's hospitals disclose exact evaluations (layout_sites): acceptance is a logged disclosure
+        assert [d.kind for d in ledger.disclosures] == ["accept"], policy.site_name
 
 
-def test_calib_sites_without_simulated_sites_is_one_error_line(release, tmp_path):
+def test_release_options_are_checked_with_one_error_line(release, tmp_path):
     from echocare.bundle import generate_keypair
 
     key, _ = generate_keypair(tmp_path / "k")
     model = release["run"] / "global"  # a task-model directory: no sites to ask
-    r = CliRunner().invoke(app, ["edge", "build", str(model), "--target", "onnxruntime-cpu", "--calib", "sites",
-                                 "--val", PUBLIC_VAL, "--key", str(key), "--out", str(tmp_path / "d")])
-    assert r.exit_code == 2, r.output
-    assert "--calib sites" in r.output and "no simulated sites" in r.output
+    base = ["edge", "build", str(model), "--target", "onnxruntime-cpu", "--key", str(key), "--out", str(tmp_path / "d")]
+    for extra, expected in ((["--calib", "sites", "--val", PUBLIC_VAL], "--calib sites: "),
+                            (["--calib", PUBLIC_VAL, "--accept", "sites"], "--accept sites: "),
+                            (["--calib", PUBLIC_VAL, "--accept", "everyone"], "--accept 'everyone'"),
+                            (["--calib", PUBLIC_VAL], "--val DATA_SPEC, or --accept sites")):
+        r = CliRunner().invoke(app, base + extra)
+        assert r.exit_code == 2 and expected in r.output, (extra, r.output)
+        assert len([line for line in r.output.splitlines() if line.strip()]) == 1, r.output
 
 
 @pytest.mark.slow
