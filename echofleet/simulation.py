@@ -58,6 +58,10 @@ class SimulationConfig:
     seed: int = RunConfig.seed
     resume: bool = RunConfig.resume
     cache_dir: str | None = None  # shared feature cache (default: each site's state dir)
+    # Where the virtual hospitals keep their state (policy, lifetime ledger, stored replies, splits,
+    # feature cache) across runs, one folder DIR/site-K each, as a real hospital's SuperNode does.
+    # None: inside ``out`` (out/sites/site-K), i.e. a fresh hospital every run directory.
+    site_state: str | None = None
     cpus_per_site: float = 1.0
     device: str = "auto"  # every virtual hospital's policy device: auto | cpu | cuda | cuda:N
     quiet: bool = False  # hide Flower's and the virtual sites' own log lines (progress comes from `progress`)
@@ -119,6 +123,10 @@ def check(cfg: SimulationConfig) -> RunConfig:
         raise bad("out", f"{cfg.out} exists and is not a folder")
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise bad("cache_dir", f"{cfg.cache_dir} exists and is not a folder")
+    if cfg.site_state:
+        problem = _site_state_problem(cfg)
+        if problem:
+            raise bad("site_state", problem)
     run = _run_config(cfg)  # types and ranges of every run-config value (task, encoder, lr, ...)
     try:
         classes = _data_classes(cfg.data)
@@ -194,21 +202,60 @@ def _data_classes(data_spec: str) -> list[str]:
     return list(open_data(data_spec).classes)
 
 
-def layout_sites(cfg: SimulationConfig, run_dir: Path) -> Path:
-    """Write one policy per virtual hospital under ``run_dir/sites/site-K/policy.toml``."""
-    sites_dir = run_dir / "sites"
+def _site_policy(cfg: SimulationConfig, sites_dir: Path, k: int) -> SitePolicy:
+    """Virtual hospital ``k``'s policy as this simulation lays it out."""
     budgets = cfg.site_epsilons or [cfg.epsilon] * cfg.sites
+    return SitePolicy(data=cfg.data, site_name=f"site-{k}", state_dir=str(sites_dir / f"site-{k}" / "state"),
+                      allowed_tasks=[cfg.task], target_epsilon=float(budgets[k]),
+                      max_local_epochs=max(5, cfg.local_epochs), partition=cfg.partition,
+                      partition_index=k, partition_count=cfg.sites, partition_seed=cfg.seed,
+                      cache_dir=cfg.cache_dir, device=cfg.device,
+                      # the researcher holds every virtual hospital's data: exact metrics and the
+                      # accountant's inputs are disclosed (a real site's policy defaults: docs/privacy.md)
+                      evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True,
+                      insecure_deterministic_noise=cfg.insecure_deterministic_noise)
+
+
+#: What a kept virtual hospital must still hold for a later run: its dataset (the ledger's key).
+_DATASET_FIELDS = ("data", "partition", "partition_index", "partition_count", "partition_seed")
+
+
+def _site_state_problem(cfg: SimulationConfig) -> str | None:
+    """Why ``cfg.site_state`` cannot hold this run's virtual hospitals (None: it can). A kept
+    hospital keeps its dataset: a run that shares out other data, another partition or another
+    number of sites would be a different hospital, so it is refused rather than mixed."""
+    from fed.policy import PolicyError, load_policy
+
+    root = Path(cfg.site_state)
+    if root.exists() and not root.is_dir():
+        return f"{root} exists and is not a folder"
     for k in range(cfg.sites):
-        policy = SitePolicy(data=cfg.data, site_name=f"site-{k}", state_dir=str(sites_dir / f"site-{k}" / "state"),
-                            allowed_tasks=[cfg.task], target_epsilon=float(budgets[k]),
-                            max_local_epochs=max(5, cfg.local_epochs), partition=cfg.partition,
-                            partition_index=k, partition_count=cfg.sites, partition_seed=cfg.seed,
-                            cache_dir=cfg.cache_dir, device=cfg.device,
-                            # the researcher holds every virtual hospital's data: exact metrics and the
-                            # accountant's inputs are disclosed (a real site's policy defaults: docs/privacy.md)
-                            evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True,
-                            insecure_deterministic_noise=cfg.insecure_deterministic_noise)
-        write_policy(policy, sites_dir / f"site-{k}" / "policy.toml")
+        path = root / f"site-{k}" / "policy.toml"
+        if not path.exists():
+            continue
+        try:
+            kept = load_policy(path)
+        except PolicyError as e:
+            return str(e)
+        wanted = _site_policy(cfg, root, k)
+        differ = [f for f in _DATASET_FIELDS if getattr(kept, f) != getattr(wanted, f)]
+        if differ:
+            return (f"{path} holds site-{k} with {differ[0]} {getattr(kept, differ[0])!r}, this run asks for "
+                    f"{getattr(wanted, differ[0])!r}; use another --site-state folder for other data")
+    return None
+
+
+def layout_sites(cfg: SimulationConfig, run_dir: Path) -> Path:
+    """One policy per virtual hospital at ``SITES/site-K/policy.toml`` with its state (lifetime
+    ledger, stored replies, splits, feature cache) in ``SITES/site-K/state``; SITES is
+    ``cfg.site_state`` when given, else ``run_dir/sites``. The policy is written for every run (the
+    researcher administers every virtual hospital; :func:`check` refused a kept hospital whose
+    dataset differs), the state is kept: a later run spends from the same lifetime ledger."""
+    sites_dir = Path(cfg.site_state).resolve() if cfg.site_state else run_dir / "sites"
+    for k in range(cfg.sites):
+        if cfg.site_state and (sites_dir / f"site-{k}" / "state").exists():
+            log.info("site-%d: state kept from an earlier run in %s", k, sites_dir / f"site-{k}" / "state")
+        write_policy(_site_policy(cfg, sites_dir, k), sites_dir / f"site-{k}" / "policy.toml")
     return sites_dir
 
 

@@ -31,7 +31,7 @@ def simulate(
     sites: int = typer.Option(_D.sites, help="Number of virtual hospitals."),
     partition: str = typer.Option(_D.partition, help="iid | dirichlet:ALPHA | by-device (one hospital per phantom profile / source)."),
     rounds: int = typer.Option(_D.rounds, help="Federated rounds."),
-    epsilon: float = typer.Option(_D.epsilon, help="Target epsilon per site for the whole run (example-level DP)."),
+    epsilon: float = typer.Option(_D.epsilon, help="Target epsilon per site for the whole run (per patient where a site's data names patients, else per image)."),
     site_epsilons: Optional[str] = typer.Option(None, help="Comma list of per-site privacy budgets (policy), e.g. 8,8,0.5."),
     encoder: str = typer.Option(_D.encoder, help="Encoder config: echocare | echocare-small | echocare-tiny."),
     checkpoint: Optional[str] = typer.Option(_D.checkpoint, help="Encoder checkpoint (.pth/.safetensors/hf://...); default: seeded random init."),
@@ -45,6 +45,9 @@ def simulate(
     seed: int = typer.Option(_D.seed, help="Seed of partition, split, initialisation, sampling and noise."),
     resume: bool = typer.Option(_D.resume, "--resume", help="Resume from the last completed round in --out."),
     cache_dir: Optional[str] = typer.Option(_D.cache_dir, help="Shared feature cache (default: each site's state dir)."),
+    site_state: Optional[Path] = typer.Option(
+        _D.site_state, help="Keep each virtual hospital's state (policy, lifetime ledger, splits, cache) in "
+                            "SITE_STATE/site-K across runs, as a real hospital does (default: inside --out)."),
     device: str = typer.Option(_D.device, help="Every virtual hospital's compute device: auto (a GPU when usable, else the CPU) | cpu | cuda | cuda:N."),
     central_dp_noise: float = typer.Option(RunConfig.central_dp_noise, help="Central (user-level) DP noise multiplier on the server (0: off)."),
     max_update_norm: float = typer.Option(RunConfig.max_update_norm, help="Reject site updates farther than this from the global head (0: off)."),
@@ -69,7 +72,8 @@ def simulate(
                            site_epsilons=budgets, encoder=encoder, checkpoint=checkpoint, out=str(out),
                            strategy=strategy, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                            max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, seed=seed, resume=resume,
-                           cache_dir=cache_dir, device=device, extra=extra, quiet=not verbose,
+                           cache_dir=cache_dir, site_state=str(site_state) if site_state else None,
+                           device=device, extra=extra, quiet=not verbose,
                            insecure_deterministic_noise=insecure_deterministic_noise)
     try:
         check(cfg)  # every argument, before any work starts
