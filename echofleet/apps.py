@@ -90,8 +90,38 @@ def answers_path(run_dir: str | Path, plan: CalibrationPlan) -> Path:
     return Path(run_dir) / RELEASE_DIR / f"answers-{plan.digest()[:16]}.npz"
 
 
-def run_release(grid: Grid, run: RunConfig, timeout: float = 3600.0) -> list[SiteAnswer]:
-    """``mode = "release"``: send ``RUN/release/plan.npz`` to the connected sites, save their answers."""
+def step_path(run_dir: str | Path) -> Path:
+    """``RUN/release/step.json``: which release step the next ``mode = "release"`` run carries out
+    (``{"step": "calibrate"}`` or ``{"step": "accept"}``), written by the build before it submits the run."""
+    return Path(run_dir) / RELEASE_DIR / "step.json"
+
+
+def accept_request_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RELEASE_DIR / "accept-request.json"
+
+
+def accept_replies_path(run_dir: str | Path, candidate_sha: str) -> Path:
+    return Path(run_dir) / RELEASE_DIR / f"accept-replies-{candidate_sha[:16]}.json"
+
+
+def run_release(grid: Grid, run: RunConfig, timeout: float = 3600.0) -> list:
+    """``mode = "release"``: the step ``RUN/release/step.json`` names (calibrate when absent): send
+    ``RUN/release/plan.npz`` (calibration) or the candidate of ``accept-request.json`` (acceptance)
+    to the connected sites and save their answers beside it."""
+    from echocare.atomic import atomic_write_bytes
+
+    step = json.loads(step_path(run.run_dir).read_text()).get("step") if step_path(run.run_dir).is_file() else "calibrate"
+    if step == "accept":
+        req = json.loads(accept_request_path(run.run_dir).read_text())
+        request = AcceptanceRequest(reference=Path(req["reference"]), run_key=req["run_key"], round=0,
+                                    val_fraction=run.val_fraction, seed=run.seed)
+        replies = ask_accept(grid, Path(req["candidate"]), request, timeout)
+        out = accept_replies_path(run.run_dir, req["candidate_sha256"])
+        atomic_write_bytes(out, json.dumps([r.fields() for r in replies]).encode(), 0o600)
+        log.info("acceptance replies of %d site(s) written to %s", len(replies), out)
+        return replies
+    if step != "calibrate":
+        raise ValueError(f"{step_path(run.run_dir)}: unknown release step {step!r} (calibrate | accept)")
     plan = load_plan(plan_path(run.run_dir))
     answers = ask_sites(grid, plan, release_round_config(run, plan).to_record(), timeout)
     save_answers(answers, answers_path(run.run_dir, plan))

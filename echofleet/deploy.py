@@ -38,7 +38,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from echocare.atomic import atomic_write_bytes
@@ -78,7 +78,8 @@ class DeployConfig:
     # after training: an INT8 edge build of the global model for this target, calibrated at the hospitals
     # (`edge build RUN --calib sites`), gated on public phantoms (release_val), signed with a key made here
     release_target: str | None = None
-    release_val: str = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=9"
+    release_val: str | None = None  # None: no central gate, the hospitals accept (federated acceptance)
+    release_pubkey: Path | None = None  # the release key every hospital pins (deploy() makes the pair first)
 
 
 @dataclass
@@ -419,9 +420,14 @@ class Deployment:
 
         self.echofleet("certs", "node", "--out", str(h.private_key), "--comment", h.name)
         shutil.copyfile(self.ca_dir / "ca.crt", h.ca_cert)  # the coordinator hands out its CA certificate
+        pinned = ""
+        if self.cfg.release_pubkey is not None:  # the hospital's IT pins the release key it was given
+            shutil.copyfile(self.cfg.release_pubkey, h.root / "release.pub")
+            pinned = str(h.root / "release.pub")
         policy = SitePolicy(data=self.cfg.data, site_name=h.name, state_dir=str(h.root / "state"),
                             allowed_tasks=["classify"], target_epsilon=self.cfg.epsilon, partition="iid",
-                            partition_index=self.hospitals.index(h), partition_count=self.cfg.sites, partition_seed=0)
+                            partition_index=self.hospitals.index(h), partition_count=self.cfg.sites, partition_seed=0,
+                            release_pubkey=pinned)
         write_policy(policy, h.policy)
 
     # -- 3. coordinator: SuperLink, registration
@@ -557,11 +563,12 @@ class Deployment:
         """A :data:`edge.federated.coordinator.SiteCalibration` over this deployment: the plan goes to
         ``RUN/release/plan.npz``, a ``flwr run`` with ``mode = "release"`` (same TLS SuperLink, same
         registered SuperNodes) sends it to every hospital, and the answers are read back."""
-        from echofleet.apps import answers_path, plan_path
+        from echofleet.apps import answers_path, plan_path, step_path
         from edge.federated.coordinator import load_answers, save_plan
 
         def ask(plan):
             save_plan(plan, plan_path(self.federation_dir))
+            atomic_write_bytes(step_path(self.federation_dir), b'{"step": "calibrate"}')
             answers = answers_path(self.federation_dir, plan)
             answers.unlink(missing_ok=True)
             run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
@@ -573,6 +580,35 @@ class Deployment:
                                   f"ServerApp log {log_path}:\n"
                                   + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
             return load_answers(answers)
+
+        return ask
+
+    def site_acceptance(self, progress: Callable[[str], None] = print):
+        """Federated acceptance over this deployment (``edge.build.pipeline.build(accept=...)``): the
+        candidate and reference tarballs are named in ``RUN/release/accept-request.json``, a ``flwr run``
+        with ``mode = "release"`` sends them to every hospital, and their replies are read back."""
+        import hashlib
+
+        from echofleet.apps import accept_replies_path, accept_request_path, step_path
+        from edge.federated.accept import AcceptanceReply
+
+        def ask(candidate: Path, request) -> list:
+            sha = hashlib.sha256(Path(candidate).read_bytes()).hexdigest()
+            atomic_write_bytes(accept_request_path(self.federation_dir), json.dumps({
+                "candidate": str(Path(candidate).resolve()), "reference": str(Path(request.reference).resolve()),
+                "run_key": request.run_key, "candidate_sha256": sha}).encode(), 0o600)
+            atomic_write_bytes(step_path(self.federation_dir), b'{"step": "accept"}')
+            replies = accept_replies_path(self.federation_dir, sha)
+            replies.unlink(missing_ok=True)
+            run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
+            progress(f"release run {run_id} submitted: candidate {Path(candidate).name} to {len(self.hospitals)} hospitals")
+            last = self.wait(run_id, progress, replies.is_file)
+            log_path = self.save_run_log(run_id)
+            if last != "finished:completed" or not replies.is_file():
+                raise DeployError(f"acceptance run {run_id} ended '{last}' (replies written: {replies.is_file()}); "
+                                  f"ServerApp log {log_path}:\n"
+                                  + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+            return [AcceptanceReply.from_fields(d) for d in json.loads(replies.read_text())]
 
         return ask
 
@@ -606,6 +642,10 @@ def deploy(cfg: DeployConfig, say: Callable[[str], None] = print) -> dict:
         raise DeployError(f"{run_dir} already holds a deployment: choose an empty --run-dir (or delete it)")
     federation_run_config(cfg, run_dir / "coordinator" / "federation")  # bad keys fail before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.release_target and cfg.release_pubkey is None:  # the release key, made first: the hospitals pin it
+        from echocare.bundle import generate_keypair
+
+        cfg = replace(cfg, release_pubkey=generate_keypair(run_dir / "coordinator" / "keys" / "release")[1])
     t0 = time.monotonic()
 
     def step(text: str) -> None:
@@ -642,23 +682,26 @@ def deploy(cfg: DeployConfig, say: Callable[[str], None] = print) -> dict:
 
 def release(d: Deployment, cfg: DeployConfig, step: Callable[[str], None]) -> dict:
     """Step 6: an INT8 build of the run's global model for ``cfg.release_target``, calibrated at the
-    hospitals over the deployment; the signing key is made here (``coordinator/keys/release``)."""
-    from echocare.bundle import generate_keypair
+    hospitals over the deployment and, without ``release_val``, accepted by them; signed with the key
+    :func:`deploy` made first (``coordinator/keys/release``, pinned in every hospital's policy)."""
     from edge.build.pipeline import build
 
-    key, _pub = generate_keypair(d.coordinator / "keys" / "release", overwrite=True)
-    step(f"coordinator: edge build {d.federation_dir} --target {cfg.release_target} --calib sites (mode=release)")
+    key = d.coordinator / "keys" / "release"
+    step(f"coordinator: edge build {d.federation_dir} --target {cfg.release_target} --calib sites"
+         + (f" --val {cfg.release_val}" if cfg.release_val else " --accept sites") + " (flwr run, mode=release)")
     from edge.build.gate import GateFailed
+    from edge.build.pipeline import AcceptanceRefused
 
     try:
         summary = build(d.federation_dir, cfg.release_target, "sites", cfg.release_val, key, d.run_dir / "dist",
-                        sites=d.site_calibration(progress=step), progress=step)
-    except GateFailed as e:  # a refused build is an outcome, not a broken deployment
-        step(f"edge release refused by the gate: {e}")
+                        sites=d.site_calibration(progress=step), progress=step,
+                        accept=None if cfg.release_val else d.site_acceptance(progress=step))
+    except (GateFailed, AcceptanceRefused) as e:  # a refused build is an outcome, not a broken deployment
+        step(f"edge release refused: {e}")
         return {"ok": False, "reason": str(e)}
     step(f"edge release {'ok' if summary.ok else 'FAILED'}: {summary.tarball}")
     return {"ok": summary.ok, "tarball": str(summary.tarball), "calibration": summary.manifest["calibration"],
-            "gate": summary.gate.to_dict() if summary.gate else None}
+            "gate": summary.gate.to_dict() if summary.gate else None, "acceptance": summary.manifest.get("acceptance")}
 
 
 def print_summary(report: dict, run_dir: Path) -> None:

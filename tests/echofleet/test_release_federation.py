@@ -106,11 +106,11 @@ def test_release_options_are_checked_with_one_error_line(release, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_deployment_calibrates_over_the_tls_superlink(tmp_path):
+def test_deployment_calibrates_and_accepts_over_the_tls_superlink(tmp_path):
     """The deploy-localhost path (echofleet.deploy): TLS SuperLink with SuperNode authentication, 3
-    registered SuperNodes with site policies; `edge build --calib sites` sends the plan with a
-    `flwr run` in mode "release" and reads the hospitals' answers back; each hospital's ledger shows
-    the calibration. (The training run is skipped: a fresh global model stands in for its result.)"""
+    registered SuperNodes whose policies pin the release key; the build's calibration and acceptance
+    are two `flwr run`s in mode "release"; each hospital's ledger shows both releases (real hospitals
+    keep the accounted default). The training run is skipped: a fresh global model stands in for it."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,9 +124,9 @@ def test_deployment_calibrates_over_the_tls_superlink(tmp_path):
     from fed.ledger import PrivacyLedger
     from fed.policy import load_policy
 
-    cfg = DeployConfig(run_dir=tmp_path / "dl", sites=3, data=SITE_DATA, startup_timeout=120, timeout=600)
+    key, pub = generate_keypair(tmp_path / "keys" / "release")
+    cfg = DeployConfig(run_dir=tmp_path / "dl", sites=3, data=SITE_DATA, startup_timeout=120, timeout=600, release_pubkey=pub)
     cfg.run_dir.mkdir()
-    key, _ = generate_keypair(tmp_path / "keys" / "release")
     try:
         with Deployment(cfg) as d:
             d.prepare_coordinator()
@@ -139,9 +139,10 @@ def test_deployment_calibrates_over_the_tls_superlink(tmp_path):
                 d.start_supernode(h)
             d.wait_online([h.name for h in d.hospitals])
             fresh_model(d.federation_dir / "global", "classify")
-            summary = build(d.federation_dir, "onnxruntime-cpu", "sites", PUBLIC_VAL, key, tmp_path / "dist",
+            summary = build(d.federation_dir, "onnxruntime-cpu", "sites", None, key, tmp_path / "dist",
                             config=BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1),
-                            sites=d.site_calibration(progress=lambda _m: None))
+                            sites=d.site_calibration(progress=lambda _m: None),
+                            accept=d.site_acceptance(progress=lambda _m: None))
             hospitals = [(h.name, load_policy(h.policy)) for h in d.hospitals]
     finally:
         _kill_leftovers(cfg.run_dir)
@@ -149,6 +150,8 @@ def test_deployment_calibrates_over_the_tls_superlink(tmp_path):
     assert summary.ok
     cal = summary.manifest["calibration"]
     assert sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
+    assert summary.manifest["acceptance"]["method"] == "federated" and summary.manifest["acceptance"]["passed"]
     for name, policy in hospitals:
-        assert [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] == ["calibrate"], name
+        assert policy.release_pubkey and policy.evaluation == "accounted"
+        assert [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] == ["calibrate", "accept"], name
     assert (d.federation_dir / "release" / "plan.npz").is_file()
