@@ -181,7 +181,7 @@ def bench_scale(sites: int, rounds: int, encoder: str, per_site: int, cache_dir:
 
 
 def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int = 10, local_epochs: int = 2,
-                  lr: float = 0.2, batch_size: int = 32) -> dict:
+                  lr: float = 0.2, batch_size: int = 32, projection: int = 64, cache_dir: str | None = None) -> dict:
     """Federated DP (3 sites, Dirichlet 0.5, eps 8 per site) vs centralised heads, on the same features.
 
     Every head is scored on ONE pooled held-out set (the union of the sites' validation splits), so
@@ -190,8 +190,10 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
     - federated DP: the run's final global head;
     - centralised DP (eps 8, same delta rule): the union of the sites' training splits in one place,
       same head, DP-SGD, same number of passes over the data — the price of privacy alone;
-    - centralised non-DP: L2 logistic regression on the same (projected) features with C chosen by
-      5-fold cross-validation on the training union — a tuned baseline, not a strawman.
+    - centralised non-DP: L2 logistic regression on the same features through the protocol's 64-dim
+      public projection, with C chosen by 5-fold cross-validation on the training union — a tuned
+      baseline, not a strawman, and the same reference whatever ``projection`` the federation uses
+      (the run's own projection is scored too when it differs).
     Repeated over ``seeds`` Dirichlet partitions (the split of BUSI between sites changes with it).
     """
     import torch
@@ -211,17 +213,19 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
     if not BUSI.exists():
         return {"skipped": f"BUSI not found at {BUSI}"}
     tmp = Path(tempfile.mkdtemp())
+    cache = cache_dir or str(tmp / "cache")
     data = f"busi:{BUSI}" + (f"?limit={limit}&seed=0" if limit else "")
     per_seed = []
     for seed in range(seeds):
         run = tmp / f"fed-{seed}"
         cfg = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=rounds, epsilon=8.0, encoder=encoder,
-                               out=str(run), cache_dir=str(tmp / "cache"), local_epochs=local_epochs,
-                               batch_size=batch_size, lr=lr, seed=seed, quiet=True)
+                               out=str(run), cache_dir=cache, local_epochs=local_epochs,
+                               batch_size=batch_size, lr=lr, seed=seed, quiet=True,
+                               extra={"feature-projection": projection})
         report = simulate(cfg)
         rc = RoundConfig.from_record(json.loads(json.dumps(
-            RunConfig(encoder_config=encoder, run_dir=str(run), public_cache_dir=str(tmp / "cache"), seed=seed,
-                         num_server_rounds=rounds).round_config("q").to_record())))
+            RunConfig(encoder_config=encoder, run_dir=str(run), public_cache_dir=cache, seed=seed,
+                      num_server_rounds=rounds, feature_projection=projection).round_config("q").to_record())))
         xs, ys, xv, yv, sizes = [], [], [], [], []
         for k in range(3):
             pol = load_policy(run / "sites" / f"site-{k}" / "policy.toml")
@@ -234,7 +238,7 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
             with torch.no_grad():
                 return float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
 
-        start = initial_head(rc, RunConfig(run_dir=str(run), public_cache_dir=str(tmp / "cache")))  # with the projection
+        start = initial_head(rc, RunConfig(run_dir=str(run), public_cache_dir=cache))  # with the projection
         fed_head = task._build_head(rc)
         task._load_arrays(fed_head, {**start, **load_file(str(run / "global" / "head.safetensors"))})
         fed_auroc = score(fed_head)
@@ -248,13 +252,21 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
                    DPConfig(epochs=epochs, batch_size=batch_size, lr=lr, noise_multiplier=sigma, seed=seed))
         central_dp = score(head)
 
-        with torch.no_grad():
-            proj = lambda x: ((torch.from_numpy(x) - head.proj_mean) @ head.proj_matrix).numpy()  # noqa: E731
-        lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr", max_iter=5000).fit(proj(x_tr), y_tr)
-        central = float(auroc_macro_ovr(y_va, lr_cv.predict_proba(proj(x_va)), 3))
+        def central_non_dp(dim: int) -> float:
+            """L2 logistic regression (C cross-validated) on the features through a ``dim``-dim public projection."""
+            ref_rc = dataclasses.replace(rc, head={**rc.head, "proj_dim": dim})
+            ref_head = task._build_head(ref_rc)
+            task._load_arrays(ref_head, initial_head(ref_rc, RunConfig(run_dir=str(run), public_cache_dir=cache)))
+            with torch.no_grad():
+                proj = lambda x: ((torch.from_numpy(x) - ref_head.proj_mean) @ ref_head.proj_matrix).numpy()  # noqa: E731
+            lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr", max_iter=5000).fit(proj(x_tr), y_tr)
+            return float(auroc_macro_ovr(y_va, lr_cv.predict_proba(proj(x_va)), 3))
+
+        central = central_non_dp(64)
+        central_same = central if projection == 64 else central_non_dp(projection)
         per_seed.append({"seed": seed, "site_sizes": sizes, "train_images": int(n), "pooled_val_images": int(len(y_va)),
                          "federated_dp_eps8_auroc": fed_auroc, "centralised_dp_eps8_auroc": central_dp,
-                         "centralised_non_dp_auroc": central,
+                         "centralised_non_dp_auroc": central, "centralised_non_dp_auroc_run_projection": central_same,
                          "federated_reported_auroc_last_round": report["rounds"][-1]["aggregated"]["evaluate"].get("auroc")})
     shutil.rmtree(tmp, ignore_errors=True)
     mean = lambda k: float(np.mean([r[k] for r in per_seed]))  # noqa: E731
@@ -262,7 +274,8 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
     return {"encoder": encoder, "encoder_weights": "seeded random init (no released EchoCare weights offline)",
             "images": per_seed[0]["train_images"] + per_seed[0]["pooled_val_images"],
             "protocol": {"sites": 3, "partition": "dirichlet:0.5", "epsilon_per_site": 8.0, "rounds": rounds,
-                         "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size, "seeds": seeds},
+                         "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size, "projection": projection,
+                         "seeds": seeds},
             "per_seed": per_seed,
             **{f"{k}_mean": mean(k) for k in ("federated_dp_eps8_auroc", "centralised_dp_eps8_auroc", "centralised_non_dp_auroc")},
             **{f"{k}_sd": sd(k) for k in ("federated_dp_eps8_auroc", "centralised_dp_eps8_auroc", "centralised_non_dp_auroc")},
@@ -284,6 +297,13 @@ SWEEP = {  # name -> run-config changes from the quality protocol (projection 64
     "pooling-last": {"pooling": "last"},
     "phantom-pretrain": {"pretrain": True},
     "proj16-phantom-pretrain": {"feature_projection": 16, "pretrain": True},
+    "proj256": {"feature_projection": 256},
+    "batch128-lr1": {"batch_size": 128, "lr": 1.0},
+    "batch256-lr1": {"batch_size": 256, "lr": 1.0},
+    "proj128-batch128-lr0.5": {"feature_projection": 128, "batch_size": 128, "lr": 0.5},
+    "proj128-batch128-lr1": {"feature_projection": 128, "batch_size": 128, "lr": 1.0},
+    "proj128-batch256-lr1": {"feature_projection": 128, "batch_size": 256, "lr": 1.0},
+    "proj128-batch128-lr0.5-rounds5": {"feature_projection": 128, "batch_size": 128, "lr": 0.5, "num_server_rounds": 5},
 }
 
 
@@ -321,6 +341,33 @@ def _spec(rc):
     return PreprocessSpec.from_dict(rc.preprocess) if rc.preprocess else PreprocessSpec()
 
 
+def _memoised_pooled_features():
+    """``fed.features.pooled_features`` memoised in memory by (data, samples, encoder, spec, dtype):
+    each sweep configuration has fresh site state (its own lifetime ledger) but the same images, so
+    re-reading and re-hashing every image per configuration (what a cached site round spends its
+    time on) is skipped. Returns (install, remove)."""
+    from fed import features, task
+
+    original = features.pooled_features
+    memo: dict = {}
+
+    def pooled(data, ref, spec, cache_root, *args, **kwargs):
+        device = kwargs.get("device")
+        key = (data.spec, tuple(s.key for s in data.samples), ref, spec.digest(), getattr(device, "autocast", None))
+        if key not in memo:
+            memo[key] = original(data, ref, spec, cache_root, *args, **kwargs)
+        x, kept = memo[key]
+        return x.copy(), list(kept)
+
+    def install() -> None:
+        features.pooled_features = task.pooled_features = pooled
+
+    def remove() -> None:
+        features.pooled_features = task.pooled_features = original
+
+    return install, remove
+
+
 def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: str | None, limit: int | None = None) -> dict:
     """Federated DP (3 sites, Dirichlet 0.5, epsilon 8 per site) under each SWEEP configuration,
     scored like ``quality`` on the pooled held-out splits, against the centralised non-DP reference of
@@ -349,6 +396,8 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     data = f"busi:{BUSI}" + (f"?limit={limit}&seed=0" if limit else "")
     base = dict(num_server_rounds=10, local_epochs=2, lr=0.2, batch_size=32, target_epsilon=8.0, feature_projection=64)
     rows = []
+    install, remove = _memoised_pooled_features()
+    install()
     for seed in range(seeds):
         reference = None
         for name in ["protocol"] + [n for n in names if n != "protocol"]:
@@ -396,6 +445,7 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
                          "seconds": round(time.perf_counter() - t, 1)})
             print(f"  seed {seed} {name:24s} fed DP {auroc:.3f}  central non-DP {reference:.3f}  gap {reference - auroc:+.3f}"
                   f"  ({trained} site-rounds trained, {rows[-1]['seconds']} s)", flush=True)
+    remove()
     shutil.rmtree(tmp, ignore_errors=True)
     summary = {}
     for name in dict.fromkeys(r["config"] for r in rows):
@@ -416,6 +466,10 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="scale, sweep: keep the sites' feature caches here between runs")
     ap.add_argument("--configs", default=",".join(SWEEP), help=f"sweep: which of {', '.join(SWEEP)}")
     ap.add_argument("--seeds", type=int, default=3, help="sweep: Dirichlet partitions")
+    ap.add_argument("--projection", type=int, default=64, help="quality: public projection size of the head")
+    ap.add_argument("--batch-size", type=int, default=32, help="quality: expected batch size of the sites' DP-SGD")
+    ap.add_argument("--lr", type=float, default=0.2, help="quality: local learning rate")
+    ap.add_argument("--local-epochs", type=int, default=2, help="quality: local epochs per round")
     a = ap.parse_args()
     todo = ["cache", "dp", "bytes", "scale", "quality"] if a.which == "all" else [a.which]
     results = {}
@@ -448,7 +502,9 @@ def main() -> None:
             line = "skipped: " + r["skipped"] if "skipped" in r else "; ".join(
                 f"{k} {v['federated_dp_eps8_auroc_mean']:.3f} (gap {v['gap_mean']:+.3f})" for k, v in r["summary"].items())
         else:
-            r = bench_quality(a.encoder, 150 if a.quick else None, seeds=1 if a.quick else 3)
+            r = bench_quality(a.encoder, 150 if a.quick else None, seeds=1 if a.quick else 3, rounds=a.rounds or 10,
+                              local_epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size, projection=a.projection,
+                              cache_dir=a.cache_dir)
             line = ("skipped: " + r["skipped"]) if "skipped" in r else (
                 f"BUSI ({r['images']} images) macro AUROC on the pooled held-out splits, mean +- sd over "
                 f"{r['protocol']['seeds']} partitions: federated DP eps=8 {r['federated_dp_eps8_auroc_mean']:.3f} "
