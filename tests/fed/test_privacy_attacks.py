@@ -263,6 +263,19 @@ def test_exact_evaluation_only_as_a_counted_policy_disclosure(tmp_path, cache, p
     assert len(book["disclosures"]) == 3 and book["releases"] == []
 
 
+def test_exact_evaluations_are_limited_per_site_lifetime_not_only_per_run_key(tmp_path, cache, public):
+    """A new run key is the coordinator's claim: it gets no fresh allowance of exact queries beyond
+    the policy's lifetime limit."""
+    policy = _policy(tmp_path, cache, evaluation="disclosed", disclosed_evaluations_per_run=5,
+                     disclosed_evaluations_lifetime=2)
+    w = _head(public)
+    assert evaluate_round(policy, _cfg(run_key="run-a"), w).status == "ok"
+    assert evaluate_round(policy, _cfg(run_key="run-b"), w).status == "ok"
+    third = evaluate_round(policy, _cfg(run_key="run-c"), w)  # a "fresh run" per query
+    assert third.status == "refused" and "lifetime limit of 2" in third.reason
+    assert len(_lifetime_ledger(policy)["disclosures"]) == 2
+
+
 # -- 4. only private outputs leave ------------------------------------------------------------
 def test_replies_carry_no_loss_count_or_accountant_inputs(tmp_path, cache, public):
     from fed.client_app import to_content
@@ -293,6 +306,33 @@ def test_policy_delta_must_be_below_one_over_n(tmp_path, cache, public):
     reply = train_round(_policy(tmp_path, cache, delta=0.05), _cfg(), _head(public))  # 1/N ~ 0.011
     assert reply.status == "refused" and "1/N" in reply.reason
     assert not any(c.isdigit() for c in reply.reason.replace("1/N", ""))  # N itself stays at the site
+
+
+def test_policy_minimum_noise_multiplier(tmp_path, cache, public):
+    """A coordinator-fixed sigma below the site's floor is refused before anything is charged (one
+    such release could spend the whole lifetime budget); a calibrated sigma is raised to the floor."""
+    w = _head(public)
+    policy = _policy(tmp_path, cache, min_noise_multiplier=3.0)
+    low = train_round(policy, _cfg(noise_multiplier=0.3), w)
+    assert low.status == "refused" and "minimum 3" in low.reason
+    assert not policy.ledger_path.exists()
+    calibrated = train_round(policy, _cfg(noise_multiplier=0.0, target_epsilon=50.0), w)  # calibrated below 3 without the floor
+    assert calibrated.status == "ok"
+    assert _lifetime_ledger(policy)["releases"][0]["noise_multiplier"] == 3.0
+
+
+def test_released_delta_and_epsilon_do_not_reveal_n(tmp_path, cache, public):
+    """delta: a power of ten (default), so only N's order of magnitude shows; epsilon: rounded up
+    to a multiple of 0.25 unless the site discloses its accounting (exact epsilon is a function of N)."""
+    from fed.policy import SitePolicy
+
+    site = SitePolicy(data="x")
+    assert [site.delta_for(n) for n in (90, 9_999, 10_001, 12_345, 99_999, 100_001)] == [1e-5, 1e-5, 1e-6, 1e-6, 1e-6, 1e-7]
+    w = _head(public)
+    reply = train_round(_policy(tmp_path, cache), _cfg(), w)
+    exact = _lifetime_ledger(_policy(tmp_path, cache))["epsilon"]
+    assert reply.metrics["delta"] == 1e-5
+    assert reply.metrics["epsilon"] % 0.25 == 0 and exact <= reply.metrics["epsilon"] < exact + 0.25
 
 
 def test_policy_caps_the_clipping_bound(tmp_path, cache, public):
