@@ -11,11 +11,15 @@
 2. **Merge** (:func:`merge`): the sites' noisy sums add up bin by bin (same edges everywhere);
    the noise of the sum has standard deviation ``sqrt(sum of the sites' noise variances)``.
 3. **Ranges** (:func:`derive_ranges`), post-processing only (no further privacy cost): bins whose
-   merged count is below ``threshold_sigmas`` noise standard deviations are zeroed (noise, not
-   signal); then ``minmax`` (default, as ONNX Runtime's ``quantize_static``: the outermost
-   non-empty bins' edges), or ``percentile`` (as ONNX Runtime's percentile calibration: the
-   ``percentile`` of |x| for symmetric activations, both tails cut for asymmetric ones), clamped to
-   the min-max range. Without noise the ranges are those of the pooled images' histograms exactly.
+   merged count is not above the noise are zeroed; the threshold is the standard normal quantile
+   that keeps the expected number of pure-noise bins passing it at 0.05 over all points x bins (a
+   multiple-comparison bound: with 83 x 256 bins, 4.6 noise standard deviations; a fixed 3 let ~29
+   noise spikes through and set absurd ranges). Then ``minmax`` (default, as ONNX Runtime's
+   ``quantize_static``: the outermost remaining bins' edges), or ``percentile`` (as ONNX Runtime's
+   percentile calibration: the ``percentile`` of |x| for symmetric activations, both tails cut for
+   asymmetric ones), clamped to the min-max range. A point with no bin above the noise takes the
+   (min, max) its tensor reached on the public images. Without noise the ranges are those of the
+   pooled images' histograms exactly.
 4. **QDQ**: :func:`edge.build.quantize.quantize` with ``ranges``: ONNX Runtime's
    ``quantize_static`` reads them from its calibration cache, with no image; the one QDQ ONNX
    serves ONNX Runtime, TensorRT (S8S8) and OpenVINO (which compiles QDQ ONNX).
@@ -37,7 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Public images the coordinator holds (echofleet's phantoms: no patient in them).
 PUBLIC_IMAGES = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=1"
-DEFAULT_BINS, DEFAULT_MARGIN, DEFAULT_CLIP, THRESHOLD_SIGMAS, DEFAULT_PERCENTILE = 256, 2.0, 1.0, 3.0, 99.999
+DEFAULT_BINS, DEFAULT_MARGIN, DEFAULT_CLIP, DEFAULT_PERCENTILE = 256, 2.0, 1.0, 99.999
+FALSE_BINS = 0.05  # expected number of pure-noise bins (over all points and bins) above the threshold
 METHODS = ("minmax", "percentile")
 
 
@@ -106,22 +111,22 @@ def calibration_points(model_path: str | Path, op_types: Sequence[str]) -> list[
     return list(points)
 
 
-def public_absmax(model: bytes, points: Sequence[str], images: Iterable[np.ndarray]) -> np.ndarray:
-    """Largest absolute finite value of every point over the public ``images`` (P,)."""
+def public_minmax(model: bytes, points: Sequence[str], images: Iterable[np.ndarray]) -> np.ndarray:
+    """(min, max) of the finite values of every point over the public ``images``: (P, 2)."""
     probe = CalibrationPlan(model, tuple(points), np.tile([-1.0, 0.0, 1.0], (len(points), 1)))
     session, input_name = activation_session(probe)
     names = [o.name for o in session.get_outputs()]
-    amax = np.zeros(len(points))
+    mm = np.zeros((len(points), 2))
     for x in images:
         x = np.ascontiguousarray(x[None] if x.ndim == 3 else x, np.float32)
         got = dict(zip(names, session.run(names, {input_name: x})))
         got[input_name] = x
         for i, p in enumerate(points):
-            v = np.abs(np.asarray(got[p], np.float64))
+            v = np.asarray(got[p], np.float64)
             v = v[np.isfinite(v)]
             if v.size:
-                amax[i] = max(amax[i], float(v.max()))
-    return amax
+                mm[i] = min(mm[i, 0], float(v.min())), max(mm[i, 1], float(v.max()))
+    return mm
 
 
 def make_plan(prepared_model: str | Path, op_types: Sequence[str], public_images: np.ndarray, *,
@@ -134,10 +139,10 @@ def make_plan(prepared_model: str | Path, op_types: Sequence[str], public_images
     points = calibration_points(prepared_model, op_types)
     if not points:
         raise ValueError(f"{prepared_model}: no tensor to calibrate for op types {list(op_types)}")
-    amax = public_absmax(model, points, public_images)
-    half = np.maximum(amax * margin, 1e-6)
+    public = public_minmax(model, points, public_images)
+    half = np.maximum(np.abs(public).max(1) * margin, 1e-6)
     edges = np.stack([np.linspace(-h, h, bins + 1) for h in half])
-    return CalibrationPlan(model, tuple(points), edges, clip)
+    return CalibrationPlan(model, tuple(points), edges, clip, public_ranges=public)
 
 
 # ------------------------------------------------------------------------------------ merge
@@ -160,22 +165,34 @@ def merge(answers: Sequence[SiteAnswer], plan: CalibrationPlan) -> Merged:
 
 
 # ----------------------------------------------------------------------------------- ranges
+def noise_threshold_sigmas(cells: int, false_bins: float = FALSE_BINS) -> float:
+    """How many noise standard deviations a bin must exceed so that, over ``cells`` bins of pure
+    Gaussian noise, ``false_bins`` pass on average (one-sided)."""
+    from statistics import NormalDist
+
+    return float(NormalDist().inv_cdf(1.0 - min(0.5, false_bins / max(1, cells))))
+
+
 def derive_ranges(merged: Merged, plan: CalibrationPlan, method: str = "minmax", *, symmetric: bool = False,
-                  percentile: float = DEFAULT_PERCENTILE, threshold_sigmas: float = THRESHOLD_SIGMAS) -> Ranges:
-    """Per-point (min, max) from the merged histograms (module docstring, step 3)."""
+                  percentile: float = DEFAULT_PERCENTILE, threshold_sigmas: float | None = None) -> Ranges:
+    """Per-point (min, max) from the merged histograms (module docstring, step 3); ``threshold_sigmas``
+    None: :func:`noise_threshold_sigmas` over the plan's points x bins."""
     if method not in METHODS:
         raise ValueError(f"federated calibration derives ranges by {' or '.join(METHODS)}, not {method!r}")
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if threshold_sigmas is None:
+        threshold_sigmas = noise_threshold_sigmas(len(plan.points) * plan.bins)
     threshold = threshold_sigmas * merged.noise_std
     out = Ranges({}, method)
     for p, name in enumerate(plan.points):
         edges, hist = plan.edges[p], merged.sums[p]
         kept = np.where(hist > threshold, hist, 0.0)
         nz = np.flatnonzero(kept)
-        if nz.size == 0:
+        if nz.size == 0:  # nothing above the noise: the public images' own range (else the edges)
             out.public_fallback.append(name)
-            out.ranges[name] = (float(edges[0]), float(edges[-1]))
+            pub = plan.public_ranges[p] if plan.public_ranges is not None else (edges[0], edges[-1])
+            out.ranges[name] = (float(pub[0]), float(pub[1]))
             continue
         first, last = int(nz[0]), int(nz[-1])
         if first == 0 or last == plan.bins - 1:
@@ -186,7 +203,7 @@ def derive_ranges(merged: Merged, plan: CalibrationPlan, method: str = "minmax",
         out.ranges[name] = (lo, hi)
     if out.public_fallback:
         out.notes.append(f"{len(out.public_fallback)} of {len(plan.points)} points had no bin above the noise "
-                         f"({threshold_sigmas:g} sigma): their public range is used")
+                         f"({threshold_sigmas:.2f} sigma): the public images' range is used there")
     if out.saturated:
         out.notes.append(f"{len(out.saturated)} of {len(plan.points)} points have mass in an outer bin: the sites' "
                          "activations reach the public range's edge there (a larger margin widens it)")

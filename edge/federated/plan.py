@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,12 +33,15 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class CalibrationPlan:
-    """See the module docstring. ``edges``: (P, B + 1) strictly increasing per row."""
+    """See the module docstring. ``edges``: (P, B + 1) strictly increasing per row. ``public_ranges``
+    (P, 2): the (min, max) of every point on the coordinator's public images, kept at the coordinator
+    (never sent: not part of :meth:`to_arrays` nor of :meth:`digest`)."""
 
     model: bytes
     points: tuple[str, ...]
     edges: np.ndarray
     clip: float = 1.0
+    public_ranges: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "points", tuple(self.points))

@@ -151,6 +151,25 @@ def test_noise_hides_small_bins_and_a_refusing_site_is_named(tiny):
         merge([answers[1]], plan)
 
 
+def test_pure_noise_sets_no_range_the_public_images_range_is_used():
+    """A merged histogram that is only noise (no site signal) yields no spurious range: the threshold
+    accounts for the number of bins tested (a fixed 3 sigma lets about 0.13 % of them through, enough
+    to set absurd ranges over 21 000 bins), and each point falls back to its public (min, max)."""
+    from edge.federated.coordinator import noise_threshold_sigmas
+
+    points = tuple(f"t{i}" for i in range(83))  # echocare-tiny's 83 points x 256 bins
+    plan = CalibrationPlan(b"model", points, np.tile(np.linspace(-4.0, 4.0, 257), (83, 1)),
+                           public_ranges=np.tile([-1.5, 2.5], (83, 1)))
+    cells = len(plan.points) * plan.bins
+    noise = np.random.default_rng(7).normal(0.0, 5.0, (len(plan.points), plan.bins))
+    merged = merge([SiteAnswer("a", "ok", histograms=noise, noise_std=5.0)], plan)
+    r = derive_ranges(merged, plan, "minmax")
+    assert r.public_fallback == list(plan.points)
+    assert r.ranges == {p: (-1.5, 2.5) for p in plan.points}
+    assert noise_threshold_sigmas(cells) == pytest.approx(4.58, abs=0.01)
+    assert len(derive_ranges(merged, plan, "minmax", threshold_sigmas=3.0).public_fallback) < 83 - 10  # spikes pass 3 sigma
+
+
 def _policy(root: Path, **kw) -> SitePolicy:
     return SitePolicy(data="phantom:15?seed=3", site_name="h1", state_dir=str(root / "state"), **kw)
 
