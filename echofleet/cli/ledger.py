@@ -23,7 +23,7 @@ def ledger(
 ) -> None:
     """Print the site's lifetime privacy ledger: lifetime epsilon and delta, and every release.
 
-    Each release (kind, run, round, noise_multiplier, sample_rate, steps, time, private) lets an
+    Each release (kind, run, round, noise_multiplier, sample_rate, steps, unit, time, private) lets an
     auditor recompose epsilon with any RDP accountant; an evaluation is one unsampled Gaussian
     release (sample_rate 1.0, steps 1). Exact results the policy disclosed are listed apart."""
     from fed.ledger import PrivacyLedger
@@ -49,7 +49,7 @@ def ledger(
         return
     console = Console()
     console.print(f"dataset {book['dataset']}: lifetime epsilon {book['epsilon']:.3f} of {book['budget_epsilon']:g} "
-                  f"at delta {book['delta']:.2g} ({book['accountant']})" + ("" if book["private"] else
+                  f"at delta {book['delta']:.2g} per {book.get('unit', 'image')} ({book['accountant']})" + ("" if book["private"] else
                   "  [bold red]NOT PRIVATE: releases with insecure deterministic noise[/]"))
     table = Table("kind", "run", "round", "sigma", "q", "steps", "private", "time")
     for r in book["releases"]:
