@@ -4,7 +4,11 @@ Privacy: only image-describing attributes are ever read. Headers are parsed with
 ``specific_tags`` (rows, columns, frames, photometric interpretation, bit depth, rescale,
 window, palette, ultrasound calibration regions) and pixels are decoded with
 :func:`pydicom.pixels.pixel_array` from the path, which reads only what decoding needs. No
-patient, study or device identifier is read into a :class:`Sample`'s key, meta or anything else.
+patient, study or device identifier is read into a :class:`Sample`'s key, meta or anything else,
+with one exception: ``PatientID`` is read on its own (:func:`patient_pseudonym`) and kept only as a
+salted hash in ``meta["patient"]`` (and the sample's group), so that a site can give per-patient
+differential privacy and keep a patient's files in one split (docs/privacy.md). That pseudonym
+stays on the site like everything else here; the identifier itself is not kept.
 
 Pixel handling, per frame, to uint8:
 
@@ -65,7 +69,9 @@ HEADER_KEYWORDS: tuple[str, ...] = (
 )
 
 #: What may appear in ``Sample.meta`` for a DICOM frame.
-META_KEYS = ("frame", "n_frames", "photometric", "modality", "pixel_size_mm")
+META_KEYS = ("frame", "n_frames", "photometric", "modality", "pixel_size_mm", "patient")
+#: The one patient attribute read, separately, only to form a pseudonym (:func:`patient_pseudonym`).
+PATIENT_KEYWORD = "PatientID"
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
@@ -105,6 +111,23 @@ def read_header(path: Path):
     if "Rows" not in ds or "Columns" not in ds or "PhotometricInterpretation" not in ds:
         raise UnreadableImage(path, "DICOM file has no image (Rows/Columns/PhotometricInterpretation missing)")
     return ds
+
+
+def patient_pseudonym(path: Path) -> str | None:
+    """A site-local pseudonym of the file's ``PatientID`` (16 hex digits of a salted sha256), or None
+    when the file names no patient. Only this attribute is parsed; the identifier is not kept. Files
+    and frames of one patient get one pseudonym: the unit of per-patient DP (docs/privacy.md)."""
+    import hashlib
+
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=[PATIENT_KEYWORD])
+        value = str(ds.get(PATIENT_KEYWORD, "") or "").strip()
+    except Exception:  # an unreadable attribute: no patient (the image may still be readable)
+        return None
+    if not value:
+        return None
+    return hashlib.sha256(b"echofleet-patient\x00" + value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 #: Samples per pixel each supported photometric interpretation needs.
@@ -274,7 +297,8 @@ def read_dicom(path: Path, spec: str, opts) -> SiteData:
 
     Labels: when every file of a folder lies in a sub-folder, the first sub-folder is the class;
     otherwise the files are unlabeled. ``opts.frames`` keeps that many evenly spaced frames per
-    file (default: all). Frames of one file share a group.
+    file (default: all). Frames of one file share a group; so do all files of one patient (same
+    ``PatientID`` pseudonym).
     """
     from echocare.data.readers import select_limit
 
@@ -310,6 +334,9 @@ def read_dicom(path: Path, spec: str, opts) -> SiteData:
         px_mm = _pixel_size_mm(header)
         if px_mm is not None:
             meta_base["pixel_size_mm"] = px_mm
+        patient = patient_pseudonym(f)
+        if patient:
+            meta_base["patient"] = patient
         multi = "NumberOfFrames" in header
         for i in evenly_spaced(n, opts.frames or 0):
             samples.append(
@@ -318,7 +345,7 @@ def read_dicom(path: Path, spec: str, opts) -> SiteData:
                     label,
                     (lambda f=f, h=header, i=(i if multi else None): decode_frame(f, h, i)),
                     None,
-                    key,
+                    f"patient:{patient}" if patient else key,
                     {**meta_base, "frame": i},
                 )
             )

@@ -6,7 +6,7 @@ Kinds::
     hc18:PATH        HC18 training set + pixel size / head circumference CSV
     pocus:PATH       POCUS lung clips and stills listed in manifest.tsv
     folder:PATH      one sub-folder per class (optional NAME_mask*.png masks)
-    csv:FILE         manifest with columns path,label[,mask][,group] (paths relative to the CSV)
+    csv:FILE         manifest with columns path,label[,mask][,group][,patient] (paths relative to the CSV)
     dicom:PATH       a DICOM file or a folder of them (sub-folders = classes), one sample per frame
     phantom:N        N synthetic B-mode images generated in memory (deterministic)
 

@@ -246,3 +246,36 @@ def test_the_model_card_states_the_unit():
     mixed = build_report(run, {1: {"train": {"h1": {**site, "privacy_unit": "patient"}, "h2": site}}})
     card = model_card(mixed)
     assert "one patient at h1 and of one training image at the other sites" in card and "| h2 | per image |" in card
+
+
+def test_dicom_files_of_one_patient_share_a_pseudonym_and_no_identifier_is_kept(tmp_path):
+    """DICOM PatientID is read only to form a site-local pseudonym: files of one patient are one unit."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+
+    from echocare.data import open_data
+    from fed.task import patient_ids
+
+    def write(path: Path, patient: str) -> None:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UltrasoundImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Modality, ds.PatientID, ds.PatientName = "US", patient, "Doe^Jane"
+        ds.set_pixel_data(np.tile(np.arange(64, dtype=np.uint8), (16, 1)), "MONOCHROME2", bits_stored=8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+
+    write(tmp_path / "a" / "1.dcm", "MRN-4711")
+    write(tmp_path / "a" / "2.dcm", "MRN-4711")  # a follow-up of the same patient
+    write(tmp_path / "b" / "3.dcm", "MRN-0815")
+    data = open_data(f"dicom:{tmp_path}")
+    by_key = {s.key: s for s in data.samples}
+    assert by_key["a/1.dcm"].meta["patient"] == by_key["a/2.dcm"].meta["patient"] != by_key["b/3.dcm"].meta["patient"]
+    assert by_key["a/1.dcm"].group == by_key["a/2.dcm"].group  # one split for the patient's files
+    for s in data.samples:
+        assert "4711" not in repr(s.meta) + s.key + str(s.group) and "0815" not in repr(s.meta) + str(s.group)
+    assert sorted(np.bincount(patient_ids(data.samples)).tolist()) == [1, 2]  # two patients: 2 files and 1
+    assert pydicom  # (imported for the skip)
