@@ -132,7 +132,7 @@ def test_hc18_counts_meta_groups(hc18_root):
     assert all(s.label is None and s.meta["pixel_size_mm"] > 0 and s.meta["hc_mm"] > 0 for s in data.samples)
     by_key = {s.key: s for s in data.samples}
     assert by_key["063_HC.png"].group == by_key["063_3HC.png"].group == "patient-063"
-    assert by_key["001_HC.png"].meta == {"pixel_size_mm": 0.08965852, "hc_mm": 56.81}
+    assert by_key["001_HC.png"].meta == {"pixel_size_mm": 0.08965852, "hc_mm": 56.81, "patient": "001"}  # per-patient DP
     # the same reader accepts the training_set folder itself
     assert len(open_data(f"hc18:{hc18_root / 'training_set'}?limit=5")) == 5
 

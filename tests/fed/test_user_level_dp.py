@@ -83,7 +83,7 @@ def test_patients_are_sampled_at_the_patient_rate(monkeypatch):
         return real(self, n, q)
 
     monkeypatch.setattr(DPRandom, "poisson_batch", spy)
-    import fed.dp as dp
+    from fed import dp
 
     real_sum = dp.unit_clipped_sum
 
