@@ -30,3 +30,44 @@ def hc18_root() -> Path:
 @pytest.fixture(scope="session")
 def pocus_root() -> Path:
     return _need(SHARED_DATA / "pocus")
+
+
+# ------------------------------------------------------------------ shared by the federation tests
+#: The phantom sets the federation tests train on are prefixes of this one (``phantom:N`` with the same
+#: profiles and seed lists images 0..N-1 in the same order), so one session cache holds their features.
+PHANTOM_PROFILES = "profiles=linear-a,convex-b,linear-c"
+
+
+@pytest.fixture(scope="session")
+def phantom_feature_cache(tmp_path_factory) -> str:
+    """One feature cache for every simulated federation of the session (sites' images and the
+    coordinator's public reference phantoms): each image is encoded once, however many federations
+    use it. Safe to share: keys are content hashes of image, encoder and preprocessing (a site never
+    reads another image's features), written atomically (the sites of one federation already share it)."""
+    return str(tmp_path_factory.mktemp("phantom-feature-cache"))
+
+
+@pytest.fixture(scope="session")
+def one_ray():
+    """One Ray instance for every in-process Flower simulation of the session.
+
+    Flower's Ray backend starts Ray when it is not running and shuts it down at the end of each
+    simulation (``RayBackend.terminate``); a start costs 5-15 s on 2 cores, paid once per simulation.
+    Here ``terminate`` still ends the simulation's actors (each simulation builds its own pool, whose
+    ClientApp processes start fresh) but leaves Ray running for the next simulation; Ray is shut down
+    when the session ends. The first simulation's ``init_args`` start it (every test passes the same
+    CPU count). A simulation in a subprocess (``echofleet simulate``) starts its own Ray as users see it."""
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    def terminate_actors_only(self: RayBackend) -> None:
+        # every actor of the pool, idle or still busy (a failed simulation), so none keeps its CPUs
+        if self.pool:
+            for actor in [*self.pool.pool, *self.pool._future_to_actor.values()]:
+                ray.kill(actor)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RayBackend, "terminate", terminate_actors_only)
+        yield
+    if ray.is_initialized():
+        ray.shutdown()

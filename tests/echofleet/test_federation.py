@@ -1,5 +1,9 @@
 """End-to-end federations through Flower's simulation engine: 3 virtual hospitals, 2 rounds,
-the small encoder, on phantoms and on a real BUSI subset."""
+the small encoder, on phantoms and on a real BUSI subset.
+
+Cost on 2 cores: every federation of the session shares one Ray instance (``one_ray``) and one
+feature cache (``phantom_feature_cache``: each phantom is encoded once); one phantom federation
+(``phantom_run``) serves the tests that only read its outputs."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +24,18 @@ from echofleet.simulation import SimulationConfig, simulate
 from dp_helpers import independent_epsilon
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.usefixtures("one_ray")
 PHANTOMS = "phantom:600?profiles=linear-a,convex-b,linear-c&seed=0"
 REPLY_METRICS = {"num-examples", "dp-weight", "train_loss", "epsilon", "delta", "noise_multiplier", "sample_rate",
                  "steps", "val_loss", "auroc", "balanced_accuracy"}
+REPLY_SITE_KEYS = {"site", "status", "reason", "accountant"}  # always there; "privacy-unit" and "device" may be
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> str:
-    """One feature cache for the module's federations: same images, same encoder, computed once
-    (exactly what the cache is for; keys are content hashes, so sites never see wrong features)."""
-    return str(tmp_path_factory.mktemp("feature-cache"))
+def shared_cache(phantom_feature_cache) -> str:
+    """One feature cache for the federations: same images, same encoder, computed once (exactly
+    what the cache is for; keys are content hashes, so sites never see wrong features)."""
+    return phantom_feature_cache
 
 
 def _cfg(tmp_path: Path, name: str, cache: str | None = None, **kw) -> SimulationConfig:
@@ -103,10 +110,24 @@ def _check_report(report: dict, run_dir: Path) -> None:
             assert p["epsilon"] <= 8.0 * 1.01
 
 
-def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, shared_cache):
-    log = tmp_path / "replies.jsonl"
-    run_dir = tmp_path / "run"
-    report = simulate(_cfg(tmp_path, "run", shared_cache), client_app=_watching_client_app(log))
+@dataclass
+class PhantomRun:
+    cfg: SimulationConfig
+    report: dict
+    log: Path  # every reply that left a site (_watching_client_app)
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory, shared_cache) -> PhantomRun:
+    """The module's reference federation: 600 phantoms, 3 sites, 2 rounds, every reply logged."""
+    tmp = tmp_path_factory.mktemp("phantom-run")
+    cfg = _cfg(tmp, "run", shared_cache)
+    log = tmp / "replies.jsonl"
+    return PhantomRun(cfg, simulate(cfg, client_app=_watching_client_app(log)), log)
+
+
+def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, phantom_run):
+    log, report, run_dir = phantom_run.log, phantom_run.report, Path(phantom_run.cfg.out)
     _check_report(report, run_dir)
     agg = {r["round"]: r["aggregated"]["evaluate"] for r in report["rounds"]}
     assert agg[0]["auroc"] == pytest.approx(0.5)  # the zero-initialised head has no opinion yet
@@ -138,8 +159,11 @@ def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, shared_ca
     for r in replies:
         assert r["arrays"] in ({}, head_shapes)
         assert set(r["metrics"]) <= REPLY_METRICS, set(r["metrics"]) - REPLY_METRICS
-        assert set(r["configs"]) == {"site", "status", "reason", "accountant"}
+        assert REPLY_SITE_KEYS <= set(r["configs"]) <= REPLY_SITE_KEYS | {"privacy-unit", "device"}, r["configs"]
         assert r["configs"]["site"].startswith("site-") and r["configs"]["reason"] == ""
+        # the privacy unit is a word, the device a class of machine (docs/privacy.md)
+        assert r["configs"].get("privacy-unit", "image") in ("image", "patient")
+        assert r["configs"].get("device", "cpu") == "cpu" or r["configs"]["device"].startswith("cuda:")
         text = json.dumps(r)
         for forbidden in (".png", ".jpg", "/", "phantom", "benign_", "malignant_"):
             assert forbidden not in text, (forbidden, text)
@@ -167,10 +191,11 @@ def test_budget_exhausted_site_is_excluded_and_nan_update_rejected(tmp_path, sha
     assert sum(1 for t in trains if t["configs"]["site"] == "site-2") == 1
 
 
-def test_two_runs_with_the_same_seed_give_different_heads(tmp_path, shared_cache):
-    """The coordinator's seed does not fix a site's DP noise (OS entropy): same config, different heads."""
-    a, b = (_cfg(tmp_path, name, shared_cache, rounds=1, local_epochs=1) for name in ("a", "b"))
-    simulate(a)
+def test_two_runs_with_the_same_seed_give_different_heads(tmp_path, phantom_run):
+    """The coordinator's seed does not fix a site's DP noise (OS entropy): same config, different heads.
+    The first run is the module's phantom federation; the second repeats its configuration."""
+    a = phantom_run.cfg
+    b = replace(a, out=str(tmp_path / "b"))
     simulate(b)
     wa, wb = _weights(Path(a.out)), _weights(Path(b.out))
     assert wa.keys() == wb.keys()
@@ -207,8 +232,10 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_checkpoint(tmp_path
         np.testing.assert_array_equal(resumed[k], reference[k])
 
 
-def test_busi_subset_federation(tmp_path, busi_root):
-    cfg = _cfg(tmp_path, "busi", data=f"busi:{busi_root}?limit=90&seed=0", partition="dirichlet:1.0")
+def test_busi_subset_federation(tmp_path, busi_root, shared_cache):
+    # the shared cache holds the public reference phantoms' features (the coordinator's projection,
+    # which each site recomputes): only the 90 BUSI images are encoded here
+    cfg = _cfg(tmp_path, "busi", shared_cache, data=f"busi:{busi_root}?limit=90&seed=0", partition="dirichlet:1.0")
     report = simulate(cfg)
     _check_report(report, Path(cfg.out))
     assert report["labels"] == ["benign", "malignant", "normal"]
@@ -230,7 +257,9 @@ def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
 
 
 def test_central_user_level_dp_through_flowers_fixed_clipping_wrapper(tmp_path, shared_cache):
-    cfg = _cfg(tmp_path, "cdp", shared_cache, data="phantom:90?seed=4", extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0})
+    # the first 90 of PHANTOMS: their features are in the shared cache already
+    cfg = _cfg(tmp_path, "cdp", shared_cache, data=PHANTOMS.replace("phantom:600", "phantom:90"),
+               extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0})
     report = simulate(cfg)
     cdp = {r["round"]: r.get("central_dp") for r in report["rounds"]}
     assert cdp[1]["releases"] == 1 and cdp[2]["releases"] == 2
