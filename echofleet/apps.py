@@ -188,7 +188,10 @@ class SimulatedSites:
 
         @server.main()
         def _release(grid: Grid, context: Context) -> None:
-            out["answers"] = ask(grid)
+            try:
+                out["answers"] = ask(grid)
+            except BaseException as e:  # Flower would log it and go on: re-raised below, in this thread
+                out["error"] = e
 
         os.environ.setdefault("FLWR_HOME", str(self.run_dir / ".flwr"))
         flwr_log = logging.getLogger("flwr")
@@ -205,17 +208,30 @@ class SimulatedSites:
                                                              "include_dashboard": False, "log_to_driver": False}})
         finally:
             flwr_log.setLevel(level)
+        if "error" in out:
+            raise out["error"]
         if "answers" not in out:
             raise RuntimeError(f"the release federation of {self.run_dir} did not complete; see the log above")
         return out["answers"]
 
-    def calibrate(self, plan: CalibrationPlan) -> list[SiteAnswer]:
-        answers = self._simulate(lambda grid: ask_sites(grid, plan, release_round_config(self.run, plan).to_record()))
+    def _calibrate(self, grid: Grid, plan: CalibrationPlan) -> list[SiteAnswer]:
+        answers = ask_sites(grid, plan, release_round_config(self.run, plan).to_record())
         save_answers(answers, answers_path(self.run_dir, plan))
         return answers
 
+    def calibrate(self, plan: CalibrationPlan) -> list[SiteAnswer]:
+        """One simulation: the sites' calibration answers."""
+        return self._simulate(lambda grid: self._calibrate(grid, plan))
+
     def accept(self, candidate: Path, request: AcceptanceRequest) -> list[AcceptanceReply]:
+        """One simulation: the sites' acceptance replies."""
         return self._simulate(lambda grid: ask_accept(grid, candidate, request))
+
+    def session(self, work):
+        """``work(calibrate, accept)`` inside ONE simulation (one engine start for a whole build that
+        calibrates and accepts); what ``work`` returns, or the exception it raised."""
+        return self._simulate(lambda grid: work(lambda plan: self._calibrate(grid, plan),
+                                                lambda candidate, request: ask_accept(grid, candidate, request)))
 
     def pin_release_key(self, public_pem: bytes) -> Path:
         """Simulation only: every virtual hospital pins ``public_pem`` as its release key

@@ -556,8 +556,13 @@ def build(
     summary, code, error = None, 0, None
     try:
         with console.status("edge build") as status:
-            summary = run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s),
-                                sites=sites, accept=federation.accept if accept == SITES else None)
+            def run(calibrate=None, accept_at_sites=None):
+                return run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s),
+                                 sites=calibrate if sites is not None else None,
+                                 accept=accept_at_sites if accept == SITES else None)
+
+            # the sites' steps in one simulation (one engine start), or a plain local build
+            summary = federation.session(run) if federation is not None else run()
         if not summary.ok:
             code, error = 1, f"self-test failed: {summary.selftest[1] if summary.selftest else 'not run'}"
     except GateFailed as e:

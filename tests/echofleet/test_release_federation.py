@@ -51,8 +51,8 @@ def release(tmp_path_factory) -> dict:
     sites.pin_release_key(pub.read_bytes())  # simulation only: the virtual hospitals pin the release key
     # a fresh head: the bound is wide on purpose (this is the path, not the accuracy: bench/bench_release.py)
     cfg = BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1)
-    summary = build(run, "onnxruntime-cpu", "sites", None, key, root / "dist", config=cfg, sites=sites.calibrate,
-                    accept=sites.accept)
+    summary = sites.session(lambda calibrate, accept: build(run, "onnxruntime-cpu", "sites", None, key, root / "dist",
+                                                            config=cfg, sites=calibrate, accept=accept))
     return {"run": run, "summary": summary, "root": root}
 
 
