@@ -21,9 +21,9 @@ warnings.filterwarnings("ignore")
 DATA = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=0"
 
 
-def _cfg(tmp_path: Path, out: str, **kw) -> SimulationConfig:
+def _cfg(tmp_path: Path, out: str, cache: str | None = None, **kw) -> SimulationConfig:
     base = dict(data=DATA, sites=2, rounds=1, epsilon=8.0, encoder="echocare-tiny", local_epochs=1, batch_size=8,
-                lr=0.5, out=str(tmp_path / out), seed=0, cache_dir=str(tmp_path / "cache"), quiet=True,
+                lr=0.5, out=str(tmp_path / out), seed=0, cache_dir=cache or str(tmp_path / "cache"), quiet=True,
                 extra={"feature-projection": 0})  # a plain linear head: no public projection of 300 reference phantoms to compute
     return SimulationConfig(**{**base, **kw})
 
@@ -33,13 +33,13 @@ def _ledger(site_dir: Path) -> dict:
     return PrivacyLedger.load(policy.ledger_path).to_dict()
 
 
-def test_two_runs_with_one_site_state_spend_from_one_lifetime_ledger(tmp_path):
+def test_two_runs_with_one_site_state_spend_from_one_lifetime_ledger(tmp_path, phantom_feature_cache, one_ray):
     state = tmp_path / "hospitals"
-    first = simulate(_cfg(tmp_path, "run-1", site_state=str(state)))
+    first = simulate(_cfg(tmp_path, "run-1", phantom_feature_cache, site_state=str(state)))
     assert first["global_model"] is not None
     after_one = {k: _ledger(state / f"site-{k}") for k in range(2)}
     assert not (tmp_path / "run-1" / "sites").exists()  # the state lives in --site-state, not in --out
-    second = simulate(_cfg(tmp_path, "run-2", site_state=str(state)))  # another run directory: another run key
+    second = simulate(_cfg(tmp_path, "run-2", phantom_feature_cache, site_state=str(state)))  # another run directory: another run key
     assert second["global_model"] is not None
     for k in range(2):
         book = _ledger(state / f"site-{k}")
