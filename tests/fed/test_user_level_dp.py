@@ -143,8 +143,9 @@ def patient_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("features"))
+def cache(phantom_feature_cache) -> str:
+    """The session's phantom feature cache: the CSV lists phantom images (same pixels, same keys)."""
+    return phantom_feature_cache
 
 
 def _policy(tmp_path: Path, data: str, cache: str, **kw):
