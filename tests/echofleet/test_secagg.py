@@ -275,7 +275,7 @@ def test_plain_messages_pass_through_the_mod_unchanged():
 
 # -- a whole federation in Flower's simulation engine ------------------------------------------------
 
-PHANTOMS = "phantom:150?profiles=linear-a,convex-b,linear-c&seed=0"
+PHANTOMS = "phantom:150?profiles=linear-a,convex-b,linear-c&seed=0"  # a prefix of test_federation's phantoms
 
 
 def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2, sites: int = 3,
@@ -363,10 +363,11 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
 
 
 @pytest.mark.slow
-def test_secagg_federation_in_simulation_sums_the_private_updates(tmp_path):
+def test_secagg_federation_in_simulation_sums_the_private_updates(tmp_path, phantom_feature_cache, one_ray):
+    # the session's Ray and feature cache (conftest.py): no Ray start, no phantom encoded twice
     watch = tmp_path / "watch"
     watch.mkdir()
-    report, cost = run_phantom_federation(tmp_path / "secagg", True, str(tmp_path / "cache"), watch_dir=watch)
+    report, cost = run_phantom_federation(tmp_path / "secagg", True, phantom_feature_cache, watch_dir=watch)
     print("secagg cost:", json.dumps(cost))
     assert report["rounds_completed"] == 2 and report.get("global_model") == "global"
     rounds = {r["round"]: r for r in report["rounds"]}
