@@ -194,9 +194,12 @@ class SimulatedSites:
                 out["error"] = e
 
         os.environ.setdefault("FLWR_HOME", str(self.run_dir / ".flwr"))
+        from echofleet.simulation import _DropRunSimulationDeprecation  # why run_simulation: that module
+
         flwr_log = logging.getLogger("flwr")
-        level = flwr_log.level
+        level, drop = flwr_log.level, _DropRunSimulationDeprecation()
         flwr_log.setLevel(logging.WARNING)
+        flwr_log.addFilter(drop)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation: see echofleet/simulation.py
@@ -208,6 +211,7 @@ class SimulatedSites:
                                                              "include_dashboard": False, "log_to_driver": False}})
         finally:
             flwr_log.setLevel(level)
+            flwr_log.removeFilter(drop)
         if "error" in out:
             raise out["error"]
         if "answers" not in out:
