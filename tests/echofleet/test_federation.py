@@ -243,7 +243,8 @@ def test_busi_subset_federation(tmp_path, busi_root, shared_cache):
 
 def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
     """Fetal head circumference: a light segmentation head over cached encoder maps, DP-SGD with a
-    per-image loss (ghost clipping), HC in mm from the fitted ellipse at each site."""
+    per-image loss, per patient (HC18 names its patients: each patient's summed gradient is clipped),
+    HC in mm from the fitted ellipse at each site."""
     cfg = _cfg(tmp_path, "hc", data=f"hc18:{hc18_root}?limit=40&seed=0", task="hc", sites=2, local_epochs=2,
                batch_size=16, lr=0.05)
     report = simulate(cfg)
