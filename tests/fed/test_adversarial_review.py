@@ -1,0 +1,71 @@
+"""Adversarial review of issue 9: the coordinator attacks a site (docs/privacy.md, "What is not yet done").
+
+Each test plays a curious or malicious coordinator with something it controls (a calibration plan's
+ONNX model, the round config, a head) and checks that what comes back is accounted or a stated
+disclosure, never an exact, uncharged answer about the site's data. Each failed on the code before
+its fix (the commit that added it says how)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echocare.preprocess import PreprocessSpec
+from edge.federated.plan import CalibrationPlan
+from edge.federated.site import calibrate_round, train_images
+from fed.ledger import PrivacyLedger
+from fed.policy import SitePolicy
+from fed.task import RoundConfig
+
+SIZE = PreprocessSpec().size
+
+
+def _policy(root: Path, **kw) -> SitePolicy:
+    return SitePolicy(data="phantom:15?seed=3", site_name="h1", state_dir=str(root / "state"), **kw)
+
+
+def _tripwire_model(threshold: float) -> bytes:
+    """A coordinator's "calibration model" that computes nothing useful: it fails (an out-of-range
+    Gather in ONNX Runtime) exactly when the image's mean pixel exceeds ``threshold``, else outputs
+    that mean. Uncaught, the failure is a free, exact yes/no answer about the site's images."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array(threshold, np.float32), "t"),
+              numpy_helper.from_array(np.array(10 ** 6, np.int64), "big"),
+              numpy_helper.from_array(np.zeros(2, np.float32), "table")]
+    nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
+             helper.make_node("Greater", ["mean", "t"], ["over"]),
+             helper.make_node("Cast", ["over"], ["over_i"], to=TensorProto.INT64),
+             helper.make_node("Mul", ["over_i", "big"], ["index"]),
+             helper.make_node("Gather", ["table", "index"], ["picked"]),
+             helper.make_node("Add", ["picked", "mean"], ["out"])]
+    graph = helper.make_graph(nodes, "tripwire",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _tripwire_plan(threshold: float) -> dict[str, np.ndarray]:
+    return CalibrationPlan(_tripwire_model(threshold), ("out",), np.linspace(-1, 1, 17)[None], clip=1.0).to_arrays()
+
+
+def test_a_calibration_model_that_fails_on_some_images_gets_no_exact_answer(tmp_path):
+    """Attack: binary-search a statistic of the site's training images with a model that raises for
+    images above a threshold. Before the fix the failure was answered "could not answer" and not
+    charged: an unlimited, exact oracle (the maximum mean pixel to any precision). Now an image the
+    model fails on contributes a zero row (within the bound), so the reply is an ordinary, charged,
+    noisy release whether or not any image tripped the wire."""
+    policy = _policy(tmp_path)
+    cfg = RoundConfig(run_key="release-attack", server_round=0)
+    means = sorted(float(x.mean()) for _, x in train_images(policy, cfg))
+    assert len(means) >= 3
+    between = (means[-2] + means[-1]) / 2  # only the brightest image trips
+    replies = [calibrate_round(policy, cfg, _tripwire_plan(t)) for t in (means[-1] + 1.0, between, means[0] - 1.0)]
+    assert [r.status for r in replies] == ["ok", "ok", "ok"], [r.reason for r in replies]
+    assert len({r.reason for r in replies}) == 1
+    assert len(PrivacyLedger.load(policy.ledger_path).releases) == 3  # every answer was charged
