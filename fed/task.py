@@ -474,9 +474,9 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
         release = Release("train", sigma or 0.0, q, steps, cfg.max_grad_norm, run=cfg.run_key, round=cfg.server_round,
                           request=request, private=not policy.insecure_deterministic_noise, unit=unit)
         if sigma is None or ledger.would_exceed(release):
-            spent = ledger.epsilon()
+            spent = _figures(policy, ledger)["epsilon"]  # as replies carry it: exact epsilon is a function of N
             return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
-                         reason=f"privacy budget exhausted: spent epsilon {spent:.3f} of this site's lifetime budget "
+                         reason=f"privacy budget exhausted: spent epsilon {spent:g} of this site's lifetime budget "
                                 f"{policy.target_epsilon}; the next round would exceed it", unit=ledger.unit)
         stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
             epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,

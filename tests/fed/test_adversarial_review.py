@@ -69,3 +69,45 @@ def test_a_calibration_model_that_fails_on_some_images_gets_no_exact_answer(tmp_
     assert [r.status for r in replies] == ["ok", "ok", "ok"], [r.reason for r in replies]
     assert len({r.reason for r in replies}) == 1
     assert len(PrivacyLedger.load(policy.ledger_path).releases) == 3  # every answer was charged
+
+
+# -- training and evaluation on phantom features (the session's shared feature cache) -------------
+DATA = "phantom:30?profiles=linear-a,convex-b,linear-c&seed=0"  # a prefix of the federation tests' phantoms
+
+
+def _site(tmp_path: Path, cache: str, **kw) -> SitePolicy:
+    return SitePolicy(data=DATA, site_name="hospital-a", state_dir=str(tmp_path / "state"), cache_dir=cache, **kw)
+
+
+def _plain_head(seed: int = 0) -> dict[str, np.ndarray]:
+    """A linear head without fixed buffers (no projection): enough for training attacks."""
+    import torch
+
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    torch.manual_seed(seed)
+    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=0)
+    return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+
+
+def _train_cfg(**kw) -> RoundConfig:
+    base = dict(head={"proj_dim": 0}, local_epochs=1, batch_size=1000, lr=1.0, max_grad_norm=0.5,
+                noise_multiplier=1.0, num_rounds=3, server_round=1, seed=0, run_key="run-a")
+    return RoundConfig(**{**base, **kw})
+
+
+def test_an_exhausted_reply_carries_the_coarse_epsilon_not_the_exact_one(tmp_path, phantom_feature_cache):
+    """Attack: replies carry epsilon rounded up to 0.25 because the exact value is a function of N
+    (sigma and batch size are the coordinator's). Drive the site to exhaustion and read the refusal
+    text: before the fix it said "spent epsilon 4.xyz", the exact lifetime epsilon (and so N)."""
+    from fed.task import train_round
+
+    policy = _site(tmp_path, phantom_feature_cache, target_epsilon=6.0)
+    first = train_round(policy, _train_cfg(), _plain_head(0))
+    assert first.status == "ok", first.reason
+    second = train_round(policy, _train_cfg(server_round=2), _plain_head(1))
+    assert second.status == "budget-exhausted", second.reason
+    exact = PrivacyLedger.load(policy.ledger_path).epsilon()
+    assert f"{exact:.3f}" not in second.reason and f"{exact:.2f}" not in second.reason, second.reason
+    assert second.metrics["epsilon"] == first.metrics["epsilon"] != round(exact, 3)
