@@ -555,8 +555,10 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         per_image, seg_exact = _segment_contributions(policy, cfg, head)
         units = site_units(policy, cfg, "val", head)
         exact = lambda: seg_exact  # noqa: E731
-    if len(per_image) == 0:
+    if len(per_image) == 0 and policy.evaluation == "disclosed":  # exact metrics of nothing are undefined
         return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
+    # Accounted: no rows is an ordinary, charged release (pure noise). A refusal would tell the
+    # coordinator, uncharged, that none of the site's images carries the labels it chose.
     request = request_hash("evaluate", cfg, arrays)
     with _release(policy, cfg, request) as (ledger, store, early):
         if early is not None:

@@ -111,3 +111,27 @@ def test_an_exhausted_reply_carries_the_coarse_epsilon_not_the_exact_one(tmp_pat
     exact = PrivacyLedger.load(policy.ledger_path).epsilon()
     assert f"{exact:.3f}" not in second.reason and f"{exact:.2f}" not in second.reason, second.reason
     assert second.metrics["epsilon"] == first.metrics["epsilon"] != round(exact, 3)
+
+
+def test_asking_whether_a_label_exists_at_the_site_costs_a_charged_release(tmp_path, phantom_feature_cache):
+    """Attack: the coordinator chooses the round's labels; images with another label are skipped. An
+    evaluation for a label the site may not have (a rare diagnosis) used to be refused, uncharged,
+    "no labelled validation images at this site" exactly when none of its images has it: an unlimited
+    yes/no oracle on the site's data. Accounted evaluation now answers both with a noisy, charged
+    release (the noisy sums of no rows are pure noise)."""
+    from fed.task import evaluate_round
+
+    policy = _site(tmp_path, phantom_feature_cache)
+    replies = {}
+    for label in ("benign", "a-diagnosis-nobody-here-has"):
+        cfg = _train_cfg(labels=[label, "another-absent-label"], head={"proj_dim": 0}, run_key=f"eval-{label}")
+        import torch
+
+        from echocare.models.encoder import get_config
+        from echocare.models.heads import build_head
+
+        torch.manual_seed(0)
+        head = build_head("classify", get_config("echocare-tiny"), 2, proj_dim=0)
+        replies[label] = evaluate_round(policy, cfg, {k: v.detach().numpy() for k, v in head.state_dict().items()})
+    assert {r.status for r in replies.values()} == {"ok"}, {k: r.reason for k, r in replies.items()}
+    assert [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] == ["evaluate", "evaluate"]
