@@ -115,9 +115,8 @@ def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.n
     unit = _unit_or_none(policy, cfg)
     if unit is None:  # the policy demands patients its data does not name
         return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
-    sums, n = unit_histogram_sums(plan, train_images(policy, cfg, per_patient=unit == PATIENT))
-    if n == 0:
-        return Reply(STATUS_REFUSED, policy.site_name, reason="no readable training images at this site")
+    # No readable image is an ordinary release too (pure noise): a refusal would be an uncharged answer.
+    sums, _ = unit_histogram_sums(plan, train_images(policy, cfg, per_patient=unit == PATIENT))
     sigma = policy.evaluation_noise_multiplier
     request = request_hash(KIND, cfg, arrays)
     with _release(policy, cfg, request) as (ledger, store, early):
