@@ -252,7 +252,8 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
         units = patient_ids(val.samples)
 
     with BundleRuntime(ref_dir, ref_manifest) as ref, BundleRuntime(cand_dir, cand_manifest) as cand:
-        ref_out, cand_out = ref.predict_arrays(ev.inputs), cand.predict_arrays(ev.inputs)
+        (ref_out, ref_ok), (cand_out, cand_ok) = _predict_each(ref, ev.inputs), _predict_each(cand, ev.inputs)
+        ran = ref_ok & cand_ok  # images both models answered; the others contribute zero rows
         p50 = _p50_ms(cand, request.latency_runs)
         selftest = cand.self_test()
         backend, precision = cand.backend, cand.precision
@@ -275,10 +276,14 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
                 return _refused(policy, f"this site has disclosed its lifetime limit of "
                                         f"{policy.disclosed_evaluations_lifetime} exact results")
             ledger.disclose(Disclosure(KIND, cfg.run_key, cfg.server_round, request_id))
+            if not ran.all():  # counted as a disclosure above: this refusal is one (exact) answer too
+                log.error("site %s: a bundle failed on %d validation images", policy.site_name, int((~ran).sum()))
+                return _refused(policy, SITE_ERROR)
             ref_m, cand_m = metrics_from_outputs(ref_out, ev), metrics_from_outputs(cand_out, ev)
             diffs, noise_sd, mode = _differences(ref_m, cand_m), 0.0, "disclosed"
         else:
             rows, sensitivity = _rows(task, ref_out, cand_out, ev)
+            rows[torch.from_numpy(~ran)] = 0.0  # a failed image: a zero row (within the bound), never an error
             rows = unit_rows(rows, units, sensitivity)
             sigma = policy.evaluation_noise_multiplier
             release = Release(KIND, sigma, 1.0, 1, sensitivity, run=cfg.run_key, round=cfg.server_round,
@@ -307,6 +312,38 @@ def _request_hash(cand_dir: Path, ref_dir: Path, cfg: RoundConfig) -> str:
         h.update(hashlib.sha256((d / "manifest.json").read_bytes()).digest())
     h.update(json.dumps(cfg.to_record(), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _predict_each(rt: BundleRuntime, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs, ok per image). The bundles are the coordinator's code even when signed (it is often
+    the release authority): a model can be built to fail, or to change its output's shape, on exactly
+    the images it asks about, and an error would be an exact, uncharged answer. So a batch that fails
+    (or whose output is not one row of the manifest's declared shape per image) is run image by
+    image; an image that fails or answers another shape gets NaN outputs and ``ok`` False (its rows
+    are zeroed, :func:`_gate_at_site`)."""
+    declared = [int(d) for d in (rt.manifest.get("output") or {}).get("shape", [-1])[1:]]
+    fits = lambda shape: len(shape) == len(declared) and all(d < 0 or d == s for d, s in zip(declared, shape))  # noqa: E731
+    ok = np.ones(len(inputs), bool)
+    try:
+        out = np.asarray(rt.predict_arrays(inputs))
+        if out.shape[:1] == (len(inputs),) and fits(out.shape[1:]):
+            return out, ok
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
+    outs: list[np.ndarray | None] = []
+    for i in range(len(inputs)):
+        try:
+            o = np.asarray(rt.predict_arrays(inputs[i:i + 1]))
+            outs.append(o[0] if o.shape[:1] == (1,) and fits(o.shape[1:]) else None)
+        except Exception:  # noqa: BLE001
+            outs.append(None)
+    shape = next((o.shape for o in outs if o is not None), None)
+    if shape is None:  # nothing usable: every row will be zero
+        shape = tuple(d if d > 0 else 1 for d in declared)
+    for i, o in enumerate(outs):
+        if o is None or o.shape != shape:
+            outs[i], ok[i] = np.full(shape, np.nan, np.float32), False
+    return (np.stack(outs) if outs else np.zeros((0, *shape), np.float32)), ok
 
 
 def _p50_ms(rt: BundleRuntime, runs: int) -> float | None:

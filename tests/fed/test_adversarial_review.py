@@ -135,3 +135,80 @@ def test_asking_whether_a_label_exists_at_the_site_costs_a_charged_release(tmp_p
         replies[label] = evaluate_round(policy, cfg, {k: v.detach().numpy() for k, v in head.state_dict().items()})
     assert {r.status for r in replies.values()} == {"ok"}, {k: r.reason for k, r in replies.items()}
     assert [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] == ["evaluate", "evaluate"]
+
+
+# -- federated acceptance: a signed candidate is still the coordinator's code ----------------------
+ACC_SIZE, ACC_LABELS = 64, ["benign", "malignant", "normal"]
+
+
+def _tripwire_classifier(path: Path, threshold: float) -> Path:
+    """(N, 3, S, S) -> (N, 3) logits that fail (out-of-range Gather) for any image whose mean pixel
+    exceeds ``threshold``: a "classifier" whose only purpose is to ask a yes/no question."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array(threshold, np.float32), "t"),
+              numpy_helper.from_array(np.array(10 ** 6, np.int64), "big"),
+              numpy_helper.from_array(np.eye(3, dtype=np.float32)[:2], "table")]
+    nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Greater", ["mean", "t"], ["over"]),
+             helper.make_node("Cast", ["over"], ["over_i"], to=TensorProto.INT64),
+             helper.make_node("Mul", ["over_i", "big"], ["index"]),
+             helper.make_node("Gather", ["table", "index"], ["logits"])]
+    graph = helper.make_graph(nodes, "tripwire",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, ACC_SIZE, ACC_SIZE])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_signed_candidate_that_fails_on_some_images_gets_no_exact_answer(tmp_path):
+    """Attack: the coordinator is usually the release authority, so "signed with the pinned key" does
+    not make the candidate honest. A candidate (and its FP32 "reference", same manifest identity)
+    that fails for images above a threshold turned the acceptance reply into "could not answer",
+    uncharged: an exact, unlimited oracle. Now an image either model fails on contributes a zero
+    row and the reply is the ordinary charged, noisy release whichever images tripped."""
+    from echocare.bundle import generate_keypair
+    from edge.build.bundling import assemble_bundle
+    from edge.build.compiled import CompileOptions, compile_model
+    from edge.build.evaluate import load_eval_set
+    from edge.federated import accept as acc
+    from fed.task import site_split
+
+    key, pub = generate_keypair(tmp_path / "keys" / "release")
+    pre = PreprocessSpec(size=ACC_SIZE)
+    policy = SitePolicy(data="phantom:12?profiles=linear-a&seed=41", site_name="h-acc", release_pubkey=str(pub),
+                        state_dir=str(tmp_path / "site"), target_epsilon=50.0)
+    cfg = RoundConfig(task="classify", labels=ACC_LABELS, preprocess=pre.to_dict(), val_fraction=0.5, seed=0)
+    inputs = load_eval_set(site_split(policy, cfg, "val"), "classify", ACC_LABELS, pre).inputs
+    means = sorted(float(x.mean()) for x in inputs)
+    assert len(means) >= 2
+    info = {"task": "classify", "labels": ACC_LABELS, "preprocess": pre.to_dict(),
+            "encoder": {"config": "none", "checkpoint": None, "sha256": None, "seed": 0}, "head": {"kind": "trip"},
+            "provenance": {"note": "adversarial test"}, "opset": 17,
+            "input": {"name": "input", "shape": [-1, 3, ACC_SIZE, ACC_SIZE], "dtype": "float32", "layout": "NCHW"},
+            "output": {"name": "logits", "shape": [-1, 3]}}
+    zero = np.zeros((1, 3, ACC_SIZE, ACC_SIZE), np.float32)  # the public self-test sample: never trips
+    statuses = []
+    assert means[0] > 0  # so that the all-zero self-test sample trips no threshold below
+    for i, t in enumerate((means[-1] + 1.0, (means[-2] + means[-1]) / 2, means[0] / 2)):  # none, one, every image
+        onnx_path = _tripwire_classifier(tmp_path / f"trip{i}.onnx", t)
+        ref = acc.reference_bundle(onnx_path, info, key, tmp_path / f"b{i}", name=f"trip-fp32-{i}", version="1",
+                                   selftest_inputs=zero)
+        compiled = compile_model("onnxruntime-cpu", onnx_path, tmp_path / f"c{i}",
+                                 CompileOptions(graph_precision="fp32", input_chw=(3, ACC_SIZE, ACC_SIZE)))
+        cand = assemble_bundle(tmp_path / f"b{i}", key, info=info, compiled=compiled, selftest_inputs=zero,
+                               name=f"trip-cand-{i}", version="1", work=tmp_path / f"c{i}")
+        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=f"r{i}", val_fraction=0.5,
+                                                                      seed=0, latency_runs=1))
+        statuses.append((reply.status, reply.reason))
+    assert statuses == [("ok", "")] * 3, statuses
+    assert [r["kind"] for r in json_ledger(policy)["releases"]] == ["accept"] * 3
+
+
+def json_ledger(policy: SitePolicy) -> dict:
+    import json
+
+    return json.loads(policy.ledger_path.read_text())
