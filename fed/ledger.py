@@ -216,9 +216,11 @@ class PrivacyLedger:
     def disclosed_in_run(self, kind: str, run: str) -> int:
         return sum(1 for d in self.disclosures if d.kind == kind and d.run == run)
 
-    def disclosed(self, kind: str) -> int:
-        """Disclosures of ``kind`` over the ledger's lifetime, whatever run key they claimed."""
-        return sum(1 for d in self.disclosures if d.kind == kind)
+    def disclosed(self, kind: str | None = None) -> int:
+        """Disclosures of ``kind`` (None: of every kind) over the ledger's lifetime, whatever run key
+        they claimed. The policy's lifetime limit counts every kind: an exact acceptance result is an
+        exact evaluation of the same validation split."""
+        return sum(1 for d in self.disclosures if kind is None or d.kind == kind)
 
     @property
     def unit(self) -> str:

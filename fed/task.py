@@ -567,7 +567,7 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
             if ledger.disclosed_in_run("evaluate", cfg.run_key) >= policy.disclosed_evaluations_per_run:
                 return Reply(STATUS_REFUSED, policy.site_name, reason=(
                     f"this site discloses at most {policy.disclosed_evaluations_per_run} exact evaluations per run"))
-            if ledger.disclosed("evaluate") >= policy.disclosed_evaluations_lifetime:
+            if ledger.disclosed() >= policy.disclosed_evaluations_lifetime:  # every kind of exact result counts
                 return Reply(STATUS_REFUSED, policy.site_name, reason=(
                     f"this site has disclosed its lifetime limit of {policy.disclosed_evaluations_lifetime} exact evaluations"))
             ledger.disclose(Disclosure("evaluate", cfg.run_key, cfg.server_round, request))

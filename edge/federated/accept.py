@@ -272,7 +272,7 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
             if ledger.disclosed_in_run(KIND, cfg.run_key) >= policy.disclosed_evaluations_per_run:
                 return _refused(policy, f"this site discloses at most {policy.disclosed_evaluations_per_run} "
                                         "exact results per run")
-            if ledger.disclosed(KIND) >= policy.disclosed_evaluations_lifetime:
+            if ledger.disclosed() >= policy.disclosed_evaluations_lifetime:  # exact evaluations count too
                 return _refused(policy, f"this site has disclosed its lifetime limit of "
                                         f"{policy.disclosed_evaluations_lifetime} exact results")
             ledger.disclose(Disclosure(KIND, cfg.run_key, cfg.server_round, request_id))

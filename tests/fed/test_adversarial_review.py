@@ -164,48 +164,89 @@ def _tripwire_classifier(path: Path, threshold: float) -> Path:
     return path
 
 
+def _tripwire_bundles(tmp_path: Path, threshold: float, tag: str) -> tuple[Path, Path, Path]:
+    """(public key, candidate tarball, FP32 reference tarball) of the tripwire classifier, both signed
+    with the release key the site pins (the coordinator holds it: it is the release authority)."""
+    from echocare.bundle import generate_keypair
+    from edge.build.bundling import assemble_bundle
+    from edge.build.compiled import CompileOptions, compile_model
+    from edge.federated import accept as acc
+
+    key, pub = tmp_path / "keys" / "release", tmp_path / "keys" / "release.pub"
+    if not key.exists():
+        key, pub = generate_keypair(key)
+    pre = PreprocessSpec(size=ACC_SIZE)
+    info = {"task": "classify", "labels": ACC_LABELS, "preprocess": pre.to_dict(),
+            "encoder": {"config": "none", "checkpoint": None, "sha256": None, "seed": 0}, "head": {"kind": "trip"},
+            "provenance": {"note": "adversarial test"}, "opset": 17,
+            "input": {"name": "input", "shape": [-1, 3, ACC_SIZE, ACC_SIZE], "dtype": "float32", "layout": "NCHW"},
+            "output": {"name": "logits", "shape": [-1, 3]}}
+    zero = np.zeros((1, 3, ACC_SIZE, ACC_SIZE), np.float32)  # the public self-test sample: trips no threshold > 0
+    onnx_path = _tripwire_classifier(tmp_path / f"trip-{tag}.onnx", threshold)
+    ref = acc.reference_bundle(onnx_path, info, key, tmp_path / f"b-{tag}", name=f"trip-fp32-{tag}", version="1",
+                               selftest_inputs=zero)
+    compiled = compile_model("onnxruntime-cpu", onnx_path, tmp_path / f"c-{tag}",
+                             CompileOptions(graph_precision="fp32", input_chw=(3, ACC_SIZE, ACC_SIZE)))
+    cand = assemble_bundle(tmp_path / f"b-{tag}", key, info=info, compiled=compiled, selftest_inputs=zero,
+                           name=f"trip-cand-{tag}", version="1", work=tmp_path / f"c-{tag}")
+    return Path(pub), cand, ref
+
+
+def _acc_site(tmp_path: Path, pub: Path, **kw) -> SitePolicy:
+    return SitePolicy(data="phantom:12?profiles=linear-a&seed=41", site_name="h-acc", release_pubkey=str(pub),
+                      state_dir=str(tmp_path / "site"), **kw)
+
+
 def test_a_signed_candidate_that_fails_on_some_images_gets_no_exact_answer(tmp_path):
     """Attack: the coordinator is usually the release authority, so "signed with the pinned key" does
     not make the candidate honest. A candidate (and its FP32 "reference", same manifest identity)
     that fails for images above a threshold turned the acceptance reply into "could not answer",
     uncharged: an exact, unlimited oracle. Now an image either model fails on contributes a zero
     row and the reply is the ordinary charged, noisy release whichever images tripped."""
-    from echocare.bundle import generate_keypair
-    from edge.build.bundling import assemble_bundle
-    from edge.build.compiled import CompileOptions, compile_model
     from edge.build.evaluate import load_eval_set
     from edge.federated import accept as acc
     from fed.task import site_split
 
-    key, pub = generate_keypair(tmp_path / "keys" / "release")
-    pre = PreprocessSpec(size=ACC_SIZE)
-    policy = SitePolicy(data="phantom:12?profiles=linear-a&seed=41", site_name="h-acc", release_pubkey=str(pub),
-                        state_dir=str(tmp_path / "site"), target_epsilon=50.0)
-    cfg = RoundConfig(task="classify", labels=ACC_LABELS, preprocess=pre.to_dict(), val_fraction=0.5, seed=0)
-    inputs = load_eval_set(site_split(policy, cfg, "val"), "classify", ACC_LABELS, pre).inputs
+    pub, _, _ = _tripwire_bundles(tmp_path, 1e9, "probe")
+    policy = _acc_site(tmp_path, pub, target_epsilon=50.0)
+    cfg = RoundConfig(task="classify", labels=ACC_LABELS, preprocess=PreprocessSpec(size=ACC_SIZE).to_dict(),
+                      val_fraction=0.5, seed=0)
+    inputs = load_eval_set(site_split(policy, cfg, "val"), "classify", ACC_LABELS, PreprocessSpec(size=ACC_SIZE)).inputs
     means = sorted(float(x.mean()) for x in inputs)
-    assert len(means) >= 2
-    info = {"task": "classify", "labels": ACC_LABELS, "preprocess": pre.to_dict(),
-            "encoder": {"config": "none", "checkpoint": None, "sha256": None, "seed": 0}, "head": {"kind": "trip"},
-            "provenance": {"note": "adversarial test"}, "opset": 17,
-            "input": {"name": "input", "shape": [-1, 3, ACC_SIZE, ACC_SIZE], "dtype": "float32", "layout": "NCHW"},
-            "output": {"name": "logits", "shape": [-1, 3]}}
-    zero = np.zeros((1, 3, ACC_SIZE, ACC_SIZE), np.float32)  # the public self-test sample: never trips
+    assert len(means) >= 2 and means[0] > 0
     statuses = []
-    assert means[0] > 0  # so that the all-zero self-test sample trips no threshold below
     for i, t in enumerate((means[-1] + 1.0, (means[-2] + means[-1]) / 2, means[0] / 2)):  # none, one, every image
-        onnx_path = _tripwire_classifier(tmp_path / f"trip{i}.onnx", t)
-        ref = acc.reference_bundle(onnx_path, info, key, tmp_path / f"b{i}", name=f"trip-fp32-{i}", version="1",
-                                   selftest_inputs=zero)
-        compiled = compile_model("onnxruntime-cpu", onnx_path, tmp_path / f"c{i}",
-                                 CompileOptions(graph_precision="fp32", input_chw=(3, ACC_SIZE, ACC_SIZE)))
-        cand = assemble_bundle(tmp_path / f"b{i}", key, info=info, compiled=compiled, selftest_inputs=zero,
-                               name=f"trip-cand-{i}", version="1", work=tmp_path / f"c{i}")
+        _, cand, ref = _tripwire_bundles(tmp_path, t, str(i))
         reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=f"r{i}", val_fraction=0.5,
                                                                       seed=0, latency_runs=1))
         statuses.append((reply.status, reply.reason))
     assert statuses == [("ok", "")] * 3, statuses
     assert [r["kind"] for r in json_ledger(policy)["releases"]] == ["accept"] * 3
+
+
+def test_exact_acceptance_results_count_against_the_lifetime_limit_of_exact_evaluations(tmp_path):
+    """Attack: a site that discloses exact evaluations caps them over its lifetime. Exact acceptance
+    results (two models' exact metrics on the same validation split) are exact evaluations too, but
+    were counted separately: the coordinator got the limit twice. Now one lifetime count covers both."""
+    from fed.task import evaluate_round
+    from edge.federated import accept as acc
+
+    pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, "honest")
+    policy = _acc_site(tmp_path, pub, evaluation="disclosed", disclosed_evaluations_lifetime=1)
+    request = acc.AcceptanceRequest(reference=ref, run_key="r", val_fraction=0.5, seed=0, latency_runs=1)
+    first = acc.accept_at_site(policy, cand, request)
+    assert (first.status, first.mode) == ("ok", "disclosed"), first.reason
+    import torch
+
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=0)
+    cfg = RoundConfig(labels=ACC_LABELS, head={"proj_dim": 0}, val_fraction=0.5, seed=0, run_key="other-run")
+    second = evaluate_round(policy, cfg, {k: v.detach().numpy() for k, v in head.state_dict().items()})
+    assert second.status == "refused" and "lifetime limit" in second.reason, (second.status, second.reason)
+    assert len(json_ledger(policy)["disclosures"]) == 1
+    del torch
 
 
 def json_ledger(policy: SitePolicy) -> dict:
