@@ -242,9 +242,15 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
         ev = load_eval_set(val, task, labels, PreprocessSpec.from_dict(cand_manifest["preprocess"]))
     except EvalDataError as e:
         log.warning("site %s: %s", policy.site_name, e)
-        return _refused(policy, "no labelled validation images at this site")
+        if policy.evaluation == "disclosed":
+            return _refused(policy, "no labelled validation images at this site")
+        # Accounted: an ordinary charged release of no rows (pure noise). A refusal would tell the
+        # coordinator, uncharged, that none of the site's images has a label its bundle names.
+        spec = PreprocessSpec.from_dict(cand_manifest["preprocess"])
+        ev = EvalSet(spec="", task=task, labels=labels, inputs=np.zeros((0, 3, spec.size, spec.size), np.float32),
+                     targets=np.zeros(0, np.int64) if task == "classify" else None)
     units = None
-    if unit == "patient":
+    if unit == "patient" and len(ev):
         if len(ev) != len(val.samples):  # rows can no longer be matched to patients
             log.error("site %s: %d validation images unusable; per-patient acceptance needs every one",
                       policy.site_name, len(val.samples) - len(ev))

@@ -164,7 +164,7 @@ def _tripwire_classifier(path: Path, threshold: float) -> Path:
     return path
 
 
-def _tripwire_bundles(tmp_path: Path, threshold: float, tag: str) -> tuple[Path, Path, Path]:
+def _tripwire_bundles(tmp_path: Path, threshold: float, tag: str, labels: list[str] = ACC_LABELS) -> tuple[Path, Path, Path]:
     """(public key, candidate tarball, FP32 reference tarball) of the tripwire classifier, both signed
     with the release key the site pins (the coordinator holds it: it is the release authority)."""
     from echocare.bundle import generate_keypair
@@ -176,7 +176,7 @@ def _tripwire_bundles(tmp_path: Path, threshold: float, tag: str) -> tuple[Path,
     if not key.exists():
         key, pub = generate_keypair(key)
     pre = PreprocessSpec(size=ACC_SIZE)
-    info = {"task": "classify", "labels": ACC_LABELS, "preprocess": pre.to_dict(),
+    info = {"task": "classify", "labels": labels, "preprocess": pre.to_dict(),
             "encoder": {"config": "none", "checkpoint": None, "sha256": None, "seed": 0}, "head": {"kind": "trip"},
             "provenance": {"note": "adversarial test"}, "opset": 17,
             "input": {"name": "input", "shape": [-1, 3, ACC_SIZE, ACC_SIZE], "dtype": "float32", "layout": "NCHW"},
@@ -222,6 +222,24 @@ def test_a_signed_candidate_that_fails_on_some_images_gets_no_exact_answer(tmp_p
         statuses.append((reply.status, reply.reason))
     assert statuses == [("ok", "")] * 3, statuses
     assert [r["kind"] for r in json_ledger(policy)["releases"]] == ["accept"] * 3
+
+
+def test_a_candidate_naming_labels_the_site_may_not_have_costs_a_charged_release(tmp_path):
+    """Attack: the candidate's manifest names the labels, so the coordinator chooses them. A bundle
+    whose labels no validation image has was refused, uncharged, "no labelled validation images":
+    a free yes/no answer to "does this site hold any image of diagnosis X?". Accounted acceptance
+    now answers it like any other request: charged, noise only."""
+    from edge.federated import accept as acc
+
+    statuses = []
+    for tag, labels in (("present", ACC_LABELS), ("absent", ["rare-x", "rare-y", "rare-z"])):
+        pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
+        policy = _acc_site(tmp_path, pub, target_epsilon=50.0)
+        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=tag, val_fraction=0.5,
+                                                                      seed=0, latency_runs=1))
+        statuses.append((reply.status, reply.reason))
+    assert statuses == [("ok", "")] * 2, statuses
+    assert [r["kind"] for r in json_ledger(policy)["releases"]] == ["accept"] * 2
 
 
 def test_exact_acceptance_results_count_against_the_lifetime_limit_of_exact_evaluations(tmp_path):
