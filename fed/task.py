@@ -662,6 +662,10 @@ def _segment_contributions(policy: SitePolicy, cfg: RoundConfig, head):
                     truth.append(hc)
                     rows[i + j, 3] = min(abs(est[-1] - hc), HC_CAP_MM) / HC_CAP_MM
                     rows[i + j, 4] = 1.0
+            # A crafted head can overflow for chosen images: their rows become zero (NaN passes
+            # clamp and would make the released sums NaN: an exact bit), as in classification.
+            ok = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(loss)
+            rows[i:i + 16][~ok] = 0.0
     exact = {"val_loss": float(np.concatenate(losses).mean()), "dice": float(dice(np.concatenate(preds) > 0, y > 0))}
     if est:
         exact["hc_mae_mm"] = float(hc_mae_mm(np.array(est), np.array(truth)))

@@ -271,3 +271,31 @@ def json_ledger(policy: SitePolicy) -> dict:
     import json
 
     return json.loads(policy.ledger_path.read_text())
+
+
+def test_a_segmentation_head_that_overflows_for_one_image_gives_a_zero_evaluation_row(monkeypatch, tmp_path):
+    """Attack: a finite head can overflow on chosen inputs (tests/fed/test_nonfinite_attack.py covers
+    classification). For segmentation and HC the per-image loss went NaN, the NaN passed
+    ``clamp``, and the released noisy sums (so ``val_loss``) became NaN: an exact bit, "did any
+    validation image trip the head". Now that image's row is zero, as in classification."""
+    import torch
+
+    import fed.task as task
+
+    size, n = 8, 4
+    maps = np.zeros((n, 1, size, size), np.float32)
+    maps[2] = 1.0  # the image the crafted head "recognises"
+    masks = np.zeros((n, size, size), np.int64)
+    masks[:, 2:6, 2:6] = 1
+
+    class Tripwire(torch.nn.Module):  # logits (N, 2, S, S); NaN for an image whose map is set
+        def forward(self, m):
+            trip = (m.flatten(1).amax(1) > 0.5)[:, None, None, None]
+            logits = torch.cat([m, 1.0 - m], 1)
+            return torch.where(trip, torch.full_like(logits, float("nan")), logits)
+
+    monkeypatch.setattr(task, "site_maps", lambda policy, cfg, which, head: ((maps,), masks, [(None, None, 1.0)] * n))
+    monkeypatch.setattr(task, "MapsHead", lambda head: Tripwire())
+    rows, _ = task._segment_contributions(_policy(tmp_path), RoundConfig(task="segment"), head=None)
+    assert torch.isfinite(rows).all(), rows
+    assert rows[2].abs().sum() == 0 and rows[[0, 1, 3]].abs().sum() > 0
