@@ -368,7 +368,8 @@ def _memoised_pooled_features():
     return install, remove
 
 
-def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: str | None, limit: int | None = None) -> dict:
+def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: str | None, limit: int | None = None,
+                        repeats: int = 1) -> dict:
     """Federated DP (3 sites, Dirichlet 0.5, epsilon 8 per site) under each SWEEP configuration,
     scored like ``quality`` on the pooled held-out splits, against the centralised non-DP reference of
     the quality protocol (L2 logistic regression, C cross-validated, on the default 64-dim projection).
@@ -398,18 +399,19 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     rows = []
     install, remove = _memoised_pooled_features()
     install()
+    order = ["protocol"] + [n for n in names if n != "protocol"]
     for seed in range(seeds):
         reference = None
-        for name in ["protocol"] + [n for n in names if n != "protocol"]:
+        for name in [n for _ in range(repeats) for n in order]:  # DP noise differs run to run: repeat
             change = dict(SWEEP[name])
             pooling, pretrain = change.pop("pooling", None), change.pop("pretrain", False)
-            run_dir = tmp / f"s{seed}-{name}"
+            run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix=f"s{seed}-{name}-"))
             sim = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=change.get("num_server_rounds", 10),
                                    epsilon=8.0, encoder=encoder, out=str(run_dir), cache_dir=cache, seed=seed,
                                    local_epochs=change.get("local_epochs", 2), quiet=True, device="cpu")
             run = check(sim).replace(**{**base, **change}, encoder_config=encoder, seed=seed, run_dir=str(run_dir),
                                      public_cache_dir=cache)
-            rc = run.round_config(f"sweep-{seed}-{name}")
+            rc = run.round_config(f"sweep-{seed}-{name}-{run_dir.name}")
             if pooling:
                 rc.head = {**rc.head, "pooling": pooling}
             sites = layout_sites(sim, run_dir)
@@ -466,6 +468,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="scale, sweep: keep the sites' feature caches here between runs")
     ap.add_argument("--configs", default=",".join(SWEEP), help=f"sweep: which of {', '.join(SWEEP)}")
     ap.add_argument("--seeds", type=int, default=3, help="sweep: Dirichlet partitions")
+    ap.add_argument("--repeats", type=int, default=1, help="sweep: runs of each configuration per partition")
     ap.add_argument("--projection", type=int, default=64, help="quality: public projection size of the head")
     ap.add_argument("--batch-size", type=int, default=32, help="quality: expected batch size of the sites' DP-SGD")
     ap.add_argument("--lr", type=float, default=0.2, help="quality: local learning rate")
@@ -498,7 +501,8 @@ def main() -> None:
                     f"(target <= 300 s, <= 4 GB); >= {r['sites_trained_per_round_min']} sites trained every round, "
                     f"sigma >= {r['min_noise_multiplier']:.2f}, final epsilon <= {r['final_epsilon_max']:.2f}")
         elif name == "sweep":
-            r = bench_quality_sweep(a.encoder, a.configs.split(","), a.seeds, a.cache_dir, 150 if a.quick else None)
+            r = bench_quality_sweep(a.encoder, a.configs.split(","), a.seeds, a.cache_dir, 150 if a.quick else None,
+                                    repeats=a.repeats)
             line = "skipped: " + r["skipped"] if "skipped" in r else "; ".join(
                 f"{k} {v['federated_dp_eps8_auroc_mean']:.3f} (gap {v['gap_mean']:+.3f})" for k, v in r["summary"].items())
         else:
