@@ -238,6 +238,7 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
     if unit is None:
         return _refused(policy, NO_PATIENTS)
     val = site_split(policy, cfg, "val")
+    known_problems = len(val.problems)
     try:
         ev = load_eval_set(val, task, labels, PreprocessSpec.from_dict(cand_manifest["preprocess"]))
     except EvalDataError as e:
@@ -251,11 +252,16 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
                      targets=np.zeros(0, np.int64) if task == "classify" else None)
     units = None
     if unit == "patient" and len(ev):
-        if len(ev) != len(val.samples):  # rows can no longer be matched to patients
-            log.error("site %s: %d validation images unusable; per-patient acceptance needs every one",
-                      policy.site_name, len(val.samples) - len(ev))
+        # The rows of the images load_eval_set kept (it skips, e.g., labels the bundle does not name:
+        # the coordinator's choice), matched to their patients by key; a refusal here would tell,
+        # uncharged, whether the split holds such an image.
+        skipped = {p.path for p in val.problems[known_problems:]}  # load_eval_set names a skipped sample by its key
+        kept = [s for s in val.samples if s.key not in skipped]
+        if len(ev) != len(kept):  # rows can no longer be matched to patients
+            log.error("site %s: %d validation images unreadable; per-patient acceptance cannot match rows to patients",
+                      policy.site_name, len(kept) - len(ev))
             return _refused(policy, SITE_ERROR)
-        units = patient_ids(val.samples)
+        units = patient_ids(kept)
 
     with BundleRuntime(ref_dir, ref_manifest) as ref, BundleRuntime(cand_dir, cand_manifest) as cand:
         (ref_out, ref_ok), (cand_out, cand_ok) = _predict_each(ref, ev.inputs), _predict_each(cand, ev.inputs)

@@ -299,3 +299,33 @@ def test_a_segmentation_head_that_overflows_for_one_image_gives_a_zero_evaluatio
     rows, _ = task._segment_contributions(_policy(tmp_path), RoundConfig(task="segment"), head=None)
     assert torch.isfinite(rows).all(), rows
     assert rows[2].abs().sum() == 0 and rows[[0, 1, 3]].abs().sum() > 0
+
+
+def test_a_per_patient_site_answers_a_bundle_that_skips_one_of_its_labels(tmp_path):
+    """Attack: at a site that knows its patients, acceptance refused ("could not answer", uncharged)
+    whenever one validation image was skipped, e.g. because its label is not among the bundle's
+    (the coordinator writes the manifest): a free yes/no on whether the split holds that label.
+    Now the kept rows are matched to their patients by key and the release is the ordinary one."""
+    import csv
+
+    from echocare.phantom import write_phantoms
+    from edge.federated import accept as acc
+
+    manifest = write_phantoms(tmp_path / "images", 18, profiles="linear-a,convex-b,linear-c", seed=0)
+    by_label: dict[str, list[str]] = {}
+    for rel, info in sorted(manifest["files"].items()):
+        by_label.setdefault(info["label"], []).append(rel)
+    rows = [(f"images/{f}", label, f"P-{label}-{i // 3}") for label, files in sorted(by_label.items())
+            for i, f in enumerate(files[:len(files) - len(files) % 3])]
+    with (tmp_path / "manifest.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "patient"), *rows])
+    statuses = []
+    for tag, labels in (("all", ACC_LABELS), ("skips-normal", ["benign", "malignant", "rare-x"])):
+        pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
+        policy = SitePolicy(data=f"csv:{tmp_path / 'manifest.csv'}", site_name="h-pat", release_pubkey=str(pub),
+                            state_dir=str(tmp_path / "site"), target_epsilon=50.0, privacy_unit="patient")
+        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=tag, val_fraction=0.5,
+                                                                      seed=0, latency_runs=1))
+        statuses.append((reply.status, reply.reason, reply.unit))
+    assert statuses == [("ok", "", "patient")] * 2, statuses
+    assert [(r["kind"], r["unit"]) for r in json_ledger(policy)["releases"]] == [("accept", "patient")] * 2
