@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
     p.add_argument("--release-target", default=None, metavar="TARGET",
                    help="then build a signed INT8 edge bundle for TARGET (e.g. onnxruntime-cpu) calibrated at the "
                         "hospitals: a second `flwr run` with mode=\"release\" over the same TLS SuperLink")
+    p.add_argument("--release-val", default=None, metavar="DATA_SPEC",
+                   help="with --release-target: a central accuracy gate on these labelled (public) images instead of "
+                        "the hospitals' federated acceptance (whose accounted answers on small validation splits are "
+                        "inconclusive, docs/edge.md)")
     a = p.parse_args(argv)
     if a.sites < 1 or a.rounds < 1:
         p.error("--sites and --rounds must be >= 1")
@@ -52,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
         p.error(str(e))
     return DeployConfig(run_dir=a.run_dir, sites=a.sites, data=a.data, rounds=a.rounds, encoder=a.encoder,
                         epsilon=a.epsilon, app=a.app.resolve(), run_config=overrides, timeout=a.timeout,
-                        release_target=a.release_target)
+                        release_target=a.release_target, release_val=a.release_val)
 
 
 def _terminate(signum: int, frame: object) -> None:
