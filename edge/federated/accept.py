@@ -334,14 +334,17 @@ def _predict_each(rt: BundleRuntime, inputs: np.ndarray) -> tuple[np.ndarray, np
     image; an image that fails or answers another shape gets NaN outputs and ``ok`` False (its rows
     are zeroed, :func:`_gate_at_site`)."""
     declared = [int(d) for d in (rt.manifest.get("output") or {}).get("shape", [-1])[1:]]
-    fits = lambda shape: len(shape) == len(declared) and all(d < 0 or d == s for d, s in zip(declared, shape))  # noqa: E731
+
+    def fits(shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(declared) and all(d < 0 or d == s for d, s in zip(declared, shape))
+
     ok = np.ones(len(inputs), bool)
     try:
         out = np.asarray(rt.predict_arrays(inputs))
         if out.shape[:1] == (len(inputs),) and fits(out.shape[1:]):
             return out, ok
     except Exception:  # noqa: BLE001 - see the docstring
-        pass
+        log.warning("a bundle failed on the validation batch; running it image by image")
     outs: list[np.ndarray | None] = []
     for i in range(len(inputs)):
         try:

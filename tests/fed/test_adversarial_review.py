@@ -30,7 +30,6 @@ def _tripwire_model(threshold: float) -> bytes:
     """A coordinator's "calibration model" that computes nothing useful: it fails (an out-of-range
     Gather in ONNX Runtime) exactly when the image's mean pixel exceeds ``threshold``, else outputs
     that mean. Uncaught, the failure is a free, exact yes/no answer about the site's images."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     consts = [numpy_helper.from_array(np.array(threshold, np.float32), "t"),
@@ -92,8 +91,8 @@ def _plain_head(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _train_cfg(**kw) -> RoundConfig:
-    base = dict(head={"proj_dim": 0}, local_epochs=1, batch_size=1000, lr=1.0, max_grad_norm=0.5,
-                noise_multiplier=1.0, num_rounds=3, server_round=1, seed=0, run_key="run-a")
+    base = {"head": {"proj_dim": 0}, "local_epochs": 1, "batch_size": 1000, "lr": 1.0, "max_grad_norm": 0.5,
+            "noise_multiplier": 1.0, "num_rounds": 3, "server_round": 1, "seed": 0, "run_key": "run-a"}
     return RoundConfig(**{**base, **kw})
 
 
@@ -246,16 +245,14 @@ def test_exact_acceptance_results_count_against_the_lifetime_limit_of_exact_eval
     """Attack: a site that discloses exact evaluations caps them over its lifetime. Exact acceptance
     results (two models' exact metrics on the same validation split) are exact evaluations too, but
     were counted separately: the coordinator got the limit twice. Now one lifetime count covers both."""
-    from fed.task import evaluate_round
     from edge.federated import accept as acc
+    from fed.task import evaluate_round
 
     pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, "honest")
     policy = _acc_site(tmp_path, pub, evaluation="disclosed", disclosed_evaluations_lifetime=1)
     request = acc.AcceptanceRequest(reference=ref, run_key="r", val_fraction=0.5, seed=0, latency_runs=1)
     first = acc.accept_at_site(policy, cand, request)
     assert (first.status, first.mode) == ("ok", "disclosed"), first.reason
-    import torch
-
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
 
@@ -264,7 +261,6 @@ def test_exact_acceptance_results_count_against_the_lifetime_limit_of_exact_eval
     second = evaluate_round(policy, cfg, {k: v.detach().numpy() for k, v in head.state_dict().items()})
     assert second.status == "refused" and "lifetime limit" in second.reason, (second.status, second.reason)
     assert len(json_ledger(policy)["disclosures"]) == 1
-    del torch
 
 
 def json_ledger(policy: SitePolicy) -> dict:
@@ -280,7 +276,7 @@ def test_a_segmentation_head_that_overflows_for_one_image_gives_a_zero_evaluatio
     validation image trip the head". Now that image's row is zero, as in classification."""
     import torch
 
-    import fed.task as task
+    from fed import task
 
     size, n = 8, 4
     maps = np.zeros((n, 1, size, size), np.float32)
