@@ -368,3 +368,17 @@ def test_the_released_epsilon_buckets_over_rounds_do_not_tell_n():
         step = (sigma, sample_rate(n, batch), steps_per_epoch(n, batch))
         sequences.add(tuple(released_epsilon(epsilon_of([step] * k, delta)) for k in range(1, rounds + 1)))
     assert len(sequences) <= 2, f"{len(sequences)} distinct bucket sequences for 11 values of N"
+
+
+@pytest.mark.xfail(strict=True, reason="open: training refuses, uncharged, when no training image has one of the "
+                                       "round's labels (docs/privacy.md)")
+def test_asking_whether_a_label_exists_through_training_is_charged(tmp_path, phantom_feature_cache):
+    """Attack: the label oracle of evaluation, through a training request: labels no training image has
+    get "no readable, labelled training images", uncharged; labels it has get an ordinary round."""
+    from fed.task import train_round
+
+    policy = _site(tmp_path, phantom_feature_cache)
+    statuses = []
+    for tag, labels in (("present", ["benign", "malignant", "normal"]), ("absent", ["rare-x", "rare-y", "rare-z"])):
+        statuses.append(train_round(policy, _train_cfg(labels=labels, run_key=tag), _plain_head(0)).status)
+    assert statuses == ["ok", "ok"], statuses
