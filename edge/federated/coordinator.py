@@ -18,8 +18,9 @@
    ``quantize_static``: the outermost remaining bins' edges), or ``percentile`` (as ONNX Runtime's
    percentile calibration: the ``percentile`` of |x| for symmetric activations, both tails cut for
    asymmetric ones), clamped to the min-max range. A point with no bin above the noise takes the
-   (min, max) its tensor reached on the public images. Without noise the ranges are those of the
-   pooled images' histograms exactly.
+   (min, max) its tensor reached on the public images; with noise, a point's range is never narrower
+   than that public range (the tails sink below the threshold). Without noise the ranges are those
+   of the pooled images' histograms exactly.
 4. **QDQ**: :func:`edge.build.quantize.quantize` with ``ranges``: ONNX Runtime's
    ``quantize_static`` reads them from its calibration cache, with no image; the one QDQ ONNX
    serves ONNX Runtime, TensorRT (S8S8) and OpenVINO (which compiles QDQ ONNX).
@@ -200,6 +201,11 @@ def derive_ranges(merged: Merged, plan: CalibrationPlan, method: str = "minmax",
         lo, hi = float(edges[first]), float(edges[last + 1])
         if method == "percentile":
             lo, hi = _percentile_range(kept, edges, percentile, symmetric, lo, hi)
+        if merged.noise_std > 0 and plan.public_ranges is not None:
+            # a noisy histogram shows only its bulk (the tails sink below the threshold), so the sites'
+            # ranges may widen the public images' range, never narrow it (measured: narrowing the 7 of
+            # 83 points that rose above the noise on 479 BUSI images cost 19.6 AUROC points)
+            lo, hi = min(lo, float(plan.public_ranges[p][0])), max(hi, float(plan.public_ranges[p][1]))
         out.ranges[name] = (lo, hi)
     if out.public_fallback:
         out.notes.append(f"{len(out.public_fallback)} of {len(plan.points)} points had no bin above the noise "

@@ -168,6 +168,13 @@ def test_pure_noise_sets_no_range_the_public_images_range_is_used():
     assert r.ranges == {p: (-1.5, 2.5) for p in plan.points}
     assert noise_threshold_sigmas(cells) == pytest.approx(4.58, abs=0.01)
     assert len(derive_ranges(merged, plan, "minmax", threshold_sigmas=3.0).public_fallback) < 83 - 10  # spikes pass 3 sigma
+    # a bulk that rises above the noise (bins 120-135, inside the public range) widens nothing and
+    # narrows nothing: a noisy histogram shows no tails, so the range keeps at least the public one
+    noise[0, 120:136] += 1000.0
+    r = derive_ranges(merge([SiteAnswer("a", "ok", histograms=noise, noise_std=5.0)], plan), plan, "minmax")
+    assert "t0" not in r.public_fallback and r.ranges["t0"] == (-1.5, 2.5)
+    noise[0, 250] += 1000.0  # mass beyond the public maximum widens it
+    assert derive_ranges(merge([SiteAnswer("a", "ok", histograms=noise, noise_std=5.0)], plan), plan, "minmax").ranges["t0"][1] > 3.8
 
 
 def _policy(root: Path, **kw) -> SitePolicy:
