@@ -62,8 +62,9 @@ class RunConfig:
     encoder_seed: int = 0  # seed of the random initialisation when there is no checkpoint
     head_hidden: int = 0  # hidden width of the classification head (0: linear)
     # classify: a fixed whitening projection of the features, computed by the coordinator from
-    # PUBLIC reference images only (never from site data); 0 = off
-    feature_projection: int = 64
+    # PUBLIC reference images only (never from site data); 0 = off. 128 measured better than 64 under DP
+    # (docs/federation.md, "What helps under DP"); the reference set needs more images than dimensions
+    feature_projection: int = 128
     projection_reference: str = ""  # data spec of the public reference images ("" = phantoms)
     public_cache_dir: str = ""  # where the coordinator caches public reference features ("" = RUN_DIR/public-features)
     # -- local training at each site: example-level DP-SGD ----------------------------------------

@@ -152,7 +152,9 @@ def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, phantom_r
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
 
-    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=64)
+    from fed.config import RunConfig
+
+    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=RunConfig.feature_projection)
     head_shapes = {k: list(v.shape) for k, v in head.named_parameters()}  # trainable parameters only
     replies = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(replies) == 3 * 2 * 2 + 3  # train+evaluate per site per round, plus round-0 evaluation
