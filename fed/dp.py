@@ -214,7 +214,7 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
 
     n = len(y)
     q = sample_rate(n, cfg.batch_size)
-    expected_batch = q * n
+    expected_batch = max(q * n, 1.0)  # >= 1: a site with no example releases noise only, finite
     std = cfg.noise_multiplier * cfg.max_grad_norm
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
@@ -346,7 +346,7 @@ def _train_unit_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Tenso
     _, units = torch.unique(units, return_inverse=True)  # dense ids 0..U-1
     n_units = int(units.max()) + 1 if len(units) else 0
     q = sample_rate(n_units, cfg.batch_size)
-    expected_batch = q * n_units
+    expected_batch = max(q * n_units, 1.0)  # >= 1: no unit at all -> noise only, finite
     std = cfg.noise_multiplier * cfg.max_grad_norm
     params = [p for p in head.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
@@ -468,7 +468,7 @@ def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.
     xt = feats[0]  # the Linear's inputs (after any fixed projection)
     factor = linear_input_factor(xt)
     optimizer = _optimizer(lin.parameters(), cfg)
-    expected_batch = q * n
+    expected_batch = max(q * n, 1.0)  # >= 1: a site with no example releases noise only, finite
     std = cfg.noise_multiplier * cfg.max_grad_norm
     steps, total, count = 0, 0.0, 0
     for _ in range(cfg.epochs):

@@ -461,8 +461,8 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
         units = site_units(policy, cfg, "train", head)
         inputs, model, loss_fn = tuple(torch.from_numpy(a) for a in xs), MapsHead(head), PerImageSegLoss()
     n = len(y)
-    if n == 0:
-        return Reply(STATUS_REFUSED, policy.site_name, reason="no readable, labelled training images at this site")
+    # No training image carries the round's labels (the coordinator chooses them): an ordinary, charged
+    # release of noise only, never an uncharged refusal, which would tell whether a label exists here.
     n_units = n if units is None else len(np.unique(units))  # the sampling rate and steps count units
     request = request_hash("train", cfg, arrays)
     with _release(policy, cfg, request) as (ledger, store, early):
