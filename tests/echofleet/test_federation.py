@@ -26,6 +26,9 @@ from dp_helpers import independent_epsilon
 warnings.filterwarnings("ignore")
 pytestmark = pytest.mark.usefixtures("one_ray")
 PHANTOMS = "phantom:600?profiles=linear-a,convex-b,linear-c&seed=0"
+# For runs whose subject is not the model: no public projection, so no virtual hospital regenerates the
+# 300 reference phantoms to recompute it (25-60 ms of CPU each, in every Ray worker of every run).
+NO_PROJECTION = {"feature-projection": 0}
 REPLY_METRICS = {"num-examples", "dp-weight", "train_loss", "epsilon", "delta", "noise_multiplier", "sample_rate",
                  "steps", "val_loss", "auroc", "balanced_accuracy"}
 REPLY_SITE_KEYS = {"site", "status", "reason", "accountant"}  # always there; "privacy-unit" and "device" may be
@@ -176,7 +179,7 @@ def test_budget_exhausted_site_is_excluded_and_nan_update_rejected(tmp_path, sha
     # costs more (about 2.8); the other sites (budget 8) can afford both rounds.
     # site-1 is a broken hospital that sends NaNs.
     log = tmp_path / "replies.jsonl"
-    cfg = _cfg(tmp_path, "run", shared_cache, site_epsilons=[8.0, 8.0, 0.5], noise_multiplier=2.0)
+    cfg = _cfg(tmp_path, "run", shared_cache, site_epsilons=[8.0, 8.0, 0.5], noise_multiplier=2.0, extra=NO_PROJECTION)
     report = simulate(cfg, client_app=_watching_client_app(log, nan_site=1))
     rounds = {r["round"]: r for r in report["rounds"]}
     assert rounds[1]["excluded"] == ["site-2"]
@@ -262,7 +265,7 @@ def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
 def test_central_user_level_dp_through_flowers_fixed_clipping_wrapper(tmp_path, shared_cache):
     # the first 90 of PHANTOMS: their features are in the shared cache already
     cfg = _cfg(tmp_path, "cdp", shared_cache, data=PHANTOMS.replace("phantom:600", "phantom:90"),
-               extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0})
+               extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0, **NO_PROJECTION})
     report = simulate(cfg)
     cdp = {r["round"]: r.get("central_dp") for r in report["rounds"]}
     assert cdp[1]["releases"] == 1 and cdp[2]["releases"] == 2
