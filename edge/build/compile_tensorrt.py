@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from echocare.atomic import atomic_write_bytes
+from echocare.bundle import sha256_file
 from edge.build.compiled import CompiledModel, CompileError, CompileOptions
-from edge.device.backends import EngineRecord, cuda_device_identity, default_engine_path, file_sha256, import_cudart
+from edge.device.backends import EngineRecord, cuda_device_identity, default_engine_path, import_cudart
 from edge.targets import get_target
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorR
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(engine_path, bytes(serialized), 0o600)
     gpu, cc = cuda_device_identity(cudart)
-    record = EngineRecord(file_sha256(onnx_path), str(trt.__version__), gpu, cc, config.precision,
+    record = EngineRecord(sha256_file(onnx_path), str(trt.__version__), gpu, cc, config.precision,
                           [config.min_batch, config.opt_batch, config.max_batch], config.input_name).save(engine_path)
     atomic_write_bytes(cache_path, bytes(bconf.get_timing_cache().serialize()), 0o600)
     return CompiledModel(
@@ -274,4 +275,4 @@ def build_engine_on_device(model_path: Path, out_dir: Path, *, config: Path | No
     model_path = Path(model_path)
     if not model_path.is_file():
         raise CompileError(f"{model_path}: no such model")
-    return build_engine(model_path, engine or default_engine_path(file_sha256(model_path)), tcfg)
+    return build_engine(model_path, engine or default_engine_path(sha256_file(model_path)), tcfg)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from echocare.bundle import load_private_key, verify_bundle
+from echocare.bundle import load_private_key, sha256_file, verify_bundle
 from edge.build.bundling import assemble_bundle, bundle_identity
 from edge.build.compiled import CompileOptions, compile_model
 from edge.build.evaluate import EvalSet, load_calibration, load_eval_set, metrics_from_outputs, predict_all
@@ -345,7 +345,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         reference = reference_bundle(exp.onnx_path, exp.info, key, work / "reference", name=f"{name}-fp32-reference",
                                      version=version, selftest_inputs=selftest_inputs)
         run = (exp.info.get("run_report") or {}).get("config") or {}
-        request = AcceptanceRequest(reference=reference, run_key=f"release-{_sha256(tarball)[:16]}",
+        request = AcceptanceRequest(reference=reference, run_key=f"release-{sha256_file(tarball)[:16]}",
                                     val_fraction=float(run.get("val-fraction", 0.2)), seed=int(run.get("seed", 0)))
         replies = accept(tarball, request)
         record = decide_acceptance(replies, cfg.bounds, cfg.quorum)
@@ -378,16 +378,6 @@ def _verify(tarball: Path, key: str | Path, say: Callable[[str], None], step: Ca
         backend = rt.backend
     step("verify", t0, f"signature + {len(signed['artifacts'])} hashes ok; {selftest[1]}")
     return signed, selftest, backend
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _public_spec(spec: str) -> str:

@@ -16,7 +16,6 @@ with the command that rebuilds it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -172,14 +171,6 @@ def default_engine_path(model_sha256: str) -> Path:
 def engine_record_path(engine: Path) -> Path:
     """The JSON record beside an engine (``model.engine.json``)."""
     return Path(engine).with_name(Path(engine).name + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

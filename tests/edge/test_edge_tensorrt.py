@@ -201,13 +201,14 @@ def _have_gpu_trt() -> str | None:
 @pytest.mark.skipif(_have_gpu_trt() is not None, reason=str(_have_gpu_trt()))
 def test_real_engine_build_and_run(tmp_path: Path) -> None:  # pragma: no cover - needs a GPU with TensorRT
     from edge.build.export import export_task_model
-    from edge.device.backends import TensorRTSession, file_sha256, open_session
+    from echocare.bundle import sha256_file
+    from edge.device.backends import TensorRTSession, open_session
     from edge_helpers import fresh_model
 
     exp = export_task_model(fresh_model(tmp_path / "m", "classify"), tmp_path / "x")
     out = build_engine(exp.onnx_path, tmp_path / "model.engine", TensorRTBuildConfig(precision="fp32", max_batch=2))
     assert out.model_path.stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
-    session = TensorRTSession(out.model_path, model_sha256=file_sha256(exp.onnx_path))
+    session = TensorRTSession(out.model_path, model_sha256=sha256_file(exp.onnx_path))
     x = np.random.default_rng(0).standard_normal((3, 3, 256, 256)).astype(np.float32)
     ref = open_session(exp.onnx_path, "onnxruntime").run(x)
     np.testing.assert_allclose(session.run(x), ref, atol=1e-2, rtol=1e-2)  # fp32 engine (TF32 may be on)
