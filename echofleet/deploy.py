@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from echocare.atomic import atomic_write_bytes
+from echocare.bundle import sha256_file
 
 # The Flower app `flwr run` bundles: the checkout this package lives in (its pyproject.toml holds
 # [tool.flwr.app]). An installed, non-editable echofleet has no app next to it: pass DeployConfig.app.
@@ -571,43 +572,41 @@ class Deployment:
             atomic_write_bytes(step_path(self.federation_dir), b'{"step": "calibrate"}')
             answers = answers_path(self.federation_dir, plan)
             answers.unlink(missing_ok=True)
-            run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
-            progress(f"release run {run_id} submitted: calibration plan to {len(self.hospitals)} hospitals ({self._fab})")
-            last = self.wait(run_id, progress, answers.is_file)
-            log_path = self.save_run_log(run_id)
-            if last != "finished:completed" or not answers.is_file():
-                raise DeployError(f"release run {run_id} ended '{last}' (answers written: {answers.is_file()}); "
-                                  f"ServerApp log {log_path}:\n"
-                                  + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+            self._release_run("release", "answers", answers, progress,
+                              f"calibration plan to {len(self.hospitals)} hospitals ({self._fab})")
             return load_answers(answers)
 
         return ask
+
+    def _release_run(self, kind: str, written: str, result: Path, progress: Callable[[str], None], what: str) -> None:
+        """Submit one ``mode = "release"`` run, wait until it ends, and raise :class:`DeployError` (with
+        the ServerApp log's tail) unless it completed and wrote ``result``."""
+        run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
+        progress(f"release run {run_id} submitted: {what}")
+        last = self.wait(run_id, progress, result.is_file)
+        log_path = self.save_run_log(run_id)
+        if last != "finished:completed" or not result.is_file():
+            raise DeployError(f"{kind} run {run_id} ended '{last}' ({written} written: {result.is_file()}); "
+                              f"ServerApp log {log_path}:\n"
+                              + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
 
     def site_acceptance(self, progress: Callable[[str], None] = print):
         """Federated acceptance over this deployment (``edge.build.pipeline.build(accept=...)``): the
         candidate and reference tarballs are named in ``RUN/release/accept-request.json``, a ``flwr run``
         with ``mode = "release"`` sends them to every hospital, and their replies are read back."""
-        import hashlib
-
         from echofleet.apps import accept_replies_path, accept_request_path, step_path
         from edge.federated.accept import AcceptanceReply
 
         def ask(candidate: Path, request) -> list:
-            sha = hashlib.sha256(Path(candidate).read_bytes()).hexdigest()
+            sha = sha256_file(Path(candidate))
             atomic_write_bytes(accept_request_path(self.federation_dir), json.dumps({
                 "candidate": str(Path(candidate).resolve()), "reference": str(Path(request.reference).resolve()),
                 "run_key": request.run_key, "candidate_sha256": sha}).encode(), 0o600)
             atomic_write_bytes(step_path(self.federation_dir), b'{"step": "accept"}')
             replies = accept_replies_path(self.federation_dir, sha)
             replies.unlink(missing_ok=True)
-            run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
-            progress(f"release run {run_id} submitted: candidate {Path(candidate).name} to {len(self.hospitals)} hospitals")
-            last = self.wait(run_id, progress, replies.is_file)
-            log_path = self.save_run_log(run_id)
-            if last != "finished:completed" or not replies.is_file():
-                raise DeployError(f"acceptance run {run_id} ended '{last}' (replies written: {replies.is_file()}); "
-                                  f"ServerApp log {log_path}:\n"
-                                  + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+            self._release_run("acceptance", "replies", replies, progress,
+                              f"candidate {Path(candidate).name} to {len(self.hospitals)} hospitals")
             return [AcceptanceReply.from_fields(d) for d in json.loads(replies.read_text())]
 
         return ask
