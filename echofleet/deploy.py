@@ -508,6 +508,24 @@ class Deployment:
             time.sleep(1.0)
 
     # -- 5. coordinator: the run
+    def bring_up(self, step: Callable[[str], None] = lambda _text: None) -> None:
+        """Steps 1-4 in order: certificates, hospitals, the TLS SuperLink, registrations, every
+        SuperNode, until all are online (``step`` is told each one)."""
+        step(f"coordinator: CA + SuperLink certificate in {self.coordinator}")
+        self.prepare_coordinator()
+        for h in self.hospitals:
+            step(f"{h.name}: SuperNode key pair + site policy in {h.root}")
+            self.prepare_hospital(h)
+        step(f"coordinator: flower-superlink on {self.address} (TLS, SuperNode auth, --database, no dependency install)")
+        self.start_superlink()
+        for h in self.hospitals:
+            step(f"coordinator: flwr supernode register {h.name} -> node {self.register(h)}")
+        for h in self.hospitals:
+            step(f"{h.name}: flower-supernode (runtime API on 127.0.0.1:{h.port})")
+            self.start_supernode(h)
+        self.wait_online([h.name for h in self.hospitals])
+        step(f"all {len(self.hospitals)} SuperNodes online")
+
     def run_config(self) -> dict:
         return federation_run_config(self.cfg, self.federation_dir)
 
@@ -652,20 +670,7 @@ def deploy(cfg: DeployConfig, say: Callable[[str], None] = print) -> dict:
 
     with Deployment(cfg) as d:
         try:
-            step(f"coordinator: CA + SuperLink certificate in {d.coordinator}")
-            d.prepare_coordinator()
-            for h in d.hospitals:
-                step(f"{h.name}: SuperNode key pair + site policy in {h.root}")
-                d.prepare_hospital(h)
-            step(f"coordinator: flower-superlink on {d.address} (TLS, SuperNode auth, --database, no dependency install)")
-            d.start_superlink()
-            for h in d.hospitals:
-                step(f"coordinator: flwr supernode register {h.name} -> node {d.register(h)}")
-            for h in d.hospitals:
-                step(f"{h.name}: flower-supernode (runtime API on 127.0.0.1:{h.port})")
-                d.start_supernode(h)
-            d.wait_online([h.name for h in d.hospitals])
-            step(f"all {len(d.hospitals)} SuperNodes online")
+            d.bring_up(step)
             step(f"coordinator: flwr run {cfg.app} with {d.run_config()}")
             run_id, report = d.run_federation(progress=step)
             step(f"run {run_id} completed: {d.federation_dir / 'report.json'}")

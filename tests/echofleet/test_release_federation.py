@@ -129,15 +129,7 @@ def test_deployment_calibrates_and_accepts_over_the_tls_superlink(tmp_path):
     cfg.run_dir.mkdir()
     try:
         with Deployment(cfg) as d:
-            d.prepare_coordinator()
-            for h in d.hospitals:
-                d.prepare_hospital(h)
-            d.start_superlink()
-            for h in d.hospitals:
-                d.register(h)
-            for h in d.hospitals:
-                d.start_supernode(h)
-            d.wait_online([h.name for h in d.hospitals])
+            d.bring_up()
             fresh_model(d.federation_dir / "global", "classify")
             summary = build(d.federation_dir, "onnxruntime-cpu", "sites", None, key, tmp_path / "dist",
                             config=BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1),
