@@ -36,10 +36,14 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: JetPack 6 (Jetson) ships it, and its TensorRT bindings are built for it
+    import tomli as tomllib
 
 from echocare.atomic import atomic_write_bytes
 from echocare.bundle import sha256_file

@@ -27,9 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tomllib
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: JetPack 6 (Jetson) ships it, and its TensorRT bindings are built for it
+    import tomli as tomllib
 
 TASKS = ("classify", "segment", "hc")
 EVALUATION_MODES = ("accounted", "disclosed")

@@ -111,6 +111,17 @@ def _onnx_nodes_to_keep(model_path: Path, config: QuantizeConfig) -> list[str]:
     return [n.name for n in graph.node if n.op_type in types or any(p.search(n.name) for p in patterns)]
 
 
+@contextlib.contextmanager
+def _working_directory(path: str):
+    """``contextlib.chdir`` (Python 3.11+) for Python 3.10, the Python of JetPack 6."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _atomic_move(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dst)
@@ -191,7 +202,7 @@ def prepare_for_qdq(onnx_path: Path, out_path: Path) -> Path:
         staged = Path(tmp) / "prepped.onnx"
         # When ONNX Runtime's symbolic shape inference gives up it saves sym_shape_infer_temp.onnx and a
         # weights-sized .data file in the *working directory*: run it inside the scratch folder.
-        with contextlib.chdir(tmp):
+        with _working_directory(tmp):
             try:
                 quant_pre_process(src, str(staged), skip_symbolic_shape=False)
             except Exception as e:  # symbolic shape inference fails on the full Swin's padded window shapes

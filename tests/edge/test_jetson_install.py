@@ -56,8 +56,44 @@ def test_edge_extra_resolves_for_jetson_aarch64_python310(tmp_path: Path) -> Non
         assert parse_wheel_filename(wheel)[3] & jetson, f"{wheel}: not installable on a Jetson's CPython 3.10"
 
 
-@pytest.mark.xfail(strict=True, reason="pyproject requires Python >= 3.11 (tomllib in echofleet/deploy.py and fed/policy.py), "
-                   "but JetPack 6's TensorRT bindings are built for its Python 3.10: echofleet itself cannot be "
-                   "pip-installed next to them yet (docs/edge.md, Jetson install)")
 def test_echofleet_itself_accepts_jetpack6_python() -> None:
+    """JetPack's TensorRT bindings are built for its Python 3.10: echofleet must install next to them."""
     assert JETPACK6_PYTHON + ".12" in SpecifierSet(_pyproject()["project"]["requires-python"])
+
+
+# Standard-library names that exist only from Python 3.11 on (and would fail on a Jetson at import or call time).
+PY311_ONLY = ("contextlib.chdir", "hashlib.file_digest", "datetime.UTC", "enum.StrEnum", "typing.Self",
+              "typing.LiteralString", "typing.Never", "typing.assert_never", "asyncio.TaskGroup", "ExceptionGroup")
+
+
+def _py311_only_uses(path: Path) -> list[str]:
+    """Syntax newer than 3.10 (``except*``, PEP 695) and 3.11-only standard-library names; ``tomllib`` only
+    behind a ``sys.version_info`` check (with ``tomli`` for 3.10)."""
+    import ast
+
+    src = path.read_text()
+    try:
+        tree = ast.parse(src, feature_version=(3, 10))
+    except SyntaxError as e:
+        return [f"{path}:{e.lineno}: syntax newer than Python 3.10 ({e.msg})"]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            name = f"{node.value.id}.{node.attr}"
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            name = " ".join(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Name):
+            name = node.id
+        else:
+            continue
+        found += [f"{path}:{node.lineno}: {n}" for n in PY311_ONLY if n in name.split(" ") or name == n]
+    if "import tomllib" in src and "import tomli as tomllib" not in src:
+        found.append(f"{path}: imports tomllib without the tomli fallback for Python 3.10")
+    return found
+
+
+def test_package_code_runs_on_jetpack6_python() -> None:
+    packages = ("echocare", "fed", "server", "edge", "echofleet")
+    problems = [p for pkg in packages for f in sorted((ROOT / pkg).rglob("*.py")) for p in _py311_only_uses(f)]
+    assert not problems, "\n".join(problems)
+    assert "tomli>=2; python_version < '3.11'" in _pyproject()["project"]["dependencies"]
