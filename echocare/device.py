@@ -133,11 +133,17 @@ def resolve_device(request: str = "auto", precision: str = "auto") -> ComputeDev
     Raises ValueError for a malformed request and :class:`DeviceError` when an explicit CUDA
     device cannot be used (no CUDA build, no GPU visible, index out of range, broken driver).
     ``precision``: ``auto`` (bf16 on compute capability >= 8, fp16 on 7.x, fp32 on the CPU),
-    ``fp32``, ``bf16`` or ``fp16``.
+    ``fp32``, ``bf16`` or ``fp16``. On an explicit ``cpu`` only ``bf16`` enables autocast (CPU bf16
+    autocast, used by ``echofleet site check --device cpu --precision bf16`` to exercise the
+    precision probe without a GPU); ``fp16`` there is a :class:`DeviceError`.
     """
     kind, index = parse_request(request)
     if kind == "cpu":
         _precision(precision, None)  # validates the name
+        if precision == "bf16":  # asked for explicitly: CPU bf16 autocast (e.g. to run the precision probe)
+            return ComputeDevice(request, "cpu", "cpu", "bfloat16", "device cpu: as configured, features with bfloat16 autocast")
+        if precision == "fp16":
+            raise DeviceError("fp16 autocast needs a GPU; on the CPU use fp32 (or bf16)")
         return ComputeDevice(request, "cpu", "cpu", None, "device cpu: as configured (fp32)")
     import torch
 

@@ -58,11 +58,12 @@ class SiteReport:
         d["ok"] = self.ok
         return d
 
-    def write_json(self, path: str | Path) -> None:
-        """Write the report atomically (a crash leaves any previous file intact)."""
+    def write_json(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write the report (plus ``extra`` top-level keys, e.g. the CLI's compute-device check)
+        atomically (a crash leaves any previous file intact)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode(), 0o600)
+        atomic_write_bytes(path, json.dumps({**self.to_dict(), **(extra or {})}, indent=1).encode(), 0o600)
 
 
 def _stats(values: list[int]) -> dict[str, float]:

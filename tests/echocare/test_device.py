@@ -60,6 +60,16 @@ def test_cpu_is_fp32_and_needs_no_gpu(no_gpu):
     assert not d.is_cuda and d.index is None and d.autocast_dtype() is None
 
 
+def test_cpu_bf16_autocast_only_when_asked_and_never_fp16(no_gpu):
+    """``site check --device cpu --precision bf16`` exercises the autocast probe without a GPU."""
+    assert resolve_device("cpu", precision="auto").autocast is None and resolve_device("cpu", "fp32").autocast is None
+    d = resolve_device("cpu", precision="bf16")
+    assert (d.torch_device, d.autocast) == ("cpu", "bfloat16") and d.autocast_dtype() is torch.bfloat16
+    with pytest.raises(DeviceError, match="fp16 autocast needs a GPU"):
+        resolve_device("cpu", precision="fp16")
+    assert resolve_device("auto", precision="bf16").autocast is None  # the fallback stays fp32
+
+
 def test_auto_without_a_gpu_falls_back_and_says_so(no_gpu):
     d = resolve_device("auto")
     assert d.torch_device == "cpu" and d.device_class == "cpu" and d.fell_back

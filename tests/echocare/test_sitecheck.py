@@ -103,3 +103,64 @@ def test_real_busi_subset_passes(busi_root):
     result = runner.invoke(app, ["site", "check", f"busi:{busi_root}?limit=45"])
     assert result.exit_code == 0, result.output
     assert "benign" in result.output and "no blocking problems" in result.output
+
+
+# -- the compute device: what site check says about feature extraction (CPU paths; no GPU in CI) ----
+
+
+def test_policy_on_cpu_reports_fp32_and_no_probe(tmp_path):
+    policy = tmp_path / "site.toml"
+    policy.write_text('data = "phantom:12?profiles=linear-a"\ndevice = "cpu"\n')
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["site", "check", str(policy), "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "cpu, fp32, no autocast" in result.output and "device cpu: as configured" in result.output
+    report = json.loads(out.read_text())
+    assert report["readable"] == 12  # the policy's data spec was read
+    assert report["device"]["device_class"] == "cpu" and report["device"]["features"] == "fp32"
+    assert report["device"]["autocast"] is None and report["device"]["probe"] is None
+
+
+def test_cpu_bf16_autocast_probe_prints_the_cosine(tmp_path):
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["site", "check", "phantom:12?profiles=linear-a", "--device", "cpu", "--precision", "bf16",
+                                 "--probe-images", "2", "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    dev = json.loads(out.read_text())["device"]
+    probe = dev["probe"]
+    assert probe["probe_images"] == 2 and probe["autocast"] == "bfloat16" and probe["required_min_cosine"] == 0.995
+    assert 0.995 <= probe["min_cosine"] <= probe["mean_cosine"] <= 1.0 + 1e-9 and probe["use_autocast"]
+    assert dev["features"] == "bfloat16" and "autocast kept" in dev["decision"]
+    assert f"min {probe['min_cosine']:.5f}, mean {probe['mean_cosine']:.5f} over 2 probe images" in result.output
+
+
+def test_unfaithful_autocast_is_refused_and_reported(tmp_path, monkeypatch):
+    """Autocast features whose cosine to fp32 is 0.96 on one probe image (1.0 on the other): fp32."""
+    import fed.features
+
+    def run_frozen(module, x, device, batch_size, fn):
+        out = np.ones((len(x), 4), np.float32)
+        if device.autocast:
+            out[0] = [1.0, 1.0, 1.0, 0.5]  # cosine to (1, 1, 1, 1): 3.5 / (2 * sqrt(3.25)) = 0.9707
+        return out
+
+    monkeypatch.setattr(fed.features, "run_frozen", run_frozen)
+    monkeypatch.setattr(fed.features, "_encoder", lambda ref, torch_device="cpu": None)
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["site", "check", "phantom:12?profiles=linear-a", "--device", "cpu", "--precision", "bf16",
+                                 "--probe-images", "2", "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    dev = json.loads(out.read_text())["device"]
+    assert dev["features"] == "fp32" and "autocast refused" in dev["decision"] and not dev["probe"]["use_autocast"]
+    assert dev["probe"]["min_cosine"] == pytest.approx(3.5 / (2 * 3.25**0.5))
+    assert "min 0.97073, mean 0.98536 over 2 probe images" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu", "--precision", "fp16"], "fp16 autocast needs a GPU"),
+    (["--device", "gpu"], "expected one of auto, cpu, cuda, cuda:N"),
+    (["--encoder", "resnet"], "--encoder resnet: must be one of"),
+])
+def test_bad_device_arguments_exit_2_before_reading(args, message):
+    result = runner.invoke(app, ["site", "check", "phantom:12", *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and message in result.output, result.output
