@@ -38,7 +38,12 @@ from echocare.atomic import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
-FORMAT = "echofleet-bundle/1"
+FORMAT = "echofleet-bundle/1"  # one model (or one model per backend) chosen by the runtime's backend order
+# /2: ``--precision auto``: the manifest's "candidates" list several gated precisions of one model and
+# the scanner times them and runs the fastest (:func:`candidates_of`); everything else as /1
+FORMAT_CANDIDATES = "echofleet-bundle/2"
+FORMATS = (FORMAT, FORMAT_CANDIDATES)  # what this code reads; a bundle without "format" is /1
+CANDIDATES = "candidates"
 # A bundle name and version become a directory name: keep them to a safe alphabet (no '/', no
 # leading '.', so never '..'). Scanner agents check the registry's versions against it too.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
@@ -277,6 +282,10 @@ def _verify_dir(bundle_dir: Path, key: Ed25519PublicKey, label: str) -> dict:
         raise BundleError(f"{label}: {MANIFEST} is signed but not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
         raise BundleError(f"{label}: {MANIFEST} has no artifact list")
+    fmt = manifest.get("format", FORMAT)
+    if fmt not in FORMATS:
+        raise BundleError(f"{label}: bundle format {fmt!r} is newer than this runtime reads ({', '.join(FORMATS)}); "
+                          "update echofleet on this device")
 
     listed = set()
     for a in manifest["artifacts"]:
@@ -602,3 +611,65 @@ def release_chain(manifest: dict) -> dict:
         "verdict": {"accepted": verdict[0], "why": verdict[1]},
         "problems": problems,
     }
+
+
+# ------------------------------------------------------------------ precision candidates (format /2)
+@dataclass(frozen=True)
+class ModelCandidate:
+    """One entry of ``manifest["candidates"]`` (``--precision auto``): a gated way to run the bundle's model.
+
+    ``path`` is a model artifact of the bundle (its hash is in the artifact list, so the signature
+    covers it); several candidates may share one file and differ only in ``inference_precision``
+    (OpenVINO: ``f32`` | ``bf16`` | ``f16``). ``gate`` is the accuracy gate it passed at build time,
+    ``metrics`` its validation metrics, ``build_p50_ms`` its batch-1 latency on the build machine
+    (``build_cpu``): a record, not what the scanner will see.
+    """
+
+    name: str
+    path: str
+    precision: str
+    inference_precision: str
+    gate: dict
+    metrics: dict
+    build_p50_ms: float | None = None
+    build_cpu: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidates_of(manifest: dict, where: str = "manifest") -> tuple[ModelCandidate, ...]:
+    """The manifest's precision candidates, best-known order; () for a one-model (format /1) bundle.
+
+    :class:`BundleError` when the list is malformed, names a file that is not a model artifact of
+    the bundle, repeats a name, or lists a candidate whose gate did not pass."""
+    raw = manifest.get(CANDIDATES)
+    if raw is None:
+        return ()
+    w = f"{where}: {CANDIDATES}"
+    if manifest.get("format") != FORMAT_CANDIDATES:
+        raise BundleError(f"{w} needs format {FORMAT_CANDIDATES!r}, the manifest says {manifest.get('format')!r}")
+    if not isinstance(raw, list) or not raw:
+        raise BundleError(f"{w} is not a non-empty list")
+    models = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict) and a.get("role") == "model"}
+    out, seen = [], set()
+    for i, c in enumerate(raw):
+        cw = f"{w}[{i}]"
+        if not isinstance(c, dict):
+            raise BundleError(f"{cw} is a {type(c).__name__}, expected an object")
+        name, path = _field(c, "name", str, cw), _field(c, "path", str, cw)
+        if name in seen:
+            raise BundleError(f"{cw}.name {name!r} is listed twice")
+        if path not in models:
+            raise BundleError(f"{cw}.path {path!r} is not a model artifact of the bundle")
+        gate = _field(c, "gate", dict, cw)
+        if gate.get("passed") is not True:
+            raise BundleError(f"{cw}: candidate {name!r} did not pass the accuracy gate")
+        seen.add(name)
+        out.append(ModelCandidate(name=name, path=path, precision=_field(c, "precision", str, cw),
+                                  inference_precision=_field(c, "inference_precision", str, cw), gate=gate,
+                                  metrics=dict(c.get("metrics") or {}),
+                                  build_p50_ms=_number(c, "build_p50_ms", cw, optional=True),
+                                  build_cpu=str(c.get("build_cpu") or "")))
+    return tuple(out)
+

@@ -98,6 +98,8 @@ def print_infer(console: Console, info: dict, task: str, results: list[dict]) ->
     """Predictions per input file (the inputs that failed are reported by the caller)."""
     console.print(f"{info['bundle']} · {info['artifact']} on {info['backend']} ({info['precision']}"
                   + (f", inference {info['session'].get('inference_precision')}" if info["session"].get("inference_precision") else "") + ")")
+    if info.get("candidate"):  # an auto bundle: which precision candidate ran, and why
+        console.print(f"precision candidate {info['candidate']}: {escape(info['choice']['reason'])}")
     t = Table()
     t.add_column("input", overflow="fold")
     t.add_column("frames", justify="right")

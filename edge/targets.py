@@ -19,6 +19,9 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 PRECISIONS = ("int8", "fp16", "fp32")  # graph precision of a shipped model
+#: ``--precision auto``: build every candidate of the target's ``auto_candidates``, gate each, ship
+#: those that pass, and let the scanner time them and run the fastest (docs/edge.md)
+AUTO = "auto"
 
 # Which device backends can run which artifact format, best first (the runtime's "auto" choice).
 FORMAT_BACKENDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
@@ -64,6 +67,14 @@ class EdgeTarget:
     # "module:function" of a step that runs on the device itself before the first inference
     # (a TensorRT engine only runs on the GPU and TensorRT version that built it); None = none
     device_build: str | None = None
+    # --precision auto: (candidate name, graph precision, inference precision) built, gated and shipped
+    # together; the scanner runs the fastest on its own CPU. () = the target has no auto build.
+    auto_candidates: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def build_precisions(self) -> tuple[str, ...]:
+        """What ``--precision`` accepts for this target (its graph precisions, plus ``auto`` where it has candidates)."""
+        return self.precisions + ((AUTO,) if self.auto_candidates else ())
 
     def quantize_kwargs(self, precision: str) -> dict[str, Any] | None:
         """QuantizeConfig keyword arguments for ``precision`` (None: the FP32 graph ships as is)."""
@@ -88,6 +99,10 @@ TARGETS: Mapping[str, EdgeTarget] = MappingProxyType({t.name: t for t in (
         compile="edge.build.compile_openvino:compile_for_bundle",
         runs_on="OpenVINO CPU plugin",
         inference_precisions=("f32", "bf16", "f16"),
+        # issue 13: bf16 wins on AMX, INT8 (bf16 rest) without it; fp32 as the exact fallback.
+        # Two files: the INT8 IR and the FP32 IR, each run at two inference precisions.
+        auto_candidates=(("int8-f32", "int8", "f32"), ("int8-bf16", "int8", "bf16"),
+                         ("bf16", "fp32", "bf16"), ("fp32", "fp32", "f32")),
     ),
     EdgeTarget(
         name="onnxruntime-cpu",

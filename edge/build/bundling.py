@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from echocare.bundle import safe_name, write_bundle
+from echocare.bundle import CANDIDATES, FORMAT_CANDIDATES, safe_name, write_bundle
 from edge.build.compiled import CompiledModel, bundle_artifacts
 from edge.build.provenance import central_acceptance, run_provenance
 from edge.device import postprocess as post
 from edge.device.backends import backend_installed, open_session
-from edge.targets import FORMAT_BACKENDS, get_target
+from edge.targets import AUTO, FORMAT_BACKENDS, get_target
 
 GATE_RECORD_KEYS = ("metric", "fp32", "candidate", "drop", "bound", "passed", "reason")
 
@@ -81,43 +81,85 @@ def validation_from_gate_record(path: Path, precision: str) -> dict:
 
 
 def _selftest_expectations(files: dict[str, Path], desc: list[dict], x: np.ndarray, task: str, size: int,
-                           work: Path) -> tuple[dict, dict[str, Path]]:
-    """Expected self-test outputs of each model artifact, computed here with the backend the runtime would pick."""
+                           work: Path, candidates: list[dict] | None = None) -> tuple[dict, dict[str, Path]]:
+    """Expected self-test outputs of each model artifact, computed here with the backend the runtime
+    would pick; for an auto bundle, of each precision candidate (keyed by its name, at its own
+    inference precision: what the scanner compares once it has chosen it)."""
     outputs, extra = {}, {}
-    for d in desc:
-        if d.get("role") != "model":
-            continue
+    if candidates:
+        by_path = {d["path"]: d for d in desc}
+        runs = [(c["name"], {**by_path[c["path"]], "inference_precision": c["inference_precision"]}) for c in candidates]
+    else:
+        runs = [(d["path"], d) for d in desc if d.get("role") == "model"]
+    for key, d in runs:
         backend = next(b for b in FORMAT_BACKENDS[d["format"]] if backend_installed(b))
         sess = open_session(files[d["path"]], backend, inference_precision=d.get("inference_precision") or "f32",
                             graph_precision=d["precision"])
         out = sess.run(x)
         if task == "classify":
-            outputs[d["path"]] = {"probabilities": post.softmax(out).tolist(), "backend": backend}
+            outputs[key] = {"probabilities": post.softmax(out).tolist(), "backend": backend}
         else:
             masks = post.foreground(post.masks_from_logits(out, size))
-            name = f"selftest/expected-{safe_name(Path(d['path']).stem)}.npy"
+            stem = safe_name(key) if candidates else safe_name(Path(d["path"]).stem)
+            name = f"selftest/expected-{stem}.npy"
             p = work / "selftest" / Path(name).name
             np.save(p, masks)
             extra[name] = p
-            outputs[d["path"]] = {"masks": name, "foreground_fraction": [float(m.mean()) for m in masks], "backend": backend}
+            outputs[key] = {"masks": name, "foreground_fraction": [float(m.mean()) for m in masks], "backend": backend}
     return outputs, extra
 
 
-def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: CompiledModel, selftest_inputs: np.ndarray,
-                    name: str, version: str, work: Path, device_class: str | None = None,
-                    extra: dict | None = None) -> Path:
+def candidate_artifacts(compiled: dict[str, CompiledModel]) -> tuple[dict[str, Path], list[dict]]:
+    """The layout of an auto bundle: each compiled file under ``model/<graph precision>/`` (the INT8
+    IR and the FP32 IR); its candidates (which inference precision runs which file) are listed in
+    ``manifest["candidates"]``, not on the artifact."""
+    files: dict[str, Path] = {}
+    descs: list[dict] = []
+    for gp, c in compiled.items():
+        f, d = bundle_artifacts(c)
+        rename = {rel: rel.replace("model/", f"model/{gp}/", 1) if rel.startswith("model/") else f"{gp}-{rel}" for rel in f}
+        for entry in d:
+            entry = {**entry, "path": rename[entry["path"]]}
+            entry.pop("inference_precision", None)
+            if "weights" in entry:
+                entry["weights"] = rename[entry["weights"]]
+            descs.append(entry)
+        files.update({rename[rel]: path for rel, path in f.items()})
+    return files, descs
+
+
+def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: CompiledModel | dict[str, CompiledModel],
+                    selftest_inputs: np.ndarray, name: str, version: str, work: Path, device_class: str | None = None,
+                    extra: dict | None = None, candidates: list[dict] | None = None) -> Path:
     """Write the signed bundle: manifest from the export info, self-test sample + expected outputs, artifacts.
 
     ``info`` is the export's ``export.json``; ``extra`` may carry ``quantization``, ``source`` and
     ``model_card_validation`` (FP32 vs candidate metrics and the gate result). Returns the tarball path.
+
+    ``candidates`` (``--precision auto``): ``compiled`` maps each graph precision to its compiled
+    model, laid out by :func:`candidate_artifacts`; each candidate dict (name, path, precision,
+    inference_precision, gate, metrics, build_p50_ms: :class:`echocare.bundle.ModelCandidate`) names
+    one of those files by its bundle path; the manifest is format ``echofleet-bundle/2``.
     """
     extra = dict(extra or {})
-    target = get_target(compiled.target)
+    if candidates:
+        assert isinstance(compiled, dict), "candidates need one compiled model per graph precision"
+        first = next(iter(compiled.values()))
+        target = get_target(first.target)
+        files, desc = candidate_artifacts(compiled)
+        extra.update({"format": FORMAT_CANDIDATES, CANDIDATES: candidates})
+        compiled_manifest: dict = {}
+        for c in compiled.values():
+            compiled_manifest.update(c.manifest)
+    else:
+        assert isinstance(compiled, CompiledModel)
+        target = get_target(compiled.target)
+        files, desc = bundle_artifacts(compiled)
+        compiled_manifest = compiled.manifest
     task, size = info["task"], int(info["input"]["shape"][-1])
-    files, desc = bundle_artifacts(compiled)
     (work / "selftest").mkdir(parents=True, exist_ok=True)
     np.save(work / "selftest" / "input.npy", np.asarray(selftest_inputs, np.float32))
-    expected, expected_files = _selftest_expectations(files, desc, selftest_inputs, task, size, work)
+    expected, expected_files = _selftest_expectations(files, desc, selftest_inputs, task, size, work, candidates)
     files = {**files, "selftest/input.npy": work / "selftest" / "input.npy", **expected_files}
     desc = desc + [{"path": "selftest/input.npy", "role": "selftest"}] + [{"path": p, "role": "selftest"} for p in expected_files]
     card = model_card(info, info.get("run_report"))
@@ -130,7 +172,7 @@ def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: Compile
         "task": task,
         "labels": list(info["labels"]),
         "target": target.name,
-        "precision": compiled.precision,
+        "precision": AUTO if candidates else compiled.precision,
         "input": info["input"],
         "output": info["output"],
         "preprocess": info["preprocess"],
@@ -142,7 +184,7 @@ def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: Compile
         "model_card": card,
         "selftest": {"input": "selftest/input.npy", "outputs": expected, "tolerance": target.selftest.to_dict()},
         "artifacts": desc,
-        **compiled.manifest,
+        **compiled_manifest,
         **extra,
     }
     if device_class:
