@@ -377,6 +377,7 @@ def infer(
     masks_dir: Path = typer.Option(Path("masks"), "--masks-dir", help="segment/hc: where predicted mask PNGs (at the input's own size) are written."),
     pixel_mm: Optional[float] = typer.Option(None, "--pixel-mm", help="hc: source pixel size in mm when the file does not carry it (DICOM does)."),
     max_frames: int = typer.Option(16, help="Clips / multi-frame DICOM: frames run per file (evenly spaced); classify averages them."),
+    choice_file: Optional[Path] = typer.Option(None, "--choice-file", help="Auto bundles: the precision choice recorded on this CPU (the agent writes DIR/precision.json at install); reused when it is for this bundle and CPU, else the candidates are timed and the choice written there."),
 ) -> None:
     """Run a bundle on images: class probabilities, or mask PNGs (+ foreground fraction), or head circumference in mm.
 
@@ -397,7 +398,7 @@ def infer(
 
     console = _console(as_json)
     try:
-        rt = load_bundle(bundle_path, backend, public_key=None if skip_verify else pubkey)
+        rt = load_bundle(bundle_path, backend, public_key=None if skip_verify else pubkey, choice_file=choice_file)
     except BundleError as e:
         raise fail(f"REFUSED: {e}", 1) from None
     except Exception as e:  # backend cannot load the model
@@ -477,8 +478,8 @@ def build(
     quorum: Optional[int] = typer.Option(None, "--quorum", help="--accept sites: how many sites must pass (default: every participating site)."),
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Output folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
-    precision: str = typer.Option("int8", help="int8 (default), fp16 or fp32."),
-    inference_precision: str = typer.Option("f32", help="openvino-cpu: OpenVINO inference precision f32 | bf16 | f16 (explicit; recorded)."),
+    precision: str = typer.Option("int8", help="int8 (default), fp16, fp32, or auto (openvino-cpu: INT8 with f32/bf16 rest, bf16 and fp32 each gated on --val, all that pass signed into one bundle; the scanner times them and runs the fastest)."),
+    inference_precision: str = typer.Option("f32", help="openvino-cpu: OpenVINO inference precision f32 | bf16 | f16 (explicit; recorded; auto: per candidate)."),
     ignore_op: List[str] = typer.Option([], "--ignore-op", help=_IGNORE_OP_HELP),
     ignore_name: List[str] = typer.Option([], "--ignore-name", help=_IGNORE_NAME_HELP),
     smooth_quant: float = typer.Option(-1.0, help="openvino-cpu int8: NNCF SmoothQuant alpha (negative = off)."),
@@ -496,9 +497,12 @@ def build(
     _exists(run_dir, "run or task-model directory")
     t = _target(target)
     _file(key, "private key")
-    _choice(precision, t.precisions, "--precision")
+    _choice(precision, t.build_precisions, "--precision")
     _inference_precision(inference_precision, t)
-    if precision == "int8" and not calib:
+    if precision == "auto" and (not val or accept is not None):
+        raise fail("--precision auto gates every candidate on --val DATA_SPEC (and not with --accept sites: one charged "
+                   "acceptance per candidate at every site); build one precision for --accept sites", 2)
+    if precision in ("int8", "auto") and not calib:
         raise fail("an INT8 build needs calibration images: --calib DATA_SPEC (or --precision fp16 / fp32)", 2)
     if accept is not None and accept != "sites":
         raise fail(f"--accept {accept!r}: the only value is 'sites' (federated acceptance)", 2)
@@ -524,15 +528,15 @@ def build(
     from edge.report import print_build
 
     sites = federation = None
-    if (calib == SITES and precision == "int8") or accept == SITES:
+    if (calib == SITES and precision in ("int8", "auto")) or accept == SITES:
         from echofleet.apps import SimulatedSites
 
-        option = "--calib sites" if calib == SITES and precision == "int8" else "--accept sites"
+        option = "--calib sites" if calib == SITES and precision in ("int8", "auto") else "--accept sites"
         try:
             federation = SimulatedSites(run_dir)
         except ValueError as e:
             raise fail(f"{option}: {e}", 2) from None
-        sites = federation.calibrate if calib == SITES and precision == "int8" else None
+        sites = federation.calibrate if calib == SITES and precision in ("int8", "auto") else None
         if accept == SITES:
             from echocare.bundle import BundleError, load_private_key
             from cryptography.hazmat.primitives import serialization
@@ -545,7 +549,7 @@ def build(
             federation.pin_release_key(pub)  # simulation only: the researcher holds every virtual hospital
     console = _console(as_json)
     try:
-        q = default_quantize_config(t, precision)
+        q = default_quantize_config(t, "int8" if precision == "auto" else precision)
         if q is not None:
             q = replace(q, ignore_ops=tuple(ignore_op), ignore_names=tuple(ignore_name), smooth_quant=smooth_quant, calib_size=calib_limit)
         cfg = BuildConfig(precision=precision, inference_precision=inference_precision, quantize=q,

@@ -291,8 +291,17 @@ def benchmark_app_reference(model_path: Path, size: int, inference_precision: st
 
 def candidates_from_bundle(bundle_dir: Path, manifest: dict) -> list[Candidate]:
     """Every (model artifact, installed backend able to run it) pair of a bundle; a ``tensorrt``
-    target's ONNX also as its engine (from the engine cache) where TensorRT is installed."""
+    target's ONNX also as its engine (from the engine cache) where TensorRT is installed. An auto
+    bundle's precision candidates are each one row, named by the candidate (``int8-bf16`` ...)."""
+    from echocare.bundle import candidates_of
+
     out = []
+    for c in candidates_of(manifest):
+        if backend_installed("openvino"):
+            out.append(Candidate(f"{c.name} [openvino/{c.inference_precision}]", Path(bundle_dir) / c.path, "openvino",
+                                 c.precision, c.inference_precision))
+    if out:
+        return out
     for a in manifest.get("artifacts", []):
         if a.get("role") != "model":
             continue
@@ -330,6 +339,8 @@ def bench_bundle(bundle: str | Path, *, public_key: Any = None, batch: int = 8, 
                                   progress=progress, peak_shapes=peak_shapes, reference=reference)
         if profile:
             report.profiles = profile_candidates(candidates, report, rt.preprocess.size, num_threads, progress)
+        if rt.choice is not None:  # an auto bundle: what the runtime itself chose on load, and why
+            report.notes.append(f"the runtime runs {rt.choice.summary()}")
     if torch_model is None:
         report.notes.append("no PyTorch baseline: the task model is not on this machine (pass --torch-model DIR)")
     return report

@@ -32,11 +32,15 @@ device directory::
     DIR/versions/<version>-<sha12>/              installed bundles (current + previous kept)
     DIR/downloads/*.tar.gz.part                  partial downloads (resumed)
     DIR/state.json                               current/previous/failed releases (atomic writes)
+    DIR/precision.json                           an auto bundle's precision choice on this CPU
     DIR/.lock                                    one agent per directory
 
 The self-test is injectable (``self_test=``): by default it loads ``current`` with
 :func:`edge.device.runtime.load_bundle` and runs :meth:`BundleRuntime.self_test` on the sample shipped
-in the bundle. Imports are torch-free (grpcio, protobuf, cryptography, numpy + a backend).
+in the bundle. For an auto bundle (several precision candidates) that load times the candidates on
+this CPU and self-tests the fastest; the choice is written to ``DIR/precision.json`` (what
+``echofleet edge infer --choice-file`` reuses) and reported to the registry in the status message
+of the install and of every later poll. Imports are torch-free (grpcio, protobuf, cryptography, numpy + a backend).
 """
 
 from __future__ import annotations
@@ -69,13 +73,19 @@ _DEVICE_CLASS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # as the reg
 SelfTest = Callable[[Path], tuple[bool, str]]
 
 
-def runtime_self_test(bundle_dir: Path) -> tuple[bool, str]:
-    """Load the bundle with the edge runtime and run its shipped self-test sample."""
+CHOICE_FILE = "precision.json"
+
+
+def runtime_self_test(bundle_dir: Path, choice_file: Path | None = None) -> tuple[bool, str]:
+    """Load the bundle with the edge runtime and run its shipped self-test sample; for an auto bundle
+    the candidates are timed on this CPU first, the fastest is self-tested and the choice is written
+    to ``choice_file`` (and named in the message)."""
     from edge.device.runtime import load_bundle  # numpy + inference backend: imported only when needed
 
     try:
-        with load_bundle(bundle_dir, backend="auto") as rt:
-            return rt.self_test()
+        with load_bundle(bundle_dir, backend="auto", choice_file=choice_file) as rt:
+            ok, msg = rt.self_test()
+            return ok, msg + (f"; {rt.choice.summary()}" if rt.choice is not None else "")
     except Exception as e:  # a bundle that cannot even load has failed its self-test
         return False, f"bundle failed to load: {type(e).__name__}: {e}"
 
@@ -152,7 +162,7 @@ class Agent:
         cfg: AgentConfig,
         *,
         client: RegistryClient | None = None,
-        self_test: SelfTest = runtime_self_test,
+        self_test: SelfTest | None = None,
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
     ):
@@ -161,7 +171,8 @@ class Agent:
         self.versions, self.downloads = self.root / "versions", self.root / "downloads"
         self.current_link, self.state_path = self.root / "current", self.root / "state.json"
         self.public_key = load_public_key(Path(cfg.pubkey))
-        self.self_test = self_test
+        self.choice_path = self.root / CHOICE_FILE
+        self.self_test = self_test or (lambda bundle_dir: runtime_self_test(bundle_dir, self.choice_path))
         self._rng = rng or random.Random()
         self.backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s, self._rng)
         self._stop = threading.Event()
@@ -305,7 +316,7 @@ class Agent:
             if state["current"]["sha256"] != release.sha256:  # entry rebuilt from the folder name
                 state["current"]["sha256"] = release.sha256
                 self._save_state(state)
-            result = CycleResult("up-to-date", running, release.version, "healthy", f"running {running}")
+            result = CycleResult("up-to-date", running, release.version, "healthy", f"running {running}{self._choice_note(running)}")
         elif release.sha256 in state["failed"]:
             why = state["failed"][release.sha256]["reason"]
             result = CycleResult("skipped", running, release.version, "unhealthy",
@@ -314,6 +325,16 @@ class Agent:
             result = self._install(release)
         result.reported = self._report(result)
         return result
+
+    def _choice_note(self, version: str) -> str:
+        """``"; precision candidate X: why"`` when ``DIR/precision.json`` is the running bundle's choice, else ""."""
+        try:
+            rec = json.loads(self.choice_path.read_text())
+            if str(rec.get("bundle", "")).endswith(f"-{version}") and rec.get("candidate"):
+                return f"; precision candidate {rec['candidate']}: {rec.get('reason', '')}"
+        except (OSError, ValueError, AttributeError):
+            pass
+        return ""
 
     def _report(self, result: CycleResult) -> bool:
         try:

@@ -208,7 +208,9 @@ class BundleRuntime:
     def _open_candidate(self, c: ModelCandidate, num_threads: int | None):
         """(session, why it cannot run here as named or None)."""
         artifact = artifact_for(self.manifest, role="model", path=c.path)
-        backend = next((b for b in FORMAT_BACKENDS.get(artifact.get("format", ""), ()) if backend_installed(b)), None)
+        # an inference precision is OpenVINO's notion: OpenVINO first wherever it runs the format
+        order = sorted(FORMAT_BACKENDS.get(artifact.get("format", ""), ()), key=lambda b: b != "openvino")
+        backend = next((b for b in order if backend_installed(b)), None)
         if backend is None:
             return None, f"no installed backend runs {artifact.get('format')}"
         sess = open_session(self.bundle_dir / c.path, backend, inference_precision=c.inference_precision,
@@ -266,6 +268,7 @@ class BundleRuntime:
         choice = PrecisionChoice(bundle, manifest_digest(self.manifest), cpu_name(), c.name, reason, timings, skipped,
                                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if choice_file is not None:
+            Path(choice_file).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(Path(choice_file), (json.dumps(choice.to_dict(), indent=2) + "\n").encode())
         self._use(c, sess, choice)
 

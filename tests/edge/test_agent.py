@@ -433,3 +433,39 @@ def test_agent_cli_once_exit_codes(fleet, bundles, keys, tmp_path, monkeypatch):
     monkeypatch.setenv("ECHOFLEET_DEVICE_TOKEN", "cart-cli.wrong")
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "UNAUTHENTICATED" in r.output, r.output
+
+
+def _auto_bundle(sample_tar: Path, out: Path, private_key: Path) -> Path:
+    """The sample bundle re-signed as an auto (format /2) bundle with two precision candidates of its ONNX."""
+    import tarfile
+
+    from echocare.bundle import FORMAT_CANDIDATES, write_bundle
+
+    with tarfile.open(sample_tar) as tar:
+        tar.extractall(out / "src", filter="data")
+    src = next((out / "src").iterdir())
+    m = json.loads((src / "manifest.json").read_text())
+    gate = {"metric": "top1_agreement", "drop": 0.0, "bound": 0.0, "passed": True, "reason": "sample"}
+    m["format"], m["version"], m["precision"] = FORMAT_CANDIDATES, "4.0.0", "auto"
+    m["candidates"] = [{"name": n, "path": "model.onnx", "precision": "fp32", "inference_precision": ip, "gate": gate,
+                        "metrics": {}, "build_p50_ms": 0.1} for n, ip in (("fp32", "f32"), ("bf16", "bf16"))]
+    expected = m["selftest"]["outputs"].pop("model.onnx")
+    m["selftest"]["outputs"] = {"fp32": expected, "bf16": expected}
+    m["selftest"]["tolerance"] = {"probability_atol": 0.05}
+    files = {a["path"]: src / a["path"] for a in m["artifacts"]}
+    return write_bundle(out, m, files, private_key)
+
+
+def test_agent_times_an_auto_bundle_at_install_records_and_reports_the_choice(fleet, bundles, keys, tmp_path):
+    tar = _auto_bundle(bundles["1.0.0"], tmp_path, keys["private"])
+    agent = fleet.agent("cart-auto", channel="canary")
+    fleet.admin.publish(tar)
+    r = agent.run_once()
+    assert r.action == "installed", r.message
+    rec = json.loads((agent.root / "precision.json").read_text())
+    assert rec["candidate"] in ("fp32", "bf16") and rec["bundle"] == "tiny-classifier-4.0.0" and "fastest" in rec["reason"]
+    assert set(rec["timings_ms"]) | set(rec["skipped"]) == {"fp32", "bf16"}
+    assert f"precision candidate {rec['candidate']}" in r.message
+    assert f"precision candidate {rec['candidate']}" in fleet.device("cart-auto").message  # reported to the registry
+    again = agent.run_once()  # later polls keep reporting the choice
+    assert again.action == "up-to-date" and f"precision candidate {rec['candidate']}" in fleet.device("cart-auto").message
