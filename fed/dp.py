@@ -6,11 +6,17 @@ Privacy meaning of the knobs (example-level DP: neighbouring datasets differ in 
   can change in a step.
 - ``noise_multiplier`` (sigma): Gaussian noise of std ``sigma * C`` is added to the summed clipped
   gradients of a batch. Larger sigma, less privacy loss per step.
-- ``sample_rate`` (q = ``batch_size / N``): each example joins each batch independently with
-  probability q (Poisson sampling), which is what the accountant's amplification assumes. Both
-  training paths sample at exactly this q, the rate the ledger accounts.
-- ``steps``: number of noisy steps (``epochs * ceil(N / batch_size)``); an empty batch is still a
+- ``sample_rate`` (q = ``batch_size / N_s``): each example joins each batch independently with
+  probability q (Poisson sampling), which is what the accountant's amplification assumes. Every
+  training path samples at exactly this q, the rate the ledger accounts.
+- ``steps``: number of noisy steps (``epochs * ceil(N_s / batch_size)``); an empty batch is still a
   noisy step. Privacy loss grows with it.
+- ``sampling_units`` (N_s): the number of units q and the steps are computed from. A site sets it
+  to its public size class (``fed.policy.size_class``: its N rounded down to a public grid), so
+  that q, the steps and the noise on the update (each step's noisy sum is divided by ``q * N_s``)
+  are functions of public values and the class only; the expected number of units an epoch
+  samples is still the true N. ``None``: the exact number of units in the data (which the update's
+  noise norm then reveals).
 
 Where the randomness comes from (:class:`DPRandom`, see docs/privacy.md): every Poisson mask and
 every noise value is drawn from ``os.urandom``, never from a seed, so nothing the coordinator knows
@@ -62,6 +68,9 @@ class DPConfig:
     # INSECURE, tests and audits only: seeds DP sampling and noise, so anyone who knows it can
     # regenerate the noise. The release is then not private (train_head reports private=False).
     insecure_seed: int | None = None
+    # The number of units (images, or patients with ``units``) q and the steps are computed from: the
+    # site's public size class (fed.policy.size_class). None: the exact number in the data (reveals N).
+    sampling_units: int | None = None
 
 
 class DPRandom:
@@ -121,6 +130,18 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def schedule(n: int, cfg: DPConfig) -> tuple[float, int, float]:
+    """(sampling rate q, noisy steps, divisor of each step's noisy sum) for ``n`` units in the data.
+
+    Computed from ``cfg.sampling_units`` when set (the site's public size class), else from ``n``:
+    ``q = min(1, B / N_s)``, ``epochs * ceil(N_s / B)`` steps, divisor ``max(q * N_s, 1)`` (the
+    expected batch of a site of exactly N_s units; >= 1 so that a noise-only step stays finite).
+    Nothing in it depends on ``n`` once ``sampling_units`` is set."""
+    units = n if cfg.sampling_units is None else cfg.sampling_units
+    q = sample_rate(units, cfg.batch_size)
+    return q, cfg.epochs * steps_per_epoch(units, cfg.batch_size), max(q * units, 1.0)
+
+
 def _optimizer(params, cfg: DPConfig) -> torch.optim.Optimizer:
     """The optimizer both training paths use (DP-Adam is post-processing of the noisy gradient)."""
     if cfg.optimizer == "adam":
@@ -140,7 +161,7 @@ def train_head(head: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: t
 
     ``units`` (optional, one id per example, e.g. the patient): **user-level DP-SGD**. The unit of
     privacy is then a group of examples: units are Poisson-sampled at ``q = batch_size / U`` (U
-    units; ``batch_size`` is the expected number of units per batch), each unit's per-example
+    units, or ``cfg.sampling_units``; ``batch_size`` is the expected number of units per batch), each unit's per-example
     gradients are summed and that sum is clipped to ``max_grad_norm``, so one patient with k images
     moves a step by at most C, not k*C (:func:`unit_clipped_sum`). Without ``units``: example-level.
 
@@ -208,13 +229,12 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
                      loss_fn: nn.Module, rng: DPRandom) -> dict:
     """DP-SGD through Opacus' per-sample clipping (ghost or hooks), with :class:`DPRandom` batches
     and noise: Opacus' optimizer clips and sums; its ``add_noise`` is replaced on this instance by
-    the same step with our noise, and its expected batch size is ``q * N`` (q = B/N, accounted)."""
+    the same step with our noise, and its expected batch size is :func:`schedule`'s divisor."""
     from opacus import PrivacyEngine
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     n = len(y)
-    q = sample_rate(n, cfg.batch_size)
-    expected_batch = max(q * n, 1.0)  # >= 1: a site with no example releases noise only, finite
+    q, n_steps, expected_batch = schedule(n, cfg)
     std = cfg.noise_multiplier * cfg.max_grad_norm
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
@@ -243,23 +263,22 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
 
     optimizer.add_noise = add_noise
     steps, total, count = 0, 0.0, 0
-    for _ in range(cfg.epochs):
-        for _ in range(steps_per_epoch(n, cfg.batch_size)):
-            idx = rng.poisson_batch(n, q)
-            steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            idx = idx[_finite_rows(model, tuple(t[idx] for t in xs), y[idx], per_example_loss)]
-            if len(idx) == 0:  # an empty batch is still a noisy step (the accountant counts it)
-                for p in optimizer.params:
-                    p.grad = rng.gaussian(std, p.shape, p.dtype) / expected_batch
-                optimizer.original_optimizer.step()
-            else:
-                loss = criterion(model(*(t[idx] for t in xs)), y[idx])
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach().mean()) * len(idx)
-                count += len(idx)
-            _proximal(head, global_weights, cfg)
+    for _ in range(n_steps):
+        idx = rng.poisson_batch(n, q)
+        steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        idx = idx[_finite_rows(model, tuple(t[idx] for t in xs), y[idx], per_example_loss)]
+        if len(idx) == 0:  # an empty batch is still a noisy step (the accountant counts it)
+            for p in optimizer.params:
+                p.grad = rng.gaussian(std, p.shape, p.dtype) / expected_batch
+            optimizer.original_optimizer.step()
+        else:
+            loss = criterion(model(*(t[idx] for t in xs)), y[idx])
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach().mean()) * len(idx)
+            count += len(idx)
+        _proximal(head, global_weights, cfg)
     return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "unit": "image",
             "private": rng.private}
 
@@ -337,16 +356,16 @@ def _train_unit_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Tenso
                    loss_fn: nn.Module, rng: DPRandom, unit: str = "patient") -> dict:
     """DP-SGD where the unit of privacy is a group of examples (user-level DP-SGD, e.g. per patient).
 
-    Each step Poisson-samples units at ``q = B/U``, takes all examples of the sampled units, clips each
-    unit's summed gradient to C (:func:`unit_clipped_sum`) and adds Gaussian noise of std sigma*C to
-    the sum, divided by the expected number of units ``q*U``: Opacus' DPOptimizer step with a unit in
-    place of an example, so the RDP accounting of ``(sigma, q, steps)`` holds per unit."""
+    Each step Poisson-samples units at ``q = B/U_s``, takes all examples of the sampled units, clips
+    each unit's summed gradient to C (:func:`unit_clipped_sum`) and adds Gaussian noise of std sigma*C
+    to the sum, divided by ``q*U_s`` (U_s: ``cfg.sampling_units``, else the U units present;
+    :func:`schedule`): Opacus' DPOptimizer step with a unit in place of an example, so the RDP
+    accounting of ``(sigma, q, steps)`` holds per unit."""
     from opacus import GradSampleModule
 
     _, units = torch.unique(units, return_inverse=True)  # dense ids 0..U-1
     n_units = int(units.max()) + 1 if len(units) else 0
-    q = sample_rate(n_units, cfg.batch_size)
-    expected_batch = max(q * n_units, 1.0)  # >= 1: no unit at all -> noise only, finite
+    q, n_steps, expected_batch = schedule(n_units, cfg)  # divisor >= 1: no unit at all -> noise only, finite
     std = cfg.noise_multiplier * cfg.max_grad_norm
     params = [p for p in head.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
@@ -358,22 +377,21 @@ def _train_unit_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Tenso
         model = GradSampleModule(head, batch_first=True, loss_reduction="sum")
     steps, total, count = 0, 0.0, 0
     try:
-        for _ in range(cfg.epochs):
-            for _ in range(steps_per_epoch(n_units, cfg.batch_size)):
-                chosen = rng.poisson_batch(n_units, q)
-                steps += 1
-                sums = [torch.zeros_like(p) for p in params]
-                rows = torch.isin(units, chosen).nonzero().flatten()
-                if len(rows):
-                    sums, losses = unit_clipped_sum(model, params, tuple(t[rows] for t in xs), y[rows], units[rows],
-                                                    cfg.max_grad_norm, per_example_loss)
-                    finite = losses[torch.isfinite(losses)]
-                    total += float(finite.sum())
-                    count += len(finite)
-                for p, s in zip(params, sums):  # an empty batch is still a noisy step (the accountant counts it)
-                    p.grad = (s + rng.gaussian(std, s.shape, s.dtype)) / expected_batch
-                optimizer.step()
-                _proximal(head, global_weights, cfg)
+        for _ in range(n_steps):
+            chosen = rng.poisson_batch(n_units, q)
+            steps += 1
+            sums = [torch.zeros_like(p) for p in params]
+            rows = torch.isin(units, chosen).nonzero().flatten()
+            if len(rows):
+                sums, losses = unit_clipped_sum(model, params, tuple(t[rows] for t in xs), y[rows], units[rows],
+                                                cfg.max_grad_norm, per_example_loss)
+                finite = losses[torch.isfinite(losses)]
+                total += float(finite.sum())
+                count += len(finite)
+            for p, s in zip(params, sums):  # an empty batch is still a noisy step (the accountant counts it)
+                p.grad = (s + rng.gaussian(std, s.shape, s.dtype)) / expected_batch
+            optimizer.step()
+            _proximal(head, global_weights, cfg)
     finally:
         model._close()  # hooks off: the head is a plain module again
     return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "unit": unit, "private": rng.private}
@@ -454,11 +472,11 @@ def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.
     Per example i with softmax cross-entropy, dL_i/dW = d_i x_i^T and dL_i/db = d_i, where
     d_i = softmax(z_i) - onehot(y_i); so the per-example gradient norm is |d_i| sqrt(|x_i|^2 + 1),
     exactly. Clipping, the Gaussian noise (std sigma*C on the summed clipped gradient), the division
-    by the expected batch size and Poisson sampling are those of Opacus' DPOptimizer, so the RDP
+    by the public expected batch size (:func:`schedule`) and Poisson sampling are those of Opacus' DPOptimizer, so the RDP
     accounting of the ledger applies unchanged.
     """
     n = len(y)
-    q = sample_rate(n, cfg.batch_size)
+    q, n_steps, expected_batch = schedule(n, cfg)  # divisor >= 1: a site with no example releases noise only, finite
     feats: list[torch.Tensor] = []
     hook = lin.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach()))
     with torch.no_grad():
@@ -468,21 +486,19 @@ def _train_linear_dp(head: nn.Module, lin: nn.Linear, x: torch.Tensor, y: torch.
     xt = feats[0]  # the Linear's inputs (after any fixed projection)
     factor = linear_input_factor(xt)
     optimizer = _optimizer(lin.parameters(), cfg)
-    expected_batch = max(q * n, 1.0)  # >= 1: a site with no example releases noise only, finite
     std = cfg.noise_multiplier * cfg.max_grad_norm
     steps, total, count = 0, 0.0, 0
-    for _ in range(cfg.epochs):
-        for _ in range(steps_per_epoch(n, cfg.batch_size)):
-            idx = rng.poisson_batch(n, q)
-            steps += 1
-            gw, gb = torch.zeros_like(lin.weight), torch.zeros_like(lin.bias)
-            if len(idx):
-                gw, gb, losses = linear_clipped_sum(lin.weight, lin.bias, xt[idx], factor[idx], y[idx], cfg.max_grad_norm)
-                total += float(losses.sum())
-                count += len(idx)
-            lin.weight.grad = (gw + rng.gaussian(std, gw.shape, gw.dtype)) / expected_batch
-            lin.bias.grad = (gb + rng.gaussian(std, gb.shape, gb.dtype)) / expected_batch
-            optimizer.step()
+    for _ in range(n_steps):
+        idx = rng.poisson_batch(n, q)
+        steps += 1
+        gw, gb = torch.zeros_like(lin.weight), torch.zeros_like(lin.bias)
+        if len(idx):
+            gw, gb, losses = linear_clipped_sum(lin.weight, lin.bias, xt[idx], factor[idx], y[idx], cfg.max_grad_norm)
+            total += float(losses.sum())
+            count += len(idx)
+        lin.weight.grad = (gw + rng.gaussian(std, gw.shape, gw.dtype)) / expected_batch
+        lin.bias.grad = (gb + rng.gaussian(std, gb.shape, gb.dtype)) / expected_batch
+        optimizer.step()
     head.train()
     return {"loss": total / max(1, count), "steps": steps, "sample_rate": q, "unit": "image",
             "private": rng.private}

@@ -13,6 +13,7 @@ A policy is a small TOML file whose path the SuperNode receives through its node
     target_epsilon = 8.0                # LIFETIME privacy budget of this dataset, over all runs
     delta = 1e-5                        # must be below 1/N (default: a power of ten <= min(1e-5, 0.1/N))
     privacy_unit = "auto"               # "patient" | "image" | "auto" (patient when the data names patients)
+    size_classes_per_doubling = 4       # the site's size is disclosed only as its class (N floored to 2^(k/4))
     min_noise_multiplier = 0.5          # the least DP-SGD noise the site accepts from a coordinator
     max_local_epochs = 2
     max_grad_norm = 1.0                 # the largest clipping bound a coordinator may ask for
@@ -63,6 +64,16 @@ class SitePolicy:
     - ``delta``: the delta of the guarantee, which must be below 1/N for the site's N units (patients
       or images; else the site refuses); ``None`` means the largest power of ten not above
       ``min(1e-5, 0.1 / N)``: a released delta then tells only N's order of magnitude, not N.
+    - ``size_classes_per_doubling`` (g, default 4): DP-SGD samples and steps as if the site had
+      ``N_pub`` units, its number N of privacy units (patients or images, whole dataset: training
+      and validation split, every label) rounded **down** to the public grid ``floor(2^(k/g))``
+      (:func:`size_class`): sampling rate ``q = min(1, B / N_pub)``, ``epochs * ceil(N_pub / B)``
+      steps a round, the noisy sum divided by ``q * N_pub``. Everything a reply carries (the
+      update's noise scale, epsilon and its bucket over rounds, the exhaustion round, the default
+      delta) is then a function of public values and ``N_pub``: **the coordinator can learn which
+      class N is in, nothing finer**. Classes are ``2^(1/g)`` apart (g = 4: about 19 %; g = 1:
+      powers of two); a larger g spends a little less epsilon and discloses N more finely. With
+      ``disclose_accounting`` the exact N is used instead (it is disclosed anyway).
     - ``max_grad_norm`` (optional cap): the largest per-unit clipping bound the site accepts.
     - ``min_noise_multiplier``: the least DP-SGD noise multiplier the site accepts when the
       coordinator fixes one (its calibrated sigma is never below it either). It bounds what one
@@ -74,7 +85,8 @@ class SitePolicy:
       all (the run key is the coordinator's claim; the lifetime limit is not), each logged in the
       ledger (a disclosure the hospital chooses, not a DP guarantee).
     - ``disclose_accounting``: also send the accountant's inputs (noise multiplier, sampling rate,
-      steps), which reveal the number of training images; default: only epsilon and delta leave.
+      steps), which reveal the number of training units; DP-SGD then samples at the exact ``B/N``
+      (no size class: a slightly tighter budget). Default: only epsilon and delta leave.
     - ``projection_reference``: the public reference images (a data spec) from which this site
       recomputes a classification head's fixed projection to verify it before evaluating.
     - ``require_secure_aggregation``: train only inside SecAgg+ rounds (the coordinator then sees
@@ -103,6 +115,7 @@ class SitePolicy:
     target_epsilon: float = 8.0
     delta: float | None = None
     privacy_unit: str = "auto"
+    size_classes_per_doubling: int = 4
     min_noise_multiplier: float = 0.5
     max_local_epochs: int = 5
     max_grad_norm: float | None = None
@@ -144,6 +157,8 @@ class SitePolicy:
             raise PolicyError(f"evaluation_noise_multiplier must be > 0, got {self.evaluation_noise_multiplier}")
         if self.privacy_unit not in PRIVACY_UNITS:
             raise PolicyError(f"privacy_unit must be one of {list(PRIVACY_UNITS)}, got {self.privacy_unit!r}")
+        if not (isinstance(self.size_classes_per_doubling, int) and 1 <= self.size_classes_per_doubling <= 64):
+            raise PolicyError(f"size_classes_per_doubling must be an integer in [1, 64], got {self.size_classes_per_doubling!r}")
         if not 0 <= self.min_noise_multiplier <= 1e4:
             raise PolicyError(f"min_noise_multiplier must be in [0, 10000], got {self.min_noise_multiplier}")
         if self.disclosed_evaluations_lifetime < 0:
@@ -165,6 +180,12 @@ class SitePolicy:
         """The delta for a site with ``n`` privacy units (policy value, or the largest power of ten
         not above ``min(1e-5, 0.1/N)``: on a fixed grid, so that a released delta does not reveal N)."""
         return self.delta if self.delta is not None else delta_on_grid(min(1e-5, 0.1 / max(1, n)))
+
+    def sampling_units(self, n: int) -> int:
+        """The number of units DP-SGD's sampling rate and steps are computed from for a site with
+        ``n`` privacy units: its public size class, or ``n`` itself when the policy discloses its
+        accounting (which reveals N anyway)."""
+        return max(1, n) if self.disclose_accounting else size_class(n, self.size_classes_per_doubling)
 
     def delta_problem(self, n: int, delta: float | None = None, unit: str = "image") -> str | None:
         """Why ``delta`` (default: this policy's) is not acceptable for ``n`` units (it must be
@@ -193,6 +214,21 @@ def delta_on_grid(delta: float) -> float:
     """The largest power of ten not above ``delta`` (1e-5, 1e-6, ...)."""
     exponent = math.floor(math.log10(delta) + 1e-9)
     return float(f"1e{exponent}")
+
+
+def size_class(n: int, per_doubling: int) -> int:
+    """``n`` rounded **down** to the public grid ``floor(2^(k / per_doubling))``, k = 0, 1, ... (at
+    least 1). Two sites in one class are indistinguishable by anything computed from the class."""
+    if per_doubling < 1:
+        raise ValueError(f"size classes per doubling must be >= 1, got {per_doubling}")
+    if n < 2:
+        return 1
+    k = math.floor(per_doubling * math.log2(n))
+    while math.floor(2.0 ** ((k + 1) / per_doubling)) <= n:  # guard against rounding in log2
+        k += 1
+    while math.floor(2.0 ** (k / per_doubling)) > n:
+        k -= 1
+    return math.floor(2.0 ** (k / per_doubling))
 
 
 def load_policy(path: str | Path) -> SitePolicy:

@@ -25,7 +25,7 @@ import numpy as np
 from echocare.atomic import atomic_write_bytes
 from echocare.preprocess import PreprocessSpec
 from fed.config import RunConfig
-from fed.dp import DPConfig, DPRandom, MapsHead, PerImageSegLoss, sample_rate, steps_per_epoch, train_head
+from fed.dp import DPConfig, DPRandom, MapsHead, PerImageSegLoss, schedule, train_head
 from fed.features import EncoderMismatch, EncoderRef, map_features, pooled_features, select_pooled, site_device
 from fed.ledger import ACCOUNTANT, Disclosure, PrivacyLedger, Release, ReplyStore, calibrate_noise, locked_ledger
 from fed.policy import Instruction, SitePolicy, refusal_reason
@@ -322,6 +322,19 @@ def _site_size(policy: SitePolicy, cfg: RoundConfig, unit: str) -> int:
     return len({s.meta["patient"] for s in samples}) if unit == PATIENT else len(samples)
 
 
+def sampling_units(policy: SitePolicy, cfg: RoundConfig, unit: str, n_train: int) -> int:
+    """The number of units DP-SGD's sampling rate and steps are computed from (``DPConfig.sampling_units``).
+
+    Default: the site's public size class (``SitePolicy.sampling_units``) of its **whole dataset**
+    (:func:`_site_size`: training and validation split, every label), never of the round's training
+    rows: those depend on the labels, validation fraction and split seed the coordinator chooses, and
+    probing them would tell it, class boundary by class boundary, how many images carry a label.
+    With ``disclose_accounting`` (which sends q and the steps anyway): the exact ``n_train``."""
+    if policy.disclose_accounting:
+        return max(1, n_train)
+    return policy.sampling_units(_site_size(policy, cfg, unit))
+
+
 @contextmanager
 def ledger_for(policy: SitePolicy, n: int) -> Iterator[PrivacyLedger]:
     """The site's lifetime ledger of its dataset (keyed by the data, never the run), locked."""
@@ -343,7 +356,7 @@ def _release(policy: SitePolicy, cfg: RoundConfig, request: str) -> Iterator[tup
     unit = site_unit(policy, cfg)
     size = _site_size(policy, cfg, unit)
     store = _replies(policy)
-    with ledger_for(policy, size) as ledger:
+    with ledger_for(policy, policy.sampling_units(size)) as ledger:  # the default delta: from the size class
         early = _stored(store, request)
         if early is None:
             problem = policy.delta_problem(size, ledger.delta, unit)
@@ -460,16 +473,18 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
         xs, y, _ = site_maps(policy, cfg, "train", head)
         units = site_units(policy, cfg, "train", head)
         inputs, model, loss_fn = tuple(torch.from_numpy(a) for a in xs), MapsHead(head), PerImageSegLoss()
-    n = len(y)
     # No training image carries the round's labels (the coordinator chooses them): an ordinary, charged
     # release of noise only, never an uncharged refusal, which would tell whether a label exists here.
-    n_units = n if units is None else len(np.unique(units))  # the sampling rate and steps count units
+    n_units = len(y) if units is None else len(np.unique(units))  # the sampling rate and steps count units
     request = request_hash("train", cfg, arrays)
     with _release(policy, cfg, request) as (ledger, store, early):
         if early is not None:
             return early
-        q = sample_rate(n_units, cfg.batch_size)
-        steps = cfg.local_epochs * steps_per_epoch(n_units, cfg.batch_size)
+        dp = DPConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+                      proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train"),
+                      device=site_device(policy.device).torch_device,
+                      sampling_units=sampling_units(policy, cfg, unit, n_units))
+        q, steps, _ = schedule(n_units, dp)
         sigma = cfg.noise_multiplier if cfg.noise_multiplier > 0 else _planned_sigma(policy, cfg, ledger, q, steps)
         release = Release("train", sigma or 0.0, q, steps, cfg.max_grad_norm, run=cfg.run_key, round=cfg.server_round,
                           request=request, private=not policy.insecure_deterministic_noise, unit=unit)
@@ -478,11 +493,9 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
             return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
                          reason=f"privacy budget exhausted: spent epsilon {spent:g} of this site's lifetime budget "
                                 f"{policy.target_epsilon}; the next round would exceed it", unit=ledger.unit)
-        stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), DPConfig(
-            epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
-            noise_multiplier=sigma, proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train"),
-            device=site_device(policy.device).torch_device),
-            loss_fn=loss_fn, units=None if units is None else torch.from_numpy(units))
+        dp.noise_multiplier = sigma
+        stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), dp,
+                           loss_fn=loss_fn, units=None if units is None else torch.from_numpy(units))
         if (stats["sample_rate"], stats["steps"], stats["unit"]) != (q, steps, unit):  # spend exactly what is charged
             raise RuntimeError(f"trained per {stats['unit']} at q={stats['sample_rate']}, {stats['steps']} steps; "
                                f"charged per {unit} at q={q}, {steps} steps")

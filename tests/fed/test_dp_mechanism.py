@@ -155,3 +155,30 @@ def test_seeded_torch_generators_keep_only_32_bits_of_the_seed():
     a = torch.randn(5, generator=torch.Generator().manual_seed(12345))
     b = torch.randn(5, generator=torch.Generator().manual_seed(12345 + 2**32))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", [*PATHS, pytest.param(dict(fast_linear=False, units=2), id="per-patient")])
+def test_with_a_size_class_the_schedule_and_the_noise_do_not_depend_on_n(monkeypatch, path):
+    """Every training path samples and steps by ``sampling_units`` (the site's public size class), and
+    divides each step's noisy sum by ``q * sampling_units``: sites of 70 and 120 units in the class 64
+    take the same q (16/64) and steps (4), and their noise-only updates (every batch empty) have the
+    same std, lr * sigma * C * sqrt(steps) / (q * 64). From the exact N: q 16/70 vs 16/120, 5 vs 8 steps."""
+    from fed.dp import DPRandom
+
+    calls = []
+    monkeypatch.setattr(DPRandom, "poisson_batch", lambda self, n, q: calls.append((n, q)) or torch.zeros(0, dtype=torch.long))
+    path = dict(path)
+    per_unit = path.pop("units", None)
+    seen = {}
+    for n in (70, 120):
+        calls.clear()
+        x, y = _data(n * (per_unit or 1), 200, 3)
+        units = torch.arange(len(y)) // per_unit if per_unit else None
+        head = torch.nn.Linear(200, 3)
+        torch.nn.init.zeros_(head.weight)
+        stats = train_head(head, x, y, DPConfig(epochs=1, batch_size=16, lr=1.0, max_grad_norm=2.0, noise_multiplier=1.0,
+                                                sampling_units=64, **path), units=units)
+        assert calls == [(n, 0.25)] * 4  # Poisson over the site's own n units, at the class's rate
+        seen[n] = (stats["sample_rate"], stats["steps"])
+        assert float(head.weight.detach().std()) == pytest.approx(2.0 * 4 ** 0.5 / 16, rel=0.1), n
+    assert seen[70] == seen[120] == (0.25, 4)
