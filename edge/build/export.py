@@ -8,6 +8,10 @@
   spec, encoder identity (config, checkpoint sha256), provenance (the model card), input/output
   names and shapes, FLOPs per image, and the parity figures.
 
+With ``ExportConfig.graph_rewrites`` (default) the traced module is the window-order rewrite of
+MONAI's Swin stages (:mod:`edge.build.rewrites`); parity always compares with the trained MONAI
+module itself.
+
 Parity: PyTorch and ONNX Runtime run the same inputs at two batch sizes (neither is the traced
 one, so the dynamic batch axis is exercised); the export is refused (:class:`ExportError`, the
 final files untouched) when the max abs difference exceeds ``atol * max(1, max|ref|)`` or the
@@ -51,6 +55,10 @@ class ExportConfig:
     cosine_min: float = 0.99999
     parity_batches: tuple[int, ...] = (1, 3)
     seed: int = 0  # random parity inputs (when no real samples are given)
+    # Export MONAI's Swin stages in their window-order form (edge/build/rewrites.py): the same
+    # function with fewer transposes and attention OpenVINO fuses; parity is checked against the
+    # unrewritten (trained) model either way.
+    graph_rewrites: bool = True
 
 
 @dataclass
@@ -159,6 +167,17 @@ def torch_to_onnx(model: "nn.Module", out_path: Path, size: int, opset: int = 17
     return out_path
 
 
+def export_form(model: "nn.Module", size: int, config: ExportConfig = ExportConfig()) -> "nn.Module":
+    """What the exporter traces: ``model`` itself, or (``config.graph_rewrites``) a rewritten copy
+    of it (:func:`edge.build.rewrites.rewrite_for_export`); a model without MONAI Swin stages is
+    exported as it is."""
+    if not config.graph_rewrites:
+        return model
+    from edge.build.rewrites import rewritable_stages, rewrite_for_export
+
+    return rewrite_for_export(model, size) if rewritable_stages(model) else model
+
+
 def check_parity(model: "nn.Module", onnx_path: Path, samples: np.ndarray | None, size: int,
                  config: ExportConfig = ExportConfig()) -> ParityReport:
     """Run PyTorch and ONNX Runtime on the same inputs; compare (max abs diff, cosine)."""
@@ -217,7 +236,7 @@ def export_task_model(source: str | Path, out_dir: str | Path, *, samples: np.nd
     tmp = Path(tmp_name)
     try:
         try:
-            torch_to_onnx(model, tmp, size, config.opset)
+            torch_to_onnx(export_form(model, size, config), tmp, size, config.opset)
         except Exception as e:  # the exporter raises many types (RuntimeError, OnnxExporterError, ...)
             raise ExportError(f"{model_dir}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         parity = check_parity(model, tmp, samples, size, config)
@@ -236,6 +255,7 @@ def export_task_model(source: str | Path, out_dir: str | Path, *, samples: np.nd
             "input": {"name": INPUT_NAME, "shape": [-1, 3, size, size], "dtype": "float32", "layout": "NCHW"},
             "output": {"name": OUTPUT_NAME, "shape": out_shape},
             "opset": config.opset,
+            "graph_rewrites": config.graph_rewrites,
             "flops_per_image": flops_per_image(model, size),
             "parity": {**asdict(parity), "passed": parity.passed},
         }
