@@ -194,8 +194,14 @@ def test_a_site_that_knows_its_patients_trains_and_accounts_per_patient(tmp_path
     book = _ledger(policy)
     assert book["unit"] == "patient" and [r["unit"] for r in book["releases"]] == ["patient", "patient"]
     release = book["releases"][0]
-    assert release["sample_rate"] == pytest.approx(cfg.batch_size / train_patients)  # patients' rate, not images'
-    assert release["steps"] == -(-train_patients // cfg.batch_size)
+    # Sampled and stepped by the size class of the site's patients (10, train and validation: class 9 at
+    # 4 per doubling), not of its 30 images (class 26), not of the exact training patients.
+    from fed.policy import size_class
+
+    public = size_class(N_PATIENTS, policy.size_classes_per_doubling)
+    assert public == 9 and size_class(3 * N_PATIENTS, policy.size_classes_per_doubling) != public
+    assert release["sample_rate"] == pytest.approx(cfg.batch_size / public)  # patients' class, not images'
+    assert release["steps"] == -(-public // cfg.batch_size)
     assert book["delta"] <= 1.0 / N_PATIENTS and book["delta"] in (1e-5, 1e-6, 1e-7)  # on the grid: N not revealed
     # the coordinator sees the unit as a word in the reply, nothing more
     from fed.client_app import to_content
