@@ -39,6 +39,13 @@ calibrated as ``train_round`` does, for the site's budget spread over the planne
                exactly 0, so the weight change is the noise alone) and subtracts it. should be far above
   regenerate-vs-secure  the same subtraction against a site that draws its noise from OS entropy
                (today's default): must fail, lower bound <= accounted
+  per-patient  DP on at a site that knows its patients (user-level DP-SGD, ``train_head(units=...)``):
+               every patient has two images (a canary patient: two copies of its canary), sampled,
+               summed and clipped together, accounted per patient.    lower bound must be <= accounted
+
+As a site does (``fed.task.train_round``, policy defaults), sampling rate and steps come from the
+site's public size class (``fed.policy.size_class`` of its number of units, 4 classes per doubling):
+``q = B / N_pub``, ``ceil(N_pub / B)`` steps, the delta from the class too.
 
 The ceiling column is what a perfect attacker could certify with these canaries (all its guesses
 right on the canaries that were sampled at least once): one run cannot certify more than about
@@ -87,7 +94,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fed, echocare (r
 console = Console(highlight=False, width=210)
 CONFIDENCE = 0.95
 DATA_DIM = 64  # the site's own (whitened) feature coordinates; canaries use the ones after them
-CASES = ("dp", "no-noise", "predictable", "regenerate-vs-secure")
+CASES = ("dp", "no-noise", "predictable", "regenerate-vs-secure", "per-patient")
+PER_PATIENT_IMAGES = 2  # per-patient case: every patient (canary or the site's own) has this many images
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,13 +249,15 @@ class Site:
     extra: dict = field(default_factory=dict)
 
 
-def make_site(cfg: AuditConfig, rng: np.random.Generator) -> Site:
+def make_site(cfg: AuditConfig, rng: np.random.Generator, images_per_patient: int = 1) -> Site:
+    """``images_per_patient`` > 1: every patient has that many images (a canary patient: copies of its
+    canary; the site's own: consecutive background images); ``extra["units"]`` holds the patient ids."""
     import torch
 
-    m, k = cfg.canaries, cfg.classes
+    m, k, per = cfg.canaries, cfg.classes, images_per_patient
     member = rng.random(m) < 0.5
     canary_label = rng.integers(0, k, m)
-    ins = np.flatnonzero(member)
+    ins = np.repeat(np.flatnonzero(member), per)
     n = cfg.background + len(ins)
     x = torch.zeros(n, DATA_DIM + m)
     y_bg = rng.integers(0, k, cfg.background)
@@ -255,19 +265,26 @@ def make_site(cfg: AuditConfig, rng: np.random.Generator) -> Site:
     x[:cfg.background, :DATA_DIM] = torch.from_numpy((means[y_bg] + rng.normal(0, 1, (cfg.background, DATA_DIM))).astype(np.float32))
     x[torch.arange(cfg.background, n), torch.from_numpy(DATA_DIM + ins)] = cfg.canary_norm
     y = torch.from_numpy(np.concatenate([y_bg, canary_label[ins]]).astype(np.int64))
-    return Site(x, y, member, canary_label)
+    site = Site(x, y, member, canary_label)
+    if per > 1:
+        site.extra["units"] = torch.from_numpy(np.concatenate([np.arange(cfg.background) // per,
+                                                               cfg.background + np.arange(len(ins)) // per]))
+    return site
 
 
-def _dp_config(cfg: AuditConfig, sigma: float, public_seed: int | None):
+def _dp_config(cfg: AuditConfig, sigma: float, public_seed: int | None, sampling_units: int | None = None):
     """DPConfig for the round. ``public_seed``: noise and sampling fixed by a value the coordinator
     knows (``DPConfig.insecure_seed`` when fed.dp has it; else the old ``seed`` field). Without it the
     site's noise is secret: OS entropy when fed.dp has the secure mode, else a seed drawn here from
-    ``secrets`` (never shown to the auditor)."""
+    ``secrets`` (never shown to the auditor). ``sampling_units``: the site's size class (when
+    fed.dp has it)."""
     from fed.dp import DPConfig
 
     names = {f.name for f in dataclasses.fields(DPConfig)}
     kw: dict = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                 "max_grad_norm": cfg.max_grad_norm, "noise_multiplier": sigma}
+    if "sampling_units" in names:
+        kw["sampling_units"] = sampling_units
     if "insecure_seed" in names:
         if public_seed is not None:
             kw["insecure_seed"] = public_seed
@@ -290,19 +307,24 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
     import torch
 
     from echocare.models.heads import ClassifyHead
-    from fed.dp import sample_rate, steps_per_epoch, train_head
+    from fed.dp import schedule, train_head
     from fed.ledger import calibrate_noise, epsilon_of
     from fed.policy import SitePolicy
 
     t0 = time.perf_counter()
-    site = make_site(cfg, rng)
+    site = make_site(cfg, rng, PER_PATIENT_IMAGES if case == "per-patient" else 1)
+    units = site.extra.get("units")
     n = len(site.y)
-    q, steps = sample_rate(n, cfg.batch_size), cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
-    delta = SitePolicy(data="audit", site_name="audit").delta_for(n)
+    n_units = n if units is None else len(np.unique(units.numpy()))
+    policy = SitePolicy(data="audit", site_name="audit")  # a site's defaults: 4 size classes per doubling
+    n_public = policy.sampling_units(n_units)
+    dp_cfg, _ = _dp_config(cfg, 1.0, None, n_public)
+    q, steps, _ = schedule(n_units, dp_cfg)  # as train_round: from the size class
+    delta = policy.delta_for(n_public)
     sigma = calibrate_noise(cfg.budget_epsilon, delta, q, steps * cfg.planned_rounds)  # as train_round does
     run_sigma = sigma * 1e-6 if case == "no-noise" else sigma
     public = public_seed_of(cfg.seed, "site-1", 1)  # what the coordinator knows
-    dp_cfg, source = _dp_config(cfg, run_sigma, public if case == "predictable" else None)
+    dp_cfg, source = _dp_config(cfg, run_sigma, public if case == "predictable" else None, n_public)
 
     torch.manual_seed(cfg.seed)  # the coordinator's initial head: it knows W0
     head = ClassifyHead(DATA_DIM + cfg.canaries, cfg.classes)
@@ -310,7 +332,7 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
     lin = head.net[-1]  # the head's only trainable layer
     w0 = lin.weight.detach().clone()
     t_train = time.perf_counter()
-    out = train_head(head, site.x, site.y, dp_cfg)
+    out = train_head(head, site.x, site.y, dp_cfg, units=units)
     train_s = time.perf_counter() - t_train
     change = lin.weight.detach() - w0
     q_used, steps_used = float(out.get("sample_rate", q)), int(out.get("steps", steps))
@@ -322,7 +344,8 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
         dummy = ClassifyHead(DATA_DIM + cfg.canaries, cfg.classes)
         dummy.load_state_dict(initial)  # the weights it sent
         dlin = dummy.net[-1]
-        train_head(dummy, torch.zeros(n, DATA_DIM + cfg.canaries), torch.zeros(n, dtype=torch.long), _dp_config(cfg, run_sigma, public)[0])
+        train_head(dummy, torch.zeros(n, DATA_DIM + cfg.canaries), torch.zeros(n, dtype=torch.long),
+                   _dp_config(cfg, run_sigma, public, n_public)[0])
         change = change - (dlin.weight.detach() - w0)
 
     k = cfg.classes
@@ -334,7 +357,7 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
     sampled = 0.5 * (1 - (1 - q_used) ** steps_used)  # expected fraction of canaries in and sampled at least once
     return {"case": case, "budget_epsilon": cfg.budget_epsilon, "planned_rounds": cfg.planned_rounds,
             "noise_source": source, "site_says_private": out.get("private"), "sigma_accounted": sigma, "sigma_run": run_sigma, "sample_rate": q_used,
-            "steps": steps_used, "n_train": n, "delta": delta, "m": cfg.canaries, "members": int(site.member.sum()),
+            "steps": steps_used, "n_train": n, "n_units": n_units, "n_public": n_public, "delta": delta, "m": cfg.canaries, "members": int(site.member.sum()),
             **guess, "eps_accounted": epsilon_of([(sigma, q_used, steps_used)], delta), "ceiling": ceiling(guess["m_test"], sampled, delta),
             "train_s": train_s, "wall_s": time.perf_counter() - t0}
 
@@ -342,7 +365,7 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
 def verdict(row: dict) -> tuple[str, bool]:
     """(text, as expected?) for one audited case."""
     lb, acc = row["eps_lb"], row["eps_accounted"]
-    if row["case"] in ("dp", "regenerate-vs-secure"):
+    if row["case"] in ("dp", "regenerate-vs-secure", "per-patient"):
         return ("holds", True) if lb <= acc else ("VIOLATION", False)
     if lb > acc:
         return f"detected ({lb / acc:.1f}x)", True
@@ -419,7 +442,7 @@ def main(
 
     table = Table(title=f"One-run privacy audit (Steinke, Nasr, Jagielski 2023) of fed.dp.train_head on ClassifyHead, "
                         f"{CONFIDENCE:.0%} confidence, m = {m} canaries, {n_bg} site images; CPU {cpu}")
-    for col in ("budget/rounds", "case", "noise", "sigma run (acct)", "q", "steps", "delta", "m test", "r (k+, k-)", "v",
+    for col in ("budget/rounds", "case", "noise", "units (class)", "sigma run (acct)", "q", "steps", "delta", "m test", "r (k+, k-)", "v",
                 "eps lower bound", "eps accounted", "ratio", "ceiling", "verdict", "s"):
         table.add_column(col, justify="left" if col in ("case", "noise", "verdict") else "right")
     ok = True
@@ -427,6 +450,7 @@ def main(
         text, good = verdict(r)
         ok &= good
         table.add_row(f"{r['budget_epsilon']:g}/{r['planned_rounds']}", r["case"], r["noise_source"],
+                      f"{r['n_units']} ({r['n_public']})",
                       f"{r['sigma_run']:.3g} ({r['sigma_accounted']:.3f})", f"{r['sample_rate']:.4f}", str(r["steps"]),
                       f"{r['delta']:.0e}", str(r["m_test"]), f"{r['r']} ({r['k_in']}, {r['k_out']})", str(r["v"]),
                       f"{r['eps_lb']:.3f}", f"{r['eps_accounted']:.3f}", f"{r['eps_lb'] / r['eps_accounted']:.2f}",
