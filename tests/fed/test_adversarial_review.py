@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from echocare.preprocess import PreprocessSpec
 from edge.federated.plan import CalibrationPlan

@@ -173,6 +173,25 @@ def test_policy_roundtrip_and_refusals(tmp_path):
     assert pol.delta_for(1000) < 1 / 1000
 
 
+def test_size_classes_floor_n_to_a_public_grid(tmp_path):
+    """N rounded down to floor(2^(k/g)): 4 per doubling by default, powers of two at g = 1; the
+    policy field round-trips through TOML and a bad value names the file and the field."""
+    from fed.policy import size_class
+
+    assert [size_class(n, 4) for n in (0, 1, 2, 300, 303, 304, 361, 362, 512, 1023)] == \
+        [1, 1, 2, 256, 256, 304, 304, 362, 512, 861]
+    assert [size_class(n, 1) for n in (255, 256, 300, 500, 511, 512)] == [128, 256, 256, 256, 256, 512]
+    assert all(size_class(n, g) <= n < size_class(n, g) * 2 ** (1 / g) + 1 for g in (1, 2, 4, 8) for n in range(1, 3000))
+    pol = SitePolicy(data="phantom:10")
+    assert pol.size_classes_per_doubling == 4 and pol.sampling_units(500) == 430
+    assert SitePolicy(data="phantom:10", disclose_accounting=True).sampling_units(500) == 500  # exact N, disclosed anyway
+    assert load_policy(write_policy(SitePolicy(data="phantom:10", size_classes_per_doubling=1), tmp_path / "g1.toml")) \
+        .sampling_units(500) == 256
+    (tmp_path / "bad.toml").write_text('data = "phantom:10"\nsize_classes_per_doubling = 0\n')
+    with pytest.raises(PolicyError, match="bad.toml.*size_classes_per_doubling"):
+        load_policy(tmp_path / "bad.toml")
+
+
 def test_policy_errors_name_the_file(tmp_path):
     bad = tmp_path / "p.toml"
     bad.write_text('data = "x"\nepsilonn = 3\n')
