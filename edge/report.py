@@ -59,7 +59,17 @@ def print_build(console: Console, s: "BuildSummary") -> None:
         failed = st.name == "gate" and s.gate is not None and not s.gate.passed
         t.add_row(st.name, f"{st.seconds:.1f} s", f"[red]{escape(st.detail)}[/]" if failed else escape(st.detail))
     console.print(t)
-    if s.fp32_metrics:
+    if s.candidates or s.left_out:  # precision auto: every candidate, shipped or not, with its gate
+        c = Table(title="precision candidates (the scanner times those shipped and runs the fastest)")
+        for col in ("candidate", "graph", "inference", "gate", "p50 here ms"):
+            c.add_column(col, justify="right" if col == "p50 here ms" else "left", overflow="fold")
+        for row in s.candidates:
+            c.add_row(row["name"], row["precision"], row["inference_precision"], escape(row["gate"]["reason"]),
+                      f"{row['build_p50_ms']:.2f}")
+        for row in s.left_out:
+            c.add_row(row["name"], row["precision"], row["inference_precision"], f"[red]left out: {escape(row['reason'])}[/]", "-")
+        console.print(c)
+    elif s.fp32_metrics:
         console.print(metrics_table(s.fp32_metrics, s.candidate_metrics, s.precision))
     if s.tarball:
         console.print(f"[green]bundle:[/] {s.tarball}")

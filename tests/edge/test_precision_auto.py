@@ -119,19 +119,21 @@ def test_runtime_times_the_candidates_picks_the_fastest_and_records_it(auto_buil
         assert timed == [] and rt.candidate.name == names[0] and "recorded in" in rt.choice.reason
 
 
-def test_the_cli_says_which_candidate_ran_and_why(auto_build, keys, busi_root) -> None:
+def test_the_cli_says_which_candidate_ran_and_why(auto_build, keys, busi_root, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from echofleet.cli.edge import edge_app
 
     _, s = auto_build
     image = next(p for p in sorted((busi_root / "benign").glob("*.png")) if "_mask" not in p.name)
-    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(keys[1]), "--json"])
+    choice = ["--choice-file", str(tmp_path / "device" / "precision.json")]
+    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(keys[1]), "--json", *choice])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)["bundle"]
     assert info["candidate"] in [c.name for c in candidates_of(s.manifest)] and "fastest" in info["choice"]["reason"]
-    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(keys[1])])
-    assert res.exit_code == 0 and "candidate" in res.output and "fastest on this CPU" in res.output, res.output
+    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(keys[1]), *choice])
+    assert res.exit_code == 0 and f"precision candidate {info['candidate']}: fastest on this CPU" in res.output, res.output
+    assert "recorded" in res.output  # the second run reused the first one's choice
 
 
 def test_an_old_single_model_bundle_still_runs(auto_build, keys, tmp_path: Path) -> None:
@@ -187,3 +189,46 @@ def test_a_candidate_that_cannot_run_as_named_is_skipped(auto_build, monkeypatch
     with load_bundle(s.bundle_dir, timer=timer) as rt:
         assert set(timed) == set(names) - set(bf16) and rt.candidate.inference_precision == "f32"
         assert set(rt.choice.skipped) == set(bf16) and "skipped" in rt.choice.reason
+
+
+def test_build_summary_lists_every_candidate(auto_build) -> None:
+    from rich.console import Console
+
+    from edge.report import print_build
+
+    _, s = auto_build
+    console = Console(record=True, width=300)
+    print_build(console, s)
+    text = console.export_text()
+    for c in s.candidates:
+        assert c["name"] in text
+    assert "left out: gate FAILED" in text
+    d = s.to_dict()
+    assert [c["name"] for c in d["candidates"]] == [c["name"] for c in s.candidates] and d["candidates_left_out"]
+
+
+def test_cli_refuses_auto_where_it_does_not_apply(tmp_path: Path, keys) -> None:
+    from typer.testing import CliRunner
+
+    from echofleet.cli.edge import edge_app
+
+    common = [str(tmp_path), "--key", str(keys[0]), "--out", str(tmp_path / "o"), "--precision", "auto", "--calib", "phantom:4"]
+    res = CliRunner().invoke(edge_app, ["build", *common, "--target", "onnxruntime-cpu", "--val", "phantom:4"])
+    assert res.exit_code == 2 and "--precision" in res.output and "auto" in res.output, res.output
+    res = CliRunner().invoke(edge_app, ["build", *common, "--target", "openvino-cpu", "--accept", "sites"])
+    assert res.exit_code == 2 and "--precision auto gates every candidate on --val" in res.output, res.output
+
+
+def test_bench_times_each_candidate_and_names_the_runtimes_choice(auto_build, monkeypatch) -> None:
+    from edge.bench import latency
+    from edge.bench.latency import bench_bundle
+    from edge.device import runtime
+
+    _, s = auto_build
+    monkeypatch.setattr(runtime, "time_p50_ms", lambda run, x, duration: (run(x), 1.0)[1])  # the load's choice: quick
+    monkeypatch.setattr(latency, "torch_runner", lambda _m: (_ for _ in ()).throw(ImportError("no baseline here")))
+    report = bench_bundle(s.bundle_dir, iters=2, warmup=1, batch=1, duration=0.0, with_peak=False, torch_model=None)
+    names = [c["name"] for c in s.candidates]
+    labels = [r.label for r in report.rows if r.backend == "openvino"]
+    assert [lab.split(" ")[0] for lab in labels] == names
+    assert any(n.startswith("the runtime runs precision candidate ") and "fastest on this CPU" in n for n in report.notes), report.notes
