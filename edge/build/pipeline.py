@@ -299,6 +299,9 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         raise ValueError("precision auto gates every candidate centrally: it needs --val DATA_SPEC and no --accept sites "
                          "(a federated acceptance per candidate would charge every site's privacy budget once per candidate; "
                          "build one precision for --accept sites)")
+    if auto and cfg.inference_precision != "f32":
+        raise ValueError(f"precision auto: each candidate has its own inference precision "
+                         f"({', '.join(f'{n}: {ip}' for n, _, ip in t.auto_candidates)}); drop --inference-precision {cfg.inference_precision}")
     qcfg = cfg.quantize if cfg.quantize is not None else default_quantize_config(t, graph)
     if qcfg is not None and qcfg.precision != graph:
         raise ValueError(f"quantize method {qcfg.method} makes {qcfg.precision}, but the build asks for {cfg.precision}")

@@ -167,6 +167,9 @@ def test_auto_is_refused_where_it_cannot_be_gated_per_candidate(tmp_path: Path, 
     with pytest.raises(ValueError, match="needs --val"):
         build(tmp_path, "openvino-cpu", "phantom:4", None, keys[0], tmp_path / "o", config=BuildConfig(precision="auto"),
               accept=lambda *_: [])
+    with pytest.raises(ValueError, match="each candidate has its own inference precision"):
+        build(tmp_path, "openvino-cpu", "phantom:4", "phantom:4", keys[0], tmp_path / "o",
+              config=BuildConfig(precision="auto", inference_precision="bf16"))
 
 
 def test_a_candidate_that_cannot_run_as_named_is_skipped(auto_build, monkeypatch) -> None:
