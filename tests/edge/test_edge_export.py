@@ -57,6 +57,7 @@ def test_export_from_run_dir_parity_and_dynamic_batch(exported, busi_inputs) -> 
     assert info["task"] == "classify" and info["input"]["shape"] == [-1, 3, 256, 256]
     assert info["flops_per_image"] > 1e9  # echocare-tiny at 256²: a few GFLOP
     assert info["parity"]["passed"] is True
+    assert info["graph_rewrites"] is True  # the default export is the rewritten form (edge/build/rewrites.py)
     assert info["run_report"]["rounds"][1]["round"] == 2
     x = np.concatenate([busi_inputs, busi_inputs])[:5]  # batch 5: never traced, never parity-checked
     assert _check_against_torch(r.onnx_path, run / "global", x).shape == (5, 3)
