@@ -141,6 +141,9 @@ class PrecisionChoice:
     def to_dict(self) -> dict:
         return {"format": CHOICE_FORMAT, **asdict(self)}
 
+    def with_reason(self, reason: str) -> "PrecisionChoice":
+        return PrecisionChoice(**{**asdict(self), "reason": reason})
+
     def summary(self) -> str:
         """One line for logs, ``edge infer`` and the agent's status report."""
         return f"precision candidate {self.candidate}: {self.reason}"
@@ -239,7 +242,7 @@ class BundleRuntime:
             c = by_name[recorded.candidate]
             sess, problem = self._open_candidate(c, num_threads)
             if sess is not None:
-                self._use(c, sess, replace_reason(recorded, f"{recorded.reason} (recorded in {choice_file})"))
+                self._use(c, sess, recorded.with_reason(f"{recorded.reason} (recorded in {choice_file})"))
                 return
         time_one = timer or (lambda _name, run, x: time_p50_ms(run, x, duration=seconds))
         x = self._timing_input()
@@ -409,10 +412,6 @@ class BundleRuntime:
             "session": {"device": self.session.info.device, **self.session.info.details} if self.session else {},
             **({"candidate": self.candidate.name, "choice": self.choice.to_dict()} if self.candidate is not None else {}),
         }
-
-
-def replace_reason(choice: PrecisionChoice, reason: str) -> PrecisionChoice:
-    return PrecisionChoice(**{**asdict(choice), "reason": reason})
 
 
 def load_bundle(path: Path | str, backend: str = "auto", *, public_key: Any = None, num_threads: int | None = None,
