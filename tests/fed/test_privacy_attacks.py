@@ -290,8 +290,15 @@ def test_replies_carry_no_loss_count_or_accountant_inputs(tmp_path, cache, publi
     ev = dict(next(iter(to_content(evaluate_round(_policy(tmp_path, cache), _cfg(), w)).metric_records.values())))
     assert ev["num-examples"] == 1 and "steps" not in ev and "sample_rate" not in ev
     # the site's policy may disclose the accountant's inputs
-    disclosed = train_round(_policy(tmp_path, cache, "open", disclose_accounting=True), _cfg(), w)
+    open_policy = _policy(tmp_path, cache, "open", disclose_accounting=True)
+    disclosed = train_round(open_policy, _cfg(batch_size=16), w)
     assert {"noise_multiplier", "sample_rate", "steps"} <= set(disclosed.metrics)
+    # ... and then it samples at the exact B/N of its training rows (no size class: N is disclosed anyway;
+    # the class of the site's 90 images would give 16/90)
+    from fed.task import site_features
+
+    n_train = len(site_features(open_policy, _cfg(), "train")[1])
+    assert n_train < 90 and disclosed.metrics["sample_rate"] == pytest.approx(16 / n_train)
 
 
 def test_site_errors_do_not_leave_the_site(tmp_path, cache, public):
