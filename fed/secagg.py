@@ -46,6 +46,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from fed.features import site_device
 from fed.policy import SitePolicy
 from fed.task import STATUS_OK, Reply, RoundConfig, train_round
 
@@ -121,6 +122,7 @@ def masked_fit_reply(msg: Message, policy: SitePolicy, train: TrainFn = train_ro
     else:
         vectors, weight = [np.zeros(np.shape(global_[k]), np.float64) for k in keys], 0
     metrics = {"site": reply.site, "status": reply.status, "reason": reply.reason, "accountant": "rdp",
+               "device": site_device(policy.device).device_class,  # a capability, as in plain replies
                **({"privacy-unit": reply.unit} if reply.unit else {}), **{k: float(v) for k, v in reply.metrics.items()}}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

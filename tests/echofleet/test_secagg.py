@@ -145,7 +145,7 @@ def _site(name: str, delta: dict[str, np.ndarray] | None, status: str = STATUS_O
         return Reply(STATUS_OK, name, arrays={k: global_[k] + delta[k] for k in KEYS},
                      metrics={"epsilon": 1.0, "delta": 1e-5})
 
-    mod = secure_aggregation_mod(lambda ctx: SimpleNamespace(site_name=name), train=train)
+    mod = secure_aggregation_mod(lambda ctx: SimpleNamespace(site_name=name, device="cpu"), train=train)
 
     def plain(msg, ctx):
         raise AssertionError("a SecAgg+ message reached the plain handler")
@@ -192,6 +192,7 @@ def test_secagg_round_applies_the_mean_of_bounded_updates_and_the_coordinator_se
     rl = guard.rounds[1]
     assert rl.aggregated_train["sites_summed"] == 3 and rl.aggregated_train["update_norm"] <= BOUND
     assert {s: e["status"] for s, e in rl.train.items()} == {n: "ok" for n in deltas}
+    assert {s: e["device"] for s, e in rl.train.items()} == {n: "cpu" for n in deltas}  # a capability, in plain view
     assert rl.aggregated_train["secagg_bytes_up_per_site"] > 0
 
     # What reached the coordinator from each site: no parameter array, and a masked vector that
@@ -370,6 +371,7 @@ def test_secagg_federation_in_simulation_sums_the_private_updates(tmp_path, phan
     report, cost = run_phantom_federation(tmp_path / "secagg", True, phantom_feature_cache, watch_dir=watch)
     print("secagg cost:", json.dumps(cost))
     assert report["rounds_completed"] == 2 and report.get("global_model") == "global"
+    assert report["site_devices"] == {f"site-{k}": "cpu" for k in range(3)}  # the device class, as plain rounds report it
     rounds = {r["round"]: r for r in report["rounds"]}
     bound = SecAggSettings().secagg_update_bound
     step = 2 * bound / QUANTIZATION_RANGE
