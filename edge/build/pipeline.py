@@ -355,7 +355,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     # 2. quantize -------------------------------------------------------------------------
     candidate_path, candidate_format, q, calibration = exp.onnx_path, t.artifact_format, None, None
     if federated:
-        say("calibrate at the sites: noisy activation histograms")
+        say("calibrate at the sites: noisy activation statistics")
         t1 = time.perf_counter()
         qdir = work / "quantized"
         qdir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +365,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
         ranges = derive_ranges(merged, plan, qcfg.calibrate_method, symmetric=qcfg.activations == "symmetric")
         calibration = calibration_record(plan, merged, ranges, public=_public_spec(cfg.public_images), margin=cfg.calib_margin)
         write_json_atomic(work / "calibration.json", {**calibration, "ranges": ranges.ranges})
-        step("calibrate", t1, f"{len(merged.sites)} of {len(merged.answers)} sites, {len(plan.points)} points x {plan.bins} bins, "
+        step("calibrate", t1, f"{len(merged.sites)} of {len(merged.answers)} sites, {plan.describe}, "
              f"noise std of the sum {merged.noise_std:.3g}" + (f"; {'; '.join(ranges.notes)}" if ranges.notes else ""))
         say(f"quantize: {qcfg.method} {qcfg.precision} from the sites' ranges")
         t1 = time.perf_counter()

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from edge.federated.plan import CalibrationPlan, activation_session
+from edge.federated.plan import CalibrationPlan, Plan, ScalePlan, activation_session
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class Ranges:
     notes: list[str] = field(default_factory=list)
     saturated: list[str] = field(default_factory=list)  # mass in an outer bin: the public range may be too narrow
     public_fallback: list[str] = field(default_factory=list)  # nothing above the noise: public range used
+    scales: list[float] = field(default_factory=list)  # a scale plan's group log scales (noisy)
+    count: float | None = None  # a scale plan's noisy image (or patient-weighted) count
 
 
 class CalibrationFailed(RuntimeError):
@@ -114,43 +116,88 @@ def calibration_points(model_path: str | Path, op_types: Sequence[str]) -> list[
 
 def public_minmax(model: bytes, points: Sequence[str], images: Iterable[np.ndarray]) -> np.ndarray:
     """(min, max) of the finite values of every point over the public ``images``: (P, 2)."""
+    return public_statistics(model, points, images)[0]
+
+
+def public_statistics(model: bytes, points: Sequence[str], images: Iterable[np.ndarray],
+                      quantile: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Over the public ``images``: (min, max) of every point (P, 2), and every image's (lo, hi) log
+    magnitudes as a :class:`ScalePlan` with ``quantile`` computes them (images, P, 2)."""
     probe = CalibrationPlan(model, tuple(points), np.tile([-1.0, 0.0, 1.0], (len(points), 1)))
+    scale = ScalePlan(model, tuple(points), np.zeros((len(points), 2), np.int64), np.zeros((len(points), 2)),
+                      quantile=quantile)
     session, input_name = activation_session(probe)
     names = [o.name for o in session.get_outputs()]
     mm = np.zeros((len(points), 2))
+    logm = []
     for x in images:
         x = np.ascontiguousarray(x[None] if x.ndim == 3 else x, np.float32)
         got = dict(zip(names, session.run(names, {input_name: x})))
         got[input_name] = x
-        for i, p in enumerate(points):
-            v = np.asarray(got[p], np.float64)
+        values = [got[p] for p in points]
+        logm.append(scale.magnitudes(values))
+        for i, v in enumerate(values):
+            v = np.asarray(v, np.float64)
             v = v[np.isfinite(v)]
             if v.size:
                 mm[i] = min(mm[i, 0], float(v.min())), max(mm[i, 1], float(v.max()))
-    return mm
+    return mm, np.stack(logm) if logm else np.zeros((0, len(points), 2))
+
+
+#: How a scale plan groups its points' sides: one scale for every low side and one for every high
+#: side ("sides"), or one per (point, side) ("points").
+GROUPINGS = ("sides", "points")
+KINDS = ("histogram", "scale")
+DEFAULT_KIND, DEFAULT_GROUPING, DEFAULT_WIDTH = "scale", "sides", 2.0
+
+
+def scale_groups(public: np.ndarray, grouping: str = DEFAULT_GROUPING) -> np.ndarray:
+    """(P, 2) group of each point's (lo, hi) side: -1 where the public images never reach that side
+    (a tensor never below 0 keeps 0 as its low end), else by ``grouping`` (:data:`GROUPINGS`)."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"a scale plan groups its points by {' or '.join(GROUPINGS)}, not {grouping!r}")
+    reached = np.stack([public[:, 0] < 0, public[:, 1] > 0], axis=1)
+    groups = np.full(public.shape, -1, np.int64)
+    if grouping == "points":
+        groups[reached] = np.arange(int(reached.sum()))
+    else:
+        sides = [s for s in (0, 1) if reached[:, s].any()]
+        for g, side in enumerate(sides):
+            groups[reached[:, side], side] = g
+    return groups
 
 
 def make_plan(prepared_model: str | Path, op_types: Sequence[str], public_images: np.ndarray, *,
-              bins: int = DEFAULT_BINS, margin: float = DEFAULT_MARGIN, clip: float = DEFAULT_CLIP) -> CalibrationPlan:
+              bins: int = DEFAULT_BINS, margin: float = DEFAULT_MARGIN, clip: float = DEFAULT_CLIP,
+              kind: str = DEFAULT_KIND, grouping: str = DEFAULT_GROUPING, width: float = DEFAULT_WIDTH) -> Plan:
     """The calibration request for ``prepared_model`` (the output of
-    :func:`edge.build.quantize.prepare_for_qdq`): points, public bin edges (module docstring)."""
+    :func:`edge.build.quantize.prepare_for_qdq`): points, and per point either public bin edges
+    (``kind="histogram"``, module docstring) or a group and the public images' mean log magnitude
+    (``kind="scale"``: :class:`~edge.federated.plan.ScalePlan`; ``bins`` and ``margin`` unused)."""
+    if kind not in KINDS:
+        raise ValueError(f"a calibration plan is one of {KINDS}, not {kind!r}")
     if not margin >= 1:
         raise ValueError(f"the margin of the public ranges must be >= 1, got {margin}")
     model = Path(prepared_model).read_bytes()
     points = calibration_points(prepared_model, op_types)
     if not points:
         raise ValueError(f"{prepared_model}: no tensor to calibrate for op types {list(op_types)}")
-    public = public_minmax(model, points, public_images)
+    public, logm = public_statistics(model, points, public_images)
+    if kind == "scale":
+        groups = scale_groups(public, grouping)
+        with np.errstate(invalid="ignore"):
+            reference = np.where(groups >= 0, np.mean(np.maximum(logm, -50.0), axis=0), 0.0)
+        return ScalePlan(model, tuple(points), groups, reference, width=width, clip=clip, public_ranges=public)
     half = np.maximum(np.abs(public).max(1) * margin, 1e-6)
     edges = np.stack([np.linspace(-h, h, bins + 1) for h in half])
     return CalibrationPlan(model, tuple(points), edges, clip, public_ranges=public)
 
 
 # ------------------------------------------------------------------------------------ merge
-def merge(answers: Sequence[SiteAnswer], plan: CalibrationPlan) -> Merged:
-    """Add up the histograms of the sites that answered ``ok`` with the plan's shape; raise
-    :class:`CalibrationFailed` naming every site's answer when none did."""
-    shape = (len(plan.points), plan.bins)
+def merge(answers: Sequence[SiteAnswer], plan: Plan) -> Merged:
+    """Add up the sums (histograms, or a scale plan's numbers) of the sites that answered ``ok`` with
+    the plan's shape; raise :class:`CalibrationFailed` naming every site's answer when none did."""
+    shape = plan.release_shape
     usable = [a for a in answers if a.status == "ok" and a.histograms is not None and a.histograms.shape == shape
               and np.isfinite(a.histograms).all()]
     for a in answers:
@@ -174,10 +221,15 @@ def noise_threshold_sigmas(cells: int, false_bins: float = FALSE_BINS) -> float:
     return float(NormalDist().inv_cdf(1.0 - min(0.5, false_bins / max(1, cells))))
 
 
-def derive_ranges(merged: Merged, plan: CalibrationPlan, method: str = "minmax", *, symmetric: bool = False,
+def derive_ranges(merged: Merged, plan: Plan, method: str = "minmax", *, symmetric: bool = False,
                   percentile: float = DEFAULT_PERCENTILE, threshold_sigmas: float | None = None) -> Ranges:
     """Per-point (min, max) from the merged histograms (module docstring, step 3); ``threshold_sigmas``
-    None: :func:`noise_threshold_sigmas` over the plan's points x bins."""
+    None: :func:`noise_threshold_sigmas` over the plan's points x bins. A :class:`ScalePlan`'s numbers:
+    :func:`scale_ranges` (``method`` and ``percentile`` do not apply: the plan's quantile decides)."""
+    if isinstance(plan, ScalePlan):
+        if method not in METHODS:
+            raise ValueError(f"federated calibration derives ranges by {' or '.join(METHODS)}, not {method!r}")
+        return scale_ranges(merged, plan)
     if method not in METHODS:
         raise ValueError(f"federated calibration derives ranges by {' or '.join(METHODS)}, not {method!r}")
     if not 0 < percentile <= 100:
@@ -216,6 +268,43 @@ def derive_ranges(merged: Merged, plan: CalibrationPlan, method: str = "minmax",
     return out
 
 
+def scale_ranges(merged: Merged, plan: ScalePlan, *, count_sigmas: float = 3.0) -> Ranges:
+    """A scale plan's ranges: each asked side of a point is its public range's side times
+    ``exp(scale of its group)``; the group's scale is the merged mean log ratio ``(S_g * width / b) /
+    (S_0 / c)`` (:class:`~edge.federated.plan.ScalePlan`), clipped to ``[-width, width]``. When the
+    noisy count ``S_0`` is not ``count_sigmas`` noise deviations above zero (too few images for the
+    noise), every point keeps its public range. Post-processing only (no further privacy cost)."""
+    if plan.public_ranges is None:
+        raise ValueError("a scale plan's ranges need the public ranges it was made with (the coordinator's plan)")
+    sums = merged.sums.ravel()
+    c = b = plan.weight
+    out = Ranges({}, "scale")
+    public = np.asarray(plan.public_ranges, np.float64)
+    if sums[0] <= count_sigmas * merged.noise_std or sums[0] <= 0:
+        out.public_fallback = list(plan.points)
+        out.ranges = {p: (float(lo), float(hi)) for p, (lo, hi) in zip(plan.points, public)}
+        out.notes.append(f"the sites' noisy image count is not {count_sigmas:g} noise deviations above zero: "
+                         "every point keeps the public images' range")
+        return out
+    n = sums[0] / c
+    scale = np.clip(sums[1:] * plan.width / b / n, -plan.width, plan.width)
+    out.scales = scale.tolist()
+    out.count = float(n)
+    for p, name in enumerate(plan.points):
+        lo, hi = float(public[p, 0]), float(public[p, 1])
+        g_lo, g_hi = int(plan.groups[p, 0]), int(plan.groups[p, 1])
+        if g_lo >= 0 and lo < 0:
+            lo *= math.exp(scale[g_lo])
+        if g_hi >= 0 and hi > 0:
+            hi *= math.exp(scale[g_hi])
+        out.ranges[name] = (lo, hi)
+    noise = merged.noise_std * plan.width / b / n
+    out.notes.append(f"{plan.n_groups} group scale(s) exp({', '.join(f'{x:+.2f}' for x in scale[:8])}"
+                     f"{', ...' if len(scale) > 8 else ''}) x the public ranges; noise on each log scale about "
+                     f"{noise:.3f} (noisy count {n:.0f})")
+    return out
+
+
 def _percentile_range(hist: np.ndarray, edges: np.ndarray, percentile: float, symmetric: bool,
                       lo: float, hi: float) -> tuple[float, float]:
     """ONNX Runtime's percentile rule on a histogram: |x| for symmetric activations, else both tails
@@ -234,9 +323,12 @@ def _percentile_range(hist: np.ndarray, edges: np.ndarray, percentile: float, sy
     return max(float(edges[left]), lo), min(float(edges[right + 1]), hi)
 
 
-def calibration_record(plan: CalibrationPlan, merged: Merged, ranges: Ranges, *, public: str, margin: float) -> dict:
+def calibration_record(plan: Plan, merged: Merged, ranges: Ranges, *, public: str, margin: float) -> dict:
     """What the signed manifest records about a federated calibration (no site data in it)."""
-    return {"method": "federated", "ranges": ranges.method, "points": len(plan.points), "bins": plan.bins,
+    shape = ({"bins": plan.bins} if isinstance(plan, CalibrationPlan) else
+             {"groups": plan.n_groups, "width": plan.width, "quantile": plan.quantile,
+              "scales": [round(x, 4) for x in ranges.scales]})
+    return {"method": "federated", "release": plan.kind, "ranges": ranges.method, "points": len(plan.points), **shape,
             "clip": plan.clip, "plan_sha256": plan.digest(), "public_edges": {"data": public, "margin": margin},
             "noise_std_of_sum": merged.noise_std, "sites": [a.to_dict() for a in merged.answers],
             "contributing_sites": merged.sites, "notes": ranges.notes}

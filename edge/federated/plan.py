@@ -67,9 +67,24 @@ class CalibrationPlan:
             return f"the model must be 1 byte to {MAX_MODEL_BYTES} bytes, got {len(self.model)}"
         return None
 
+    kind = "histogram"
+
     @property
     def bins(self) -> int:
         return self.edges.shape[1] - 1
+
+    @property
+    def release_shape(self) -> tuple[int, int]:
+        """Shape of the released sums: (points, bins)."""
+        return (len(self.points), self.bins)
+
+    @property
+    def describe(self) -> str:
+        return f"{len(self.points)} points x {self.bins} bins"
+
+    def row(self, values: list[np.ndarray]) -> np.ndarray:
+        """One image's bounded contribution: :func:`image_row`."""
+        return image_row(values, self.edges, self.clip)
 
     @property
     def sensitivity(self) -> float:
@@ -90,7 +105,7 @@ class CalibrationPlan:
                 "clip": np.array([self.clip], np.float64)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "CalibrationPlan":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CalibrationPlan:
         try:
             points = json.loads(np.asarray(arrays["points"], np.uint8).tobytes().decode())
             if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
@@ -153,3 +168,172 @@ def activation_session(plan: CalibrationPlan):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), graph.input[0].name
+
+
+# ------------------------------------------------------------------------- the scale release
+@dataclass(frozen=True)
+class ScalePlan:
+    """A calibration request that asks for **one scale factor per group of points** instead of histograms.
+
+    Why: a histogram row spreads one image's bounded contribution (L2 norm ``clip``) over every point
+    and bin, so with 83 points a point receives about ``clip / sqrt(83)`` and no bin of a few hundred
+    images rises above the noise a site adds (docs/edge.md, "Measured"). Here each image contributes,
+    per group of (point, side), one bounded number: the mean over the group's members of
+    ``clip_to(log(m) - reference, -width, width)``, where ``m`` is the magnitude the image's tensor
+    reaches on that side (its maximum for ``hi``, minus its minimum for ``lo``, or the ``quantile``
+    of the values and ``1 - quantile`` for a robust version) and ``reference`` the mean of the same
+    log-magnitude over the coordinator's **public** images (sent: public). One more number, a
+    constant, makes the released sums normalisable without the site's image count (a DP count).
+
+    One image's row is ``[c, b * v_1 / width, ..., b * v_G / width]`` with ``c = b = clip / sqrt(G + 1)``
+    and ``|v_g| <= width``, so **its L2 norm is at most ``clip`` whatever the model or the image**
+    (the sensitivity, as for histograms). The coordinator's estimate of a group's log scale is
+    ``(S_g * width / b) / (S_0 / c)`` (noise on it: ``sigma * clip * width / (b * N)``), and a point's
+    range is its public range times ``exp`` of its group's scale.
+
+    ``groups`` (P, 2): the group of each point's (lo, hi) side, 0 .. G-1, or -1 (not asked: the range
+    of that side stays the public one, e.g. a tensor that is never negative). ``reference`` (P, 2):
+    finite where the group is not -1. ``public_ranges`` is the coordinator's (never sent)."""
+
+    model: bytes
+    points: tuple[str, ...]
+    groups: np.ndarray
+    reference: np.ndarray
+    width: float = 2.0
+    quantile: float = 1.0
+    clip: float = 1.0
+    public_ranges: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    kind = "scale"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "points", tuple(self.points))
+        object.__setattr__(self, "groups", np.asarray(self.groups, np.int64))
+        object.__setattr__(self, "reference", np.asarray(self.reference, np.float64))
+        problem = self.problem()
+        if problem:
+            raise PlanError(problem)
+
+    def problem(self) -> str | None:
+        """Why this plan cannot run, or None."""
+        g, r = self.groups, self.reference
+        if not self.points or len(self.points) > MAX_POINTS:
+            return f"a plan needs 1 to {MAX_POINTS} quantization points, got {len(self.points)}"
+        if len(set(self.points)) != len(self.points):
+            return "the quantization points repeat a tensor name"
+        if g.shape != (len(self.points), 2) or r.shape != (len(self.points), 2):
+            return f"groups and reference must be (points, 2), got {g.shape} and {r.shape}"
+        if g.min() < -1 or not 1 <= self.n_groups <= MAX_BINS or set(np.unique(g[g >= 0])) != set(range(self.n_groups)):
+            return f"groups must number 0 .. G-1 (1 <= G <= {MAX_BINS}) or be -1, every group used"
+        if not np.isfinite(r[g >= 0]).all():
+            return "the reference must be finite for every asked side"
+        if not (math.isfinite(self.width) and 0 < self.width <= 100):
+            return f"the width of the log ratio must be in (0, 100], got {self.width}"
+        if not (math.isfinite(self.quantile) and 0.5 < self.quantile <= 1):
+            return f"the quantile must be in (0.5, 1], got {self.quantile}"
+        if not (math.isfinite(self.clip) and 0 < self.clip <= 1e6):
+            return f"the clipping bound must be in (0, 1e6], got {self.clip}"
+        if not 0 < len(self.model) <= MAX_MODEL_BYTES:
+            return f"the model must be 1 byte to {MAX_MODEL_BYTES} bytes, got {len(self.model)}"
+        return None
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.groups.max()) + 1 if self.groups.size else 0
+
+    @property
+    def release_shape(self) -> tuple[int, int]:
+        """Shape of the released sums: (1, 1 + G) (the constant, then one number per group)."""
+        return (1, 1 + self.n_groups)
+
+    @property
+    def describe(self) -> str:
+        return f"{len(self.points)} points in {self.n_groups} scale group(s)"
+
+    @property
+    def weight(self) -> float:
+        """``c = b = clip / sqrt(G + 1)``: each released coordinate's largest share of an image's row."""
+        return self.clip / math.sqrt(1 + self.n_groups)
+
+    @property
+    def sensitivity(self) -> float:
+        return float(self.clip)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.model)
+        h.update(json.dumps([self.kind, list(self.points), self.width, self.quantile, self.clip]).encode())
+        h.update(np.ascontiguousarray(self.groups).tobytes())
+        h.update(np.ascontiguousarray(self.reference).tobytes())
+        return h.hexdigest()
+
+    def magnitudes(self, values: list[np.ndarray]) -> np.ndarray:
+        """(P, 2) log magnitude of every point's (lo, hi) side for one image's tensors (-inf where the
+        side is not reached: no finite value, or the tensor never goes below / above 0 there)."""
+        out = np.full((len(values), 2), -np.inf)
+        for i, v in enumerate(values):
+            v = np.asarray(v).ravel()
+            v = v[np.isfinite(v)]
+            if v.size == 0:
+                continue
+            if self.quantile >= 1.0:
+                lo, hi = float(v.min()), float(v.max())
+            else:
+                lo, hi = (float(q) for q in np.quantile(v, [1.0 - self.quantile, self.quantile]))
+            with np.errstate(divide="ignore"):
+                out[i] = np.log(max(-lo, 0.0)), np.log(max(hi, 0.0))
+        return out
+
+    def row_of_magnitudes(self, logm: np.ndarray) -> np.ndarray:
+        """One image's bounded row (1, 1 + G) from its (P, 2) log magnitudes (see the class docstring)."""
+        logm = np.where(np.isnan(logm), -np.inf, logm)
+        v = np.clip(logm - np.where(self.groups >= 0, self.reference, 0.0), -self.width, self.width)
+        sums = np.bincount(self.groups[self.groups >= 0], weights=v[self.groups >= 0], minlength=self.n_groups)
+        sizes = np.bincount(self.groups[self.groups >= 0], minlength=self.n_groups)
+        return np.concatenate([[self.weight], self.weight * sums / sizes / self.width])[None]
+
+    def row(self, values: list[np.ndarray]) -> np.ndarray:
+        return self.row_of_magnitudes(self.magnitudes(values))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"model": np.frombuffer(self.model, np.uint8), "kind": np.frombuffer(self.kind.encode(), np.uint8),
+                "points": np.frombuffer(json.dumps(list(self.points)).encode(), np.uint8),
+                "groups": np.ascontiguousarray(self.groups), "reference": np.ascontiguousarray(self.reference),
+                "numbers": np.array([self.width, self.quantile, self.clip], np.float64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScalePlan:
+        try:
+            points = json.loads(np.asarray(arrays["points"], np.uint8).tobytes().decode())
+            if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+                raise PlanError("the quantization points must be a list of tensor names")
+            numbers = np.asarray(arrays["numbers"], np.float64).ravel()
+            if numbers.size != 3:
+                raise PlanError("a scale plan needs three numbers (width, quantile, clip)")
+            groups = np.asarray(arrays["groups"])
+            if groups.dtype.kind not in "iu":
+                raise PlanError("the groups must be integers")
+            return cls(np.asarray(arrays["model"], np.uint8).tobytes(), tuple(points), groups, arrays["reference"],
+                       float(numbers[0]), float(numbers[1]), float(numbers[2]))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"not a calibration plan ({type(e).__name__}: {e})") from None
+
+
+#: What a coordinator may send: per-point histograms, or one scale per group of points.
+Plan = CalibrationPlan | ScalePlan
+
+
+def plan_from_arrays(arrays: dict[str, np.ndarray]) -> Plan:
+    """A plan from message content: a :class:`ScalePlan` when ``kind`` says ``scale``, else histograms."""
+    if "kind" not in arrays:
+        return CalibrationPlan.from_arrays(arrays)
+    try:
+        kind = np.asarray(arrays["kind"], np.uint8).tobytes().decode()
+    except (TypeError, ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"unreadable plan kind ({e})") from None
+    if kind == ScalePlan.kind:
+        return ScalePlan.from_arrays(arrays)
+    if kind == "histogram":
+        return CalibrationPlan.from_arrays(arrays)
+    raise PlanError(f"unknown plan kind {kind[:40]!r} (histogram | scale)")

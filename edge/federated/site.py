@@ -31,12 +31,12 @@ guarantee does not depend on what the model computes (the bound holds for any mo
 from __future__ import annotations
 
 import logging
-from typing import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 
 import numpy as np
 
 from echocare.preprocess import PreprocessSpec, preprocess_image
-from edge.federated.plan import CalibrationPlan, PlanError, activation_session, image_row
+from edge.federated.plan import Plan, PlanError, activation_session, plan_from_arrays
 from fed.dp import DPRandom
 from fed.ledger import Release
 from fed.policy import SitePolicy
@@ -49,13 +49,14 @@ KIND = "calibrate"
 POLICY_REFUSAL = "this site's policy does not take part in federated calibration (calibration = false)"
 
 
-def histogram_sums(plan: CalibrationPlan, images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
+def histogram_sums(plan: Plan, images: Iterable[np.ndarray]) -> tuple[np.ndarray, int]:
     """(exact sums (P, B) of the images' bounded rows, number of images): every image its own unit."""
     return unit_histogram_sums(plan, enumerate(images))
 
 
-def unit_histogram_sums(plan: CalibrationPlan, items: Iterable[tuple[Hashable, np.ndarray]]) -> tuple[np.ndarray, int]:
-    """Exact sums (P, B) over ``(unit, image)`` items: each image's bounded row, the rows of one unit
+def unit_histogram_sums(plan: Plan, items: Iterable[tuple[Hashable, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """Exact sums (``plan.release_shape``: (P, B) histograms, or (1, 1 + G) for a scale plan) over
+    ``(unit, image)`` items: each image's bounded row (``plan.row``), the rows of one unit
     (a patient) summed and that sum scaled down to L2 norm ``plan.clip``; and the number of images.
     Site-local: the sums leave the site only with noise (:func:`calibrate_round`); the count never does."""
     session, input_name = activation_session(plan)
@@ -68,16 +69,16 @@ def unit_histogram_sums(plan: CalibrationPlan, items: Iterable[tuple[Hashable, n
         try:
             got = dict(zip(names, session.run(names, {input_name: x})))
             got[input_name] = x
-            row = image_row([got[p] for p in plan.points], plan.edges, plan.clip)
+            row = plan.row([got[p] for p in plan.points])
         except Exception:  # noqa: BLE001 - the coordinator's model failing on this image: see below
             # A crafted model can fail on exactly the images it wants to ask about; an error (or an
             # uncharged refusal) would be an exact answer. The image contributes a zero row instead.
-            row, failed = np.zeros((len(plan.points), plan.bins)), failed + 1
+            row, failed = np.zeros(plan.release_shape), failed + 1
         per_unit[unit] = per_unit[unit] + row if unit in per_unit else row
         n += 1
     if failed:
         log.warning("the calibration model failed on %d of %d images; they contribute zero rows", failed, n)
-    sums = np.zeros((len(plan.points), plan.bins))
+    sums = np.zeros(plan.release_shape)
     for rows in per_unit.values():
         norm = float(np.linalg.norm(rows))
         sums += rows * (plan.clip / norm) if norm > plan.clip else rows
@@ -109,7 +110,7 @@ def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.n
     if cfg.task not in policy.allowed_tasks:
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
     try:
-        plan = CalibrationPlan.from_arrays(arrays)
+        plan = plan_from_arrays(arrays)
     except PlanError as e:  # depends only on what the coordinator sent
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"calibration plan refused: {e}")
     unit = _unit_or_none(policy, cfg)

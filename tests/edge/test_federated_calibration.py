@@ -15,7 +15,7 @@ from echocare.preprocess import PreprocessSpec
 from edge.build.evaluate import load_calibration
 from edge.build.quantize import QuantizeConfig, prepare_for_qdq, quantize
 from edge.federated.coordinator import SiteAnswer, calibration_points, derive_ranges, make_plan, merge
-from edge.federated.plan import CalibrationPlan, PlanError, image_row
+from edge.federated.plan import CalibrationPlan, PlanError, ScalePlan, image_row, plan_from_arrays
 from edge.federated.site import POLICY_REFUSAL, calibrate_round, histogram_sums, unit_histogram_sums
 from fed.policy import SitePolicy
 from fed.task import RoundConfig
@@ -53,7 +53,7 @@ def tiny(tmp_path_factory) -> dict:
     public = load_calibration("phantom:6?seed=11", PreprocessSpec(), limit=6)
     images = load_calibration("phantom:12?seed=5", PreprocessSpec(), limit=12)
     return {"root": root, "model": model, "public": public, "images": images,
-            "plan": make_plan(model, OPS, public, bins=64, margin=2.0, clip=1.0)}
+            "plan": make_plan(model, OPS, public, bins=64, margin=2.0, clip=1.0, kind="histogram")}
 
 
 def test_points_are_the_tensors_onnx_runtime_calibrates(tiny):
@@ -219,3 +219,78 @@ def test_site_refuses_by_policy_or_a_bad_plan_before_reading_or_charging(tiny, t
         CalibrationPlan(b"x", ("a", "a"), np.tile([0.0, 1.0, 2.0], (2, 1)))
     points = json.loads(bytes(tiny["plan"].to_arrays()["points"]).decode())
     assert points == list(tiny["plan"].points)
+
+
+# -- the scale release (one number per group of points: the default) ------------------------------
+def test_scale_plan_one_image_or_patient_changes_the_sums_by_at_most_the_bound(tiny):
+    """The scale release's L2 sensitivity is ``clip`` too: the constant and the G group means are
+    weighted so that one image's row has norm <= clip whatever its tensors (zero, huge, NaN, constant),
+    and a patient's summed rows are clipped to it again."""
+    plan = make_plan(tiny["model"], OPS, tiny["public"], clip=0.5, kind="scale", grouping="points")
+    assert isinstance(plan, ScalePlan) and plan.release_shape == (1, 1 + plan.n_groups) and plan.n_groups >= 4
+    base, _ = histogram_sums(plan, tiny["images"][:4])
+    crafted = [tiny["images"][7], np.zeros((3, SIZE, SIZE), np.float32), np.full((3, SIZE, SIZE), 1e30, np.float32),
+               np.full((3, SIZE, SIZE), np.nan, np.float32), np.full((3, SIZE, SIZE), 0.5, np.float32),
+               -np.full((3, SIZE, SIZE), 1e30, np.float32)]
+    changes = [float(np.linalg.norm(histogram_sums(plan, [*tiny["images"][:4], x])[0] - base)) for x in crafted]
+    assert max(changes) <= plan.sensitivity * (1 + 1e-9), changes
+    assert max(changes) > 0.9 * plan.sensitivity  # a huge image reaches +width at every side: the bound is tight
+    # the row itself is within the bound (the site's per-unit clipping then never reweights an image)
+    P = len(plan.points)
+    for logm in (np.full((P, 2), np.inf), np.full((P, 2), -np.inf), np.full((P, 2), np.nan), np.zeros((P, 2))):
+        assert np.linalg.norm(plan.row_of_magnitudes(logm)) <= plan.clip * (1 + 1e-9)
+    assert np.linalg.norm(plan.row_of_magnitudes(np.full((P, 2), np.inf))) == pytest.approx(plan.clip)
+    others = [(("p", i), x) for i, x in enumerate(tiny["images"][:3])]
+    ref, _ = unit_histogram_sums(plan, others)
+    huge = np.full((3, SIZE, SIZE), 1e30, np.float32)
+    more, _ = unit_histogram_sums(plan, [*others, *((("p", 99), huge) for _ in range(5))])
+    assert np.linalg.norm(more - ref) <= plan.clip * (1 + 1e-9)
+
+
+def test_scale_plan_finds_the_scale_of_the_sites_activations(tiny):
+    """The tiny model is positively homogeneous (Conv without bias, Relu, pool, Gemm without bias), so
+    images twice as bright give every tensor twice the magnitude: without noise the merged scale is
+    exactly log 2 and each range is the public one doubled; with noise it is log 2 within the noise;
+    with too few images for the noise, every point keeps the public range."""
+    public = tiny["public"]
+    plan = make_plan(tiny["model"], OPS, public, kind="scale")  # sides: one scale for lows, one for highs
+    assert plan.n_groups == 2
+    parts = [histogram_sums(plan, 2.0 * public[i::3])[0] for i in range(3)]
+    merged = merge([SiteAnswer(f"s{i}", "ok", histograms=p) for i, p in enumerate(parts)], plan)
+    r = derive_ranges(merged, plan, "minmax")
+    assert r.count == pytest.approx(len(public)) and r.scales == pytest.approx([np.log(2.0)] * 2)
+    for name, (lo, hi) in zip(plan.points, plan.public_ranges):
+        assert r.ranges[name] == pytest.approx((2.0 * lo, 2.0 * hi))
+    # many such images at sigma 8: the scale within the noise the notes state
+    rng = np.random.default_rng(0)
+    big = merge([SiteAnswer(f"s{i}", "ok", histograms=200 * p + rng.normal(0, 8.0, p.shape), noise_std=8.0)
+                 for i, p in enumerate(parts)], plan)
+    assert derive_ranges(big, plan).scales == pytest.approx([np.log(2.0)] * 2, abs=0.1)
+    few = merge([SiteAnswer("s", "ok", histograms=parts[0] + rng.normal(0, 8.0, parts[0].shape), noise_std=8.0)], plan)
+    r = derive_ranges(few, plan)
+    assert r.public_fallback == list(plan.points) and r.ranges[plan.points[-1]] == tuple(plan.public_ranges[-1])
+
+
+def test_scale_plan_travels_as_arrays_and_a_bad_one_is_refused(tiny, tmp_path):
+    plan = make_plan(tiny["model"], OPS, tiny["public"], kind="scale", grouping="points")
+    back = plan_from_arrays(plan.to_arrays())
+    assert isinstance(back, ScalePlan) and back.digest() == plan.digest() and back.points == plan.points
+    assert isinstance(plan_from_arrays(tiny["plan"].to_arrays()), CalibrationPlan)  # no kind: histograms
+    bad = dict(plan.to_arrays(), groups=np.full_like(plan.groups, 7))
+    reply = calibrate_round(_policy(tmp_path), RoundConfig(run_key="release-z"), bad)
+    assert reply.status == "refused" and "groups" in reply.reason
+    assert not _policy(tmp_path).ledger_path.exists()
+    with pytest.raises(PlanError, match="kind"):
+        plan_from_arrays(dict(plan.to_arrays(), kind=np.frombuffer(b"other", np.uint8)))
+
+
+def test_site_charges_one_scale_release_of_the_plans_shape(tiny, tmp_path):
+    from fed.ledger import PrivacyLedger
+
+    policy = _policy(tmp_path, insecure_deterministic_noise=True)
+    plan = make_plan(tiny["model"], OPS, tiny["public"], kind="scale")
+    reply = calibrate_round(policy, RoundConfig(run_key="release-s", server_round=0), plan.to_arrays())
+    assert reply.status == "ok", reply.reason
+    assert reply.arrays["histograms"].shape == plan.release_shape == (1, 3)
+    assert [(r.kind, r.noise_multiplier, r.sample_rate, r.steps, r.max_grad_norm)
+            for r in PrivacyLedger.load(policy.ledger_path).releases] == [("calibrate", policy.evaluation_noise_multiplier, 1.0, 1, 1.0)]
