@@ -238,8 +238,12 @@ def _train_opacus_dp(head: nn.Module, xs: tuple[torch.Tensor, ...], y: torch.Ten
     std = cfg.noise_multiplier * cfg.max_grad_norm
     global_weights = [p.detach().clone() for p in head.parameters()] if cfg.proximal_mu > 0 else None
     head.train()
-    # Opacus wants a loader to wrap; we never iterate it (batches come from rng.poisson_batch).
-    placeholder = DataLoader(TensorDataset(*xs, y), batch_size=cfg.batch_size)
+    # Opacus wants a loader to wrap; we never iterate it (batches come from rng.poisson_batch). With no
+    # example at all (none carries the round's labels: the coordinator's choice) Opacus would divide by
+    # its empty length and the site would answer "could not answer", uncharged: a free yes/no on whether
+    # a label exists here. One zero row stands in (never read): the round is the usual noise-only release.
+    rows = (*xs, y) if n else tuple(torch.zeros((1, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in (*xs, y))
+    placeholder = DataLoader(TensorDataset(*rows), batch_size=cfg.batch_size)
     kwargs = dict(module=head, optimizer=_optimizer(head.parameters(), cfg), data_loader=placeholder,
                   noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                   poisson_sampling=False, grad_sample_mode=cfg.grad_sample_mode)

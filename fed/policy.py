@@ -62,8 +62,9 @@ class SitePolicy:
       (training rounds and accounted evaluations), whatever run key or round the coordinator claims.
       When the next release would exceed it, the site answers "budget exhausted".
     - ``delta``: the delta of the guarantee, which must be below 1/N for the site's N units (patients
-      or images; else the site refuses); ``None`` means the largest power of ten not above
-      ``min(1e-5, 0.1 / N)``: a released delta then tells only N's order of magnitude, not N.
+      or images; else the site refuses), checked for the largest N of the site's size class so that
+      the refusal tells only the class (:meth:`delta_problem`); ``None`` means the largest power
+      of ten not above ``min(1e-5, 0.1 / N)``: a released delta then tells only N's order of magnitude, not N.
     - ``size_classes_per_doubling`` (g, default 4): DP-SGD samples and steps as if the site had
       ``N_pub`` units, its number N of privacy units (patients or images, whole dataset: training
       and validation split, every label) rounded **down** to the public grid ``floor(2^(k/g))``
@@ -188,11 +189,20 @@ class SitePolicy:
         return max(1, n) if self.disclose_accounting else size_class(n, self.size_classes_per_doubling)
 
     def delta_problem(self, n: int, delta: float | None = None, unit: str = "image") -> str | None:
-        """Why ``delta`` (default: this policy's) is not acceptable for ``n`` units (it must be
-        below 1/N), or None. The message names N: for the site's log, not for a reply."""
-        delta = self.delta_for(n) if delta is None else delta
-        if delta >= 1.0 / max(1, n):
-            return f"delta {delta:g} is not below 1/N = {1.0 / max(1, n):g} for this site's N = {n} {unit}s"
+        """Why ``delta`` (default: this policy's) is not acceptable for ``n`` units, or None. The message
+        names N: for the site's log, not for a reply.
+
+        Privacy meaning: delta must be below 1/N. The refusal is a reply the coordinator sees, so it is
+        decided on the size class, never on N itself: delta must be below 1/N_top, N_top the largest N of
+        the site's class (:func:`size_class_top`). That is stricter than 1/N (N <= N_top) and the same for
+        every site in one class; checked on the exact N, a policy delta with 1/delta inside a class told
+        the coordinator on which side of 1/delta N lies (a bit finer than the class). With
+        ``disclose_accounting`` (N is disclosed anyway) the exact N is used."""
+        delta = self.delta_for(self.sampling_units(n)) if delta is None else delta
+        top = max(1, n) if self.disclose_accounting else size_class_top(n, self.size_classes_per_doubling)
+        if delta >= 1.0 / top:
+            return (f"delta {delta:g} is not below 1/N_top = {1.0 / top:g} for this site's N = {n} {unit}s "
+                    f"(size class {self.sampling_units(n)}..{top})")
         return None
 
     @property
@@ -229,6 +239,16 @@ def size_class(n: int, per_doubling: int) -> int:
     while math.floor(2.0 ** (k / per_doubling)) > n:
         k -= 1
     return math.floor(2.0 ** (k / per_doubling))
+
+
+def size_class_top(n: int, per_doubling: int) -> int:
+    """The largest N in ``n``'s size class (:func:`size_class`): one below the next value of the grid.
+    Every site in one class has the same top, so a decision on it tells only the class."""
+    low = size_class(n, per_doubling)
+    k = math.floor(per_doubling * math.log2(low)) if low > 1 else 0
+    while math.floor(2.0 ** (k / per_doubling)) <= low:
+        k += 1
+    return math.floor(2.0 ** (k / per_doubling)) - 1
 
 
 def load_policy(path: str | Path) -> SitePolicy:

@@ -204,10 +204,15 @@ def site_units(policy: SitePolicy, cfg: RoundConfig, which: str, head=None) -> n
     if site_unit(policy, cfg) != PATIENT:
         return None
     if head is None:
-        return _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
-                         cfg.val_fraction, cfg.seed, which)[2]
-    return _maps(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), cfg.val_fraction, cfg.seed, which,
-                 tuple(head.needs), bool(head.needs_image))[3]
+        ids = _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+                        cfg.val_fraction, cfg.seed, which)[2]
+    else:
+        ids = _maps(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), cfg.val_fraction, cfg.seed, which,
+                    tuple(head.needs), bool(head.needs_image))[3]
+    # No row at all (e.g. no image carries the round's labels: the coordinator's choice) is still per
+    # patient: zero patients, not "unknown patients". None here made the trainer step per image and the
+    # site refuse ("could not answer", uncharged) exactly when a label is absent: a free yes/no.
+    return np.zeros(0, np.int64) if ids is None else ids
 
 
 def site_unit(policy: SitePolicy, cfg: RoundConfig) -> str:
@@ -298,7 +303,7 @@ class Reply:
 NOT_PRIVATE = ("NOT PRIVATE: this site's policy sets insecure_deterministic_noise (tests only); "
                "its noise is predictable from the run seed, site and round")
 SITE_ERROR = "the site could not answer this request (details in the site's own log)"
-DELTA_REFUSAL = "this site's delta is not below 1/N for its data (details in the site's own log)"
+DELTA_REFUSAL = "this site's delta is not below 1/N for every N of its size class (details in the site's own log)"
 # Accounted evaluation: per-image contributions bounded so that one image changes the released
 # sums by at most sqrt(K + 3) (classification) or sqrt(5) (segmentation) in L2 norm.
 LOSS_CAP, HC_CAP_MM, AUROC_BINS = 5.0, 100.0, 10
@@ -568,8 +573,6 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         per_image, seg_exact = _segment_contributions(policy, cfg, head)
         units = site_units(policy, cfg, "val", head)
         exact = lambda: seg_exact  # noqa: E731
-    if len(per_image) == 0 and policy.evaluation == "disclosed":  # exact metrics of nothing are undefined
-        return Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
     # Accounted: no rows is an ordinary, charged release (pure noise). A refusal would tell the
     # coordinator, uncharged, that none of the site's images carries the labels it chose.
     request = request_hash("evaluate", cfg, arrays)
@@ -584,6 +587,11 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
                 return Reply(STATUS_REFUSED, policy.site_name, reason=(
                     f"this site has disclosed its lifetime limit of {policy.disclosed_evaluations_lifetime} exact evaluations"))
             ledger.disclose(Disclosure("evaluate", cfg.run_key, cfg.server_round, request))
+            if len(per_image) == 0:  # exact metrics of nothing are undefined; the refusal is itself an exact
+                # answer ("no image here has these labels"), so it is counted above like any exact result
+                reply = Reply(STATUS_REFUSED, policy.site_name, reason="no labelled validation images at this site")
+                store.put(request, reply.fields(), None)
+                return reply
             metrics = exact()
         else:
             sensitivity = _SENSITIVITY[cfg.task](len(cfg.labels))

@@ -243,10 +243,10 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
         ev = load_eval_set(val, task, labels, PreprocessSpec.from_dict(cand_manifest["preprocess"]))
     except EvalDataError as e:
         log.warning("site %s: %s", policy.site_name, e)
-        if policy.evaluation == "disclosed":
-            return _refused(policy, "no labelled validation images at this site")
         # Accounted: an ordinary charged release of no rows (pure noise). A refusal would tell the
         # coordinator, uncharged, that none of the site's images has a label its bundle names.
+        # Disclosed: refused below, only after the request is counted as a disclosure (that refusal is
+        # itself an exact answer; before, it was free and unlimited).
         spec = PreprocessSpec.from_dict(cand_manifest["preprocess"])
         ev = EvalSet(spec="", task=task, labels=labels, inputs=np.zeros((0, 3, spec.size, spec.size), np.float32),
                      targets=np.zeros(0, np.int64) if task == "classify" else None)
@@ -288,6 +288,8 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
                 return _refused(policy, f"this site has disclosed its lifetime limit of "
                                         f"{policy.disclosed_evaluations_lifetime} exact results")
             ledger.disclose(Disclosure(KIND, cfg.run_key, cfg.server_round, request_id))
+            if len(ev) == 0:  # counted above: "no image here has the bundle's labels" is an exact answer
+                return _refused(policy, "no labelled validation images at this site")
             if not ran.all():  # counted as a disclosure above: this refusal is one (exact) answer too
                 log.error("site %s: a bundle failed on %d validation images", policy.site_name, int((~ran).sum()))
                 return _refused(policy, SITE_ERROR)

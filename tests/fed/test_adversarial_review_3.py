@@ -1,0 +1,157 @@
+"""Third adversarial review of issue 9: the coordinator against one site, after the size class.
+
+Each test plays a curious or malicious coordinator with what it controls (labels, head options,
+the site's evaluation mode, how often it asks) and checks that what comes back is charged, counted
+as a disclosure, or a function of the public size class; never a free, exact answer about the
+site's data. Each failed on the code before its fix (docs/privacy.md, "Adversarial review at
+sign-off", third review)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fed.ledger import PrivacyLedger
+from fed.policy import SitePolicy
+from fed.task import RoundConfig, evaluate_round, train_round
+from test_adversarial_review import DATA, _plain_head, _sized_sites, _train_cfg, _tripwire_bundles
+
+ABSENT = ["rare-x", "rare-y", "rare-z"]  # labels no phantom carries
+PRESENT = ["benign", "malignant", "normal"]
+
+
+def _site(tmp_path: Path, cache: str, **kw) -> SitePolicy:
+    return SitePolicy(**{"data": DATA, "site_name": "hospital-a", "state_dir": str(tmp_path / "state"),
+                         "cache_dir": cache, **kw})
+
+
+def _head(k: int = 3, **options) -> dict[str, np.ndarray]:
+    import torch
+
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    torch.manual_seed(0)
+    head = build_head("classify", get_config("echocare-tiny"), k, proj_dim=0, **options)
+    return {n: v.detach().numpy().copy() for n, v in head.state_dict().items()}
+
+
+def _releases(policy: SitePolicy) -> list[str]:
+    return [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] if policy.ledger_path.exists() else []
+
+
+# -- 1. label existence through training, on the paths the earlier fix did not cover ---------------
+def test_a_hidden_head_asking_whether_a_label_exists_through_training_is_charged(tmp_path, phantom_feature_cache):
+    """Attack: the earlier fix made a training round for labels no image carries a charged, noise-only
+    release on the linear path. A head with a hidden layer trains through Opacus, whose wrapper divided
+    by the length of an empty loader: labels absent -> "could not answer", uncharged; present -> ok.
+    A free yes/no on whether any training image carries a label (repeatable with any label set)."""
+    policy = _site(tmp_path, phantom_feature_cache)
+    replies = {tag: train_round(policy, _train_cfg(labels=labels, head={"proj_dim": 0, "hidden": 8}, run_key=tag),
+                                _head(hidden=8))
+               for tag, labels in (("present", PRESENT), ("absent", ABSENT))}
+    assert {t: r.status for t, r in replies.items()} == {"present": "ok", "absent": "ok"}, \
+        {t: r.reason for t, r in replies.items()}
+    assert replies["absent"].reason == replies["present"].reason == ""
+    assert all(np.isfinite(v).all() for v in replies["absent"].arrays.values())
+    assert _releases(policy) == ["train", "train"]
+
+
+PATIENTS, PER_PATIENT = 10, 3
+
+
+@pytest.fixture(scope="module")
+def patient_csv(tmp_path_factory) -> Path:
+    """30 phantom images of 10 patients (3 images each, one label per patient), listed in a CSV with a
+    patient column: a site that knows its patients (same pixels as the session's phantom cache)."""
+    from echocare.phantom import write_phantoms
+
+    root = tmp_path_factory.mktemp("patients-3")
+    manifest = write_phantoms(root / "images", PATIENTS * PER_PATIENT, profiles="linear-a,convex-b,linear-c", seed=0)
+    by_label: dict[str, list[str]] = {}
+    for rel, info in sorted(manifest["files"].items()):
+        by_label.setdefault(info["label"], []).append(rel)
+    rows, patient = [], 0
+    for label, files in sorted(by_label.items()):
+        for i in range(0, len(files) - len(files) % PER_PATIENT, PER_PATIENT):
+            rows += [(f"images/{f}", label, f"P{patient:03d}") for f in files[i:i + PER_PATIENT]]
+            patient += 1
+    path = root / "manifest.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "patient"), *rows])
+    return path
+
+
+def test_a_per_patient_site_asked_for_labels_it_lacks_trains_on_no_patient_charged(tmp_path, patient_csv,
+                                                                                    phantom_feature_cache):
+    """Attack: the same label question at a site that knows its patients. With no training row the
+    site's patient ids were None ("unknown", not "zero patients"), so the trainer stepped per image,
+    the site's own check (trained per image, charged per patient) raised, and the reply was "could not
+    answer", uncharged, exactly when no image carries the labels. Now: an ordinary per-patient,
+    charged, noise-only round, like the answer for labels it has."""
+    policy = SitePolicy(data=f"csv:{patient_csv}", site_name="hospital-p", state_dir=str(tmp_path / "state"),
+                        cache_dir=phantom_feature_cache, target_epsilon=1000.0)
+    replies = {tag: train_round(policy, _train_cfg(labels=labels, batch_size=4, run_key=tag), _plain_head(0))
+               for tag, labels in (("present", PRESENT), ("absent", ABSENT))}
+    assert {t: (r.status, r.reason, r.unit) for t, r in replies.items()} == \
+        {"present": ("ok", "", "patient"), "absent": ("ok", "", "patient")}
+    book = PrivacyLedger.load(policy.ledger_path)
+    assert [(r.kind, r.unit) for r in book.releases] == [("train", "patient")] * 2
+    assert book.releases[0].sample_rate == book.releases[1].sample_rate  # the class of its patients, both times
+
+
+# -- 2. disclosed evaluation: the "no labelled images" refusal is an exact answer too --------------
+def test_disclosed_evaluation_counts_the_question_whether_a_label_exists(tmp_path, phantom_feature_cache):
+    """Attack: a site that discloses exact evaluations (policy ``evaluation = "disclosed"``) allows a
+    limited number of them, per run key and per lifetime. The refusal "no labelled validation images"
+    for labels none of its images carries came before the count: unlimited and uncounted, a free
+    label-existence oracle beside the limited exact metrics. Now it is counted like any exact answer;
+    once the lifetime limit is spent, present and absent labels get the same refusal."""
+    policy = _site(tmp_path, phantom_feature_cache, evaluation="disclosed", disclosed_evaluations_lifetime=2)
+    asked = [("absent-1", ABSENT), ("absent-2", ABSENT[::-1]), ("absent-3", ABSENT[1:] + ABSENT[:1]),
+             ("present", PRESENT)]
+    replies = {tag: evaluate_round(policy, _train_cfg(labels=labels, run_key=tag), _head())
+               for tag, labels in asked}
+    book = PrivacyLedger.load(policy.ledger_path)
+    assert book.disclosed() == 2, [r.reason for r in replies.values()]
+    assert replies["absent-3"].reason == replies["present"].reason
+    assert "lifetime limit" in replies["present"].reason
+
+
+def test_disclosed_acceptance_counts_the_question_whether_a_label_exists(tmp_path):
+    """Attack: the same question through federated acceptance (the coordinator, as release authority,
+    signs a bundle naming labels the site may not have). In disclosed mode the refusal came before the
+    disclosure was counted; now it is counted, and the lifetime limit answers the same either way."""
+    from edge.federated import accept as acc
+
+    answers = []
+    for tag, labels in (("absent-1", ["rare-x", "rare-y", "rare-z"]), ("absent-2", ["rare-p", "rare-q", "rare-r"]),
+                        ("present", ["benign", "malignant", "normal"])):
+        pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
+        policy = SitePolicy(data="phantom:15?seed=3", site_name="h-acc", release_pubkey=str(pub),
+                            state_dir=str(tmp_path / "site"), evaluation="disclosed", disclosed_evaluations_lifetime=1)
+        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=tag, val_fraction=0.5,
+                                                                      seed=0, latency_runs=1))
+        answers.append((reply.status, reply.reason))
+    assert PrivacyLedger.load(policy.ledger_path).disclosed() == 1, answers
+    assert answers[1] == answers[2] and "lifetime limit" in answers[2][1], answers
+
+
+# -- 3. the delta check: a refusal the coordinator sees, decided on the exact N --------------------
+def test_the_delta_refusal_tells_only_the_size_class(monkeypatch, tmp_path):
+    """Attack (curious): every reply of a site whose policy delta is not below 1/N is a refusal. That
+    was decided on the exact N: with a policy delta of 1/340, a site of N = 305 trained and one of
+    N = 361 (both in the class 304..361 at 4 per doubling) was refused, telling the coordinator on
+    which side of 340 N lies, finer than the class. Now the check uses the class's largest N, so the
+    two sites answer alike (both refused here, stricter than 1/N), and a delta below 1/361 serves both."""
+    answers = {}
+    for delta in (1 / 340, 1 / 400):
+        sites = _sized_sites(monkeypatch, tmp_path / f"d{round(1 / delta)}", {"small": 305, "large": 361}, delta=delta)
+        answers[round(1 / delta)] = {n: (r.status, r.reason) for n, r in
+                                     ((n, train_round(p, _train_cfg(batch_size=16), _plain_head(0))) for n, p in sites.items())}
+    assert answers[340]["small"] == answers[340]["large"], answers[340]
+    assert answers[340]["small"][0] == "refused" and "1/N" in answers[340]["small"][1]
+    assert {s for s, _ in answers[400].values()} == {"ok"}, answers[400]
