@@ -24,6 +24,7 @@ from echocare.atomic import atomic_write_bytes
 from echocare.data.base import SiteData, UnreadableImage
 from echocare.device import (AUTOCAST_MIN_COSINE, ComputeDevice, autocast_agrees, fit_batch_size, resolve_device,
                              run_frozen)
+from echocare.models.encoder import CheckpointError
 from echocare.preprocess import PreprocessSpec, apply_geometry_to_mask, preprocess_image
 from fed.cache import FeatureCache, image_hash
 
@@ -51,21 +52,33 @@ def site_encoder_key(ref: EncoderRef) -> str:
         return f"{ref.config}-seed{ref.seed}"
     from echocare.models.encoder import checkpoint_sha256
 
-    sha = checkpoint_sha256(ref.checkpoint)
+    try:
+        sha = checkpoint_sha256(ref.checkpoint)
+    except Exception as e:  # missing or unreadable: the same refusal as a mismatch (EncoderMismatch)
+        raise EncoderMismatch(ref.checkpoint, f"unreadable ({e})", ref.sha256 or "") from e
     if ref.sha256 and sha != ref.sha256.lower():
         raise EncoderMismatch(ref.checkpoint, sha, ref.sha256)
     return f"{ref.config}-{sha[:16]}"
 
 
-class EncoderMismatch(RuntimeError):
-    """The site's checkpoint file is not the one the federation pinned (its sha256 differs).
+class EncoderMismatch(CheckpointError, RuntimeError):
+    """The checkpoint the run names is not one this site can use: no file there, not readable, its
+    sha256 is not the pinned one, or it does not load as the encoder.
 
-    ``public_reason`` names the two hashes and nothing else (no path): it may leave the site."""
+    Privacy meaning: the path is the coordinator's choice, so it can name **any** file on the site's
+    machine (an image of its dataset, its ledger). Every one of those failures is therefore the same
+    refusal, ``public_reason``, which names only the coordinator's own pinned hash: never the site's
+    hash of the file (that told the sha256 of any file the coordinator named: an exact, uncharged
+    test of whether a known image is in the site's data) and never which of the failures it was
+    (missing vs mismatch vs matching-but-not-a-checkpoint was the same test, one bit at a time).
+    The site's hash and the cause are in the exception's text, for the site's own log."""
 
     def __init__(self, checkpoint: str, site_sha256: str, expected_sha256: str):
-        super().__init__(f"encoder checkpoint {checkpoint} has sha256 {site_sha256}, the federation expects {expected_sha256}")
-        self.public_reason = (f"encoder checkpoint refused: this site's file has sha256 {site_sha256}, "
-                              f"the federation pinned {expected_sha256}")
+        super().__init__(f"encoder checkpoint {checkpoint} refused: {site_sha256}; "
+                         f"the federation expects {expected_sha256 or '(no pinned sha256)'}")
+        self.public_reason = ("encoder checkpoint refused: this site has no usable encoder checkpoint with the "
+                              f"pinned sha256 {expected_sha256 or '(none pinned)'} at the path the run names "
+                              "(details in the site's own log)")
 
 
 @lru_cache(maxsize=8)
@@ -92,8 +105,13 @@ def _encoder(ref: EncoderRef, torch_device: str = "cpu"):
     so every site proves it loaded the same file (a mismatch raises, naming both hashes)."""
     from echocare.models.encoder import load_encoder
 
-    model, _sha = load_encoder(ref.config, ref.checkpoint, seed=ref.seed,
-                               expected_sha256=ref.sha256 if ref.checkpoint else None)
+    try:
+        model, _sha = load_encoder(ref.config, ref.checkpoint, seed=ref.seed,
+                                   expected_sha256=ref.sha256 if ref.checkpoint else None)
+    except Exception as e:  # a named file that does not load: the one refusal (EncoderMismatch), not a site error
+        if not ref.checkpoint or isinstance(e, EncoderMismatch):
+            raise
+        raise EncoderMismatch(ref.checkpoint, str(e), ref.sha256 or "") from e
     return model.to(torch_device)
 
 

@@ -419,7 +419,7 @@ def _guarded(fn):
     def run(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
         try:
             return fn(policy, cfg, arrays)
-        except EncoderMismatch as e:  # not the pinned checkpoint: refused, naming the two hashes (no path)
+        except EncoderMismatch as e:  # no usable pinned checkpoint at the named path: one fixed refusal (no path, no site hash)
             log.error("%s at site %s: %s", fn.__name__, policy.site_name, e)
             return Reply(STATUS_REFUSED, policy.site_name, reason=e.public_reason)
         except Exception:

@@ -155,3 +155,31 @@ def test_the_delta_refusal_tells_only_the_size_class(monkeypatch, tmp_path):
     assert answers[340]["small"] == answers[340]["large"], answers[340]
     assert answers[340]["small"][0] == "refused" and "1/N" in answers[340]["small"][1]
     assert {s for s, _ in answers[400].values()} == {"ok"}, answers[400]
+
+
+# -- 4. the encoder checkpoint path: the coordinator names a file on the site's machine ------------
+def test_a_checkpoint_path_the_coordinator_names_tells_nothing_about_the_sites_files(tmp_path, phantom_feature_cache):
+    """Attack: the run config names the encoder checkpoint by path and pins its sha256; the site hashes
+    the file at that path. Naming a file that is no checkpoint (an image of the site's dataset, whose
+    path and bytes the coordinator knows, e.g. from a public dataset) with a wrong pin got back
+    "this site's file has sha256 <the file's hash>": an exact, uncharged membership test. With the
+    file's true hash pinned the site went on, failed to load it and answered "could not answer"; with
+    no file there, the same. Now all three get one refusal naming only the coordinator's own pin."""
+    from fed.features import EncoderRef
+
+    image = tmp_path / "site-data" / "scan-017.png"  # a file on the site's machine, known to the coordinator
+    image.parent.mkdir()
+    image.write_bytes(np.random.default_rng(17).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    import hashlib
+
+    true_sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    policy = _site(tmp_path, phantom_feature_cache)
+    asked = {"wrong pin": (image, "ab" * 32), "right pin": (image, true_sha), "no file": (tmp_path / "absent.png", true_sha)}
+    replies = {tag: train_round(policy, _train_cfg(encoder=EncoderRef("echocare-tiny", str(path), pin), run_key=tag),
+                                _plain_head(0))
+               for tag, (path, pin) in asked.items()}
+    assert true_sha not in replies["wrong pin"].reason, replies["wrong pin"].reason
+    seen = {tag: (r.status, r.reason.replace(asked[tag][1], "<pin>")) for tag, r in replies.items()}
+    assert len(set(seen.values())) == 1 and seen["wrong pin"][0] == "refused", seen
+    assert str(tmp_path) not in seen["wrong pin"][1]
+    assert _releases(policy) == []  # nothing was released, nothing charged
