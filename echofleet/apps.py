@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from edge.federated.accept import AcceptanceReply, AcceptanceRequest, accept_at_site, reply_record, request_from_record
 from edge.federated.coordinator import SiteCalibration, SiteAnswer, ask_accept, ask_sites, load_plan, save_answers
-from edge.federated.plan import CalibrationPlan
+from edge.federated.plan import Plan
 from edge.federated.site import calibrate_round
 from fed.client_app import _arrays, make_client_app as make_training_client_app, policy_from_context, to_content
 from fed.config import RunConfig
@@ -76,7 +76,7 @@ def make_client_app(sites_dir: str | None = None) -> ClientApp:
 
 
 # ------------------------------------------------------------------------------- coordinator
-def release_round_config(run: RunConfig, plan: CalibrationPlan) -> RoundConfig:
+def release_round_config(run: RunConfig, plan: Plan) -> RoundConfig:
     """What the sites need beside the plan: the run's task, preprocessing and train/val split
     (seed, validation share: the same split their training used); its run key names the plan."""
     return replace(run.round_config(f"release-{plan.digest()[:16]}"), server_round=0)
@@ -86,7 +86,7 @@ def plan_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RELEASE_DIR / "plan.npz"
 
 
-def answers_path(run_dir: str | Path, plan: CalibrationPlan) -> Path:
+def answers_path(run_dir: str | Path, plan: Plan) -> Path:
     return Path(run_dir) / RELEASE_DIR / f"answers-{plan.digest()[:16]}.npz"
 
 
@@ -218,12 +218,12 @@ class SimulatedSites:
             raise RuntimeError(f"the release federation of {self.run_dir} did not complete; see the log above")
         return out["answers"]
 
-    def _calibrate(self, grid: Grid, plan: CalibrationPlan) -> list[SiteAnswer]:
+    def _calibrate(self, grid: Grid, plan: Plan) -> list[SiteAnswer]:
         answers = ask_sites(grid, plan, release_round_config(self.run, plan).to_record())
         save_answers(answers, answers_path(self.run_dir, plan))
         return answers
 
-    def calibrate(self, plan: CalibrationPlan) -> list[SiteAnswer]:
+    def calibrate(self, plan: Plan) -> list[SiteAnswer]:
         """One simulation: the sites' calibration answers."""
         return self._simulate(lambda grid: self._calibrate(grid, plan))
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.federated.plan import CalibrationPlan, Plan, ScalePlan, activation_session
+from edge.federated.plan import CalibrationPlan, Plan, ScalePlan, activation_session, plan_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +336,11 @@ def calibration_record(plan: Plan, merged: Merged, ranges: Ranges, *, public: st
 
 # ------------------------------------------------------------------------------ over Flower
 #: A way to reach the sites: plan -> their answers (in-process simulation, or a Flower grid).
-SiteCalibration = Callable[[CalibrationPlan], list[SiteAnswer]]
+SiteCalibration = Callable[[Plan], list[SiteAnswer]]
 MESSAGE_TYPE = "query.calibrate"
 
 
-def ask_sites(grid, plan: CalibrationPlan, round_record: dict, timeout: float = 3600.0) -> list[SiteAnswer]:
+def ask_sites(grid, plan: Plan, round_record: dict, timeout: float = 3600.0) -> list[SiteAnswer]:
     """Send the plan to every connected site (a Flower ``Grid``) and read their answers."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -369,7 +369,7 @@ def answer_of(message) -> SiteAnswer:
 
 
 # ------------------------------------------------------------- files (a release over `flwr run`)
-def save_plan(plan: CalibrationPlan, path: str | Path) -> Path:
+def save_plan(plan: Plan, path: str | Path) -> Path:
     """The plan as one ``.npz`` (no pickle), written atomically: what the release ServerApp sends."""
     import io
 
@@ -381,9 +381,9 @@ def save_plan(plan: CalibrationPlan, path: str | Path) -> Path:
     return atomic_write_bytes(Path(path), buf.getvalue(), 0o600)
 
 
-def load_plan(path: str | Path) -> CalibrationPlan:
+def load_plan(path: str | Path) -> Plan:
     with np.load(Path(path), allow_pickle=False) as z:
-        return CalibrationPlan.from_arrays({k: z[k] for k in z.files})
+        return plan_from_arrays({k: z[k] for k in z.files})
 
 
 def save_answers(answers: Sequence[SiteAnswer], path: str | Path) -> Path:

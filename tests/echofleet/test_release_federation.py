@@ -66,7 +66,7 @@ def test_sites_calibrate_and_accept_an_int8_bundle_with_no_local_data(release):
     assert sorted(site["site"] for site in acc["sites"]) == ["site-0", "site-1", "site-2"]
     assert not list((release["root"] / "dist").glob("*reference*"))  # the FP32 reference stays in the work folder
     cal = s.manifest["calibration"]
-    assert cal["method"] == "federated" and cal["ranges"] == "minmax"
+    assert cal["method"] == "federated" and cal["release"] == "scale" and cal["ranges"] == "scale"
     assert sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
     assert cal["noise_std_of_sum"] > 0 and cal["public_edges"]["data"] == "phantom"
     assert all(a["status"] == "ok" and a["epsilon"] > 0 for a in cal["sites"])
