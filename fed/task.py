@@ -499,7 +499,8 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
                          reason=f"privacy budget exhausted: spent epsilon {spent:g} of this site's lifetime budget "
                                 f"{policy.target_epsilon}; the next round would exceed it", unit=ledger.unit)
         dp.noise_multiplier = sigma
-        stats = train_head(model, inputs if len(inputs) > 1 else inputs[0], torch.from_numpy(y), dp,
+        # no maps at all (an empty training split) stays a tuple: the trainer then takes noise-only steps
+        stats = train_head(model, inputs if len(inputs) != 1 else inputs[0], torch.from_numpy(y), dp,
                            loss_fn=loss_fn, units=None if units is None else torch.from_numpy(units))
         if (stats["sample_rate"], stats["steps"], stats["unit"]) != (q, steps, unit):  # spend exactly what is charged
             raise RuntimeError(f"trained per {stats['unit']} at q={stats['sample_rate']}, {stats['steps']} steps; "

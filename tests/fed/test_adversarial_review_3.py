@@ -183,3 +183,24 @@ def test_a_checkpoint_path_the_coordinator_names_tells_nothing_about_the_sites_f
     assert len(set(seen.values())) == 1 and seen["wrong pin"][0] == "refused", seen
     assert str(tmp_path) not in seen["wrong pin"][1]
     assert _releases(policy) == []  # nothing was released, nothing charged
+
+
+def test_a_segmentation_site_with_no_training_image_answers_with_a_charged_noise_round(monkeypatch, tmp_path):
+    """Robustness of the same kind (the coordinator's validation fraction and split seed decide the
+    training rows): a segmentation site whose training split holds no image raised (the head's inputs
+    were taken as ``inputs[0]`` of no maps) and answered "could not answer", uncharged, where a
+    classification site answers with a charged noise-only round. Reachable only where a stratum is one
+    group (the split then moves it whole to validation at a high fraction); the data layer is replaced
+    here by an empty one."""
+    from fed import task
+
+    monkeypatch.setattr(task, "site_maps", lambda policy, cfg, which, head: ((), np.zeros((0, 16, 16), np.int64), []))
+    policy = SitePolicy(data="phantom:15?seed=3", site_name="h-seg", state_dir=str(tmp_path / "state"),
+                        allowed_tasks=("segment",), privacy_unit="image")
+    cfg = RoundConfig(task="segment", labels=["background", "lesion"], head={}, local_epochs=1, batch_size=4,
+                      noise_multiplier=1.0, max_grad_norm=1.0, run_key="seg-empty")
+    sent = {k: v.detach().numpy().copy() for k, v in task._build_head(cfg).state_dict().items()}
+    reply = train_round(policy, cfg, sent)
+    assert (reply.status, reply.reason) == ("ok", ""), reply.reason
+    assert any(not np.array_equal(reply.arrays[k], sent[k]) for k in reply.arrays)  # noise only, but released
+    assert _releases(policy) == ["train"]
