@@ -5,7 +5,8 @@ images, so what an edge build used to compute from central images is computed by
 released under differential privacy, like every other release of a site:
 
 - :mod:`edge.federated.plan`: what the coordinator sends (the FP32 ONNX model, its quantization
-  points, fixed histogram bin edges per point) and the per-image histogram every site computes;
+  points, and either a group and public reference per point: the scale release, the default; or
+  fixed histogram bin edges per point) and the bounded per-image row every site computes;
 - :mod:`edge.federated.site`: the hospital side: its own training split through the model,
   one bounded contribution per image, Gaussian noise from OS entropy, charged to its lifetime ledger;
 - :mod:`edge.federated.coordinator`: the coordinator side: the plan (bin edges from public

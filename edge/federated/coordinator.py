@@ -1,5 +1,11 @@
 """The coordinator side of federated INT8 calibration: plan, merge, ranges, QDQ model.
 
+Two kinds of plan (``make_plan(kind=...)``): the **scale** release (default,
+:class:`~edge.federated.plan.ScalePlan`: a DP count and one bounded log scale per group of points
+relative to the public phantoms; :func:`scale_ranges` multiplies each point's public range by its
+group's scale) and per-point **histograms** (:class:`~edge.federated.plan.CalibrationPlan`), whose
+steps follow. Why the scale release is the default: docs/edge.md, "What we tried next".
+
 1. **Plan** (:func:`make_plan`): the quantization points are the tensors ONNX Runtime's own
    calibrator would collect (:func:`calibration_points`: every float input and output of the node
    types to quantize, in the pre-processed model); each point's bin edges span

@@ -10,8 +10,9 @@ the run's round config (which split of its data is "train": the same split as tr
    is not allowed, or when the plan is malformed (too many points or bins, bad edges);
 2. runs every image of its **training split** through the model with ONNX Runtime, one image at a
    time (intermediate tensors of a Swin mix the batch with the windows), fetching the points;
-3. sums one bounded contribution per image (:func:`edge.federated.plan.image_row`: L2 norm at
-   most ``clip``), so one image changes the sums by at most ``clip`` (the L2 sensitivity); where the
+3. sums one bounded contribution per image (``plan.row``: per-point histograms,
+   :func:`edge.federated.plan.image_row`, or a scale plan's count and group scales,
+   :class:`edge.federated.plan.ScalePlan`; L2 norm at most ``clip`` either way), so one image changes the sums by at most ``clip`` (the L2 sensitivity); where the
    site's unit of privacy is the patient (policy ``privacy_unit``, ``fed.task.site_unit``), each
    patient's rows are summed and that sum is scaled down to ``clip``, so one patient moves the sums
    by at most ``clip`` however many images it has, and the release is accounted per patient;
