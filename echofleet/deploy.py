@@ -15,7 +15,7 @@ Everything ``docs/deploy.md`` tells a coordinator and a hospital to do, done for
    until the run finishes and its report is written;
 6. optionally (``DeployConfig.release_target``) the edge release: ``edge build RUN --calib sites``
    whose calibration is a second ``flwr run`` with ``mode = "release"`` over the same TLS SuperLink
-   (each hospital answers with noisy activation histograms charged to its ledger; no patient image
+   (each hospital answers with noisy activation scales charged to its ledger; no patient image
    reaches the coordinator), then the central gate on public phantoms, sign, verify;
 7. stop every process started here (also on error, timeout or Ctrl-C).
 

@@ -472,7 +472,7 @@ def bench(
 def build(
     run_dir: Path = typer.Argument(..., help="Federation run directory (uses RUN/global) or a task-model directory."),
     target: str = typer.Option(..., "--target", help=_TARGET_HELP),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8), or 'sites': the run's sites calibrate (noisy histograms charged to their ledgers; no image here)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8), or 'sites': the run's sites calibrate (noisy activation scales charged to their ledgers; no image here)."),
     val: Optional[str] = typer.Option(None, "--val", help="Labelled validation data spec for the central accuracy gate (needed unless --accept sites)."),
     accept: Optional[str] = typer.Option(None, "--accept", help="'sites': federated acceptance: every site gates the signed candidate on its own validation split (simulation runs: their virtual hospitals pin --key's public key)."),
     quorum: Optional[int] = typer.Option(None, "--quorum", help="--accept sites: how many sites must pass (default: every participating site)."),
