@@ -541,7 +541,10 @@ def _verify_fixed_parts(policy: SitePolicy, cfg: RoundConfig, head) -> str | Non
     reference = policy.projection_reference or DEFAULT_REFERENCE
     mean, matrix = public_projection(cfg.encoder, spec, int(head.proj_dim), policy.features_dir, reference, head.stages)
     problem = projection_mismatch(buffers["proj_mean"], buffers["proj_matrix"], mean, matrix)
-    return f"evaluation refused: {problem} (public reference {reference})" if problem else None
+    # The default reference is echofleet's phantom spec (public text); a policy's own reference is a data
+    # spec that may hold a path on the site's machine, which never leaves it: the reply only says so.
+    named = reference if reference == DEFAULT_REFERENCE else "the one this site's policy names"
+    return f"evaluation refused: {problem} (public reference: {named})" if problem else None
 
 
 @_guarded

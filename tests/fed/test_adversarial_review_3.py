@@ -204,3 +204,35 @@ def test_a_segmentation_site_with_no_training_image_answers_with_a_charged_noise
     assert (reply.status, reply.reason) == ("ok", ""), reply.reason
     assert any(not np.array_equal(reply.arrays[k], sent[k]) for k in reply.arrays)  # noise only, but released
     assert _releases(policy) == ["train"]
+
+
+def test_a_refused_projection_does_not_name_the_sites_reference_path(monkeypatch, tmp_path):
+    """The reply to a head whose fixed projection the site cannot verify named the site's
+    ``projection_reference``: a data spec the hospital writes, e.g. ``folder:/srv/<hospital>/ref``, so a
+    path on its machine left the site (never in a reply: docs/privacy.md). Only the default phantom
+    spec, public text, is named now. (The site's recomputation is replaced: the reply text is the point.)"""
+    import fed.features as features
+
+    d = 4
+    monkeypatch.setattr(features, "public_projection",
+                        lambda *a, **k: (np.zeros(744, np.float32), np.eye(744, d, dtype=np.float32)))
+    reference = f"folder:{tmp_path}/srv/st-elsewhere-hospital/reference"
+    policy = SitePolicy(data="phantom:15?seed=3", site_name="h1", state_dir=str(tmp_path / "state"),
+                        projection_reference=reference)
+    cfg = _train_cfg(head={"proj_dim": d})
+    crafted = {k: np.ones_like(v) for k, v in _head_with_projection(d).items()}
+    reply = evaluate_round(policy, cfg, crafted)
+    assert reply.status == "refused" and "projection" in reply.reason, reply.reason
+    assert str(tmp_path) not in reply.reason and "hospital" not in reply.reason, reply.reason
+    assert _releases(policy) == []
+
+
+def _head_with_projection(d: int) -> dict[str, np.ndarray]:
+    import torch
+
+    from echocare.models.encoder import get_config
+    from echocare.models.heads import build_head
+
+    torch.manual_seed(0)
+    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=d)
+    return {n: v.detach().numpy().copy() for n, v in head.state_dict().items()}
