@@ -682,7 +682,10 @@ def _segment_contributions(policy: SitePolicy, cfg: RoundConfig, head):
                 rows[i + j, 1] = 1.0 if total == 0 else 2.0 * (p & g).sum() / total
                 rows[i + j, 2] = 1.0
                 px, hc, scale = meta[i + j]
-                if cfg.task == "hc" and px is not None and hc is not None:
+                # Metadata only decides whether an image counts for HC (never the head's prediction): a
+                # pixel size or scale that is not a positive number made measured_hc_mm raise for the
+                # images a crafted head predicts a mask on ("could not answer", uncharged).
+                if cfg.task == "hc" and _positive(px) and _positive(scale) and hc is not None and math.isfinite(float(hc)):
                     est.append(measured_hc_mm(pred[j], px / scale))
                     truth.append(hc)
                     rows[i + j, 3] = min(abs(est[-1] - hc), HC_CAP_MM) / HC_CAP_MM
@@ -695,6 +698,14 @@ def _segment_contributions(policy: SitePolicy, cfg: RoundConfig, head):
     if est:
         exact["hc_mae_mm"] = float(hc_mae_mm(np.array(est), np.array(truth)))
     return rows, exact
+
+
+def _positive(v) -> bool:
+    """A finite number above zero (metadata such as a pixel size may be missing, zero or NaN)."""
+    try:
+        return v is not None and math.isfinite(float(v)) and float(v) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 _SENSITIVITY = {"classify": lambda k: math.sqrt(k + 3), "segment": lambda k: math.sqrt(5), "hc": lambda k: math.sqrt(5)}

@@ -409,9 +409,13 @@ def _mask_rows(outputs: np.ndarray, ev: EvalSet):
         if ev.masks is not None:
             rows[i, 1] = post.dice_binary(p, ev.masks[i])
         rows[i, 2] = 1.0
-        if ev.task == "hc":
-            hc = post.hc_from_mask(p, float(ev.pixel_mm[i]))
-            rows[i, 3] = min(abs((hc if math.isfinite(hc) else 0.0) - float(ev.hc_mm[i])), HC_CAP_MM) / HC_CAP_MM
+        px, truth = (float(ev.pixel_mm[i]), float(ev.hc_mm[i])) if ev.task == "hc" else (0.0, 0.0)
+        # Metadata alone decides whether an image counts for HC: a pixel size that is not a positive
+        # number made hc_from_mask raise only when the bundle predicted a mask for that image ("could
+        # not answer", uncharged: an oracle a crafted bundle steers); a NaN truth made every sum NaN.
+        if ev.task == "hc" and math.isfinite(px) and px > 0 and math.isfinite(truth):
+            hc = post.hc_from_mask(p, px)
+            rows[i, 3] = min(abs((hc if math.isfinite(hc) else 0.0) - truth), HC_CAP_MM) / HC_CAP_MM
             rows[i, 4] = 1.0
     return rows
 

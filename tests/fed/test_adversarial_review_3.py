@@ -236,3 +236,75 @@ def _head_with_projection(d: int) -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=d)
     return {n: v.detach().numpy().copy() for n, v in head.state_dict().items()}
+
+
+def test_hc_evaluation_with_a_bad_pixel_size_is_not_an_oracle(monkeypatch, tmp_path):
+    """Attack: HC evaluation measures the head's predicted mask in millimetres. For an image whose
+    metadata gives a pixel size of 0 (or NaN), measuring raised, but only when the head predicted a
+    non-empty mask; a crafted head that predicts a mask only for images above a threshold turned that
+    into "could not answer", uncharged, exactly when such an image is above it. Now metadata alone
+    decides whether an image counts for HC: that image's HC columns are zero, whatever the head does."""
+    import torch
+
+    from fed import task
+
+    size, n = 8, 4
+    maps = np.zeros((n, 1, size, size), np.float32)
+    maps[2] = 1.0  # the image the crafted head "recognises"
+    masks = np.zeros((n, size, size), np.int64)
+    masks[:, 2:6, 2:6] = 1
+    meta = [(0.1, 50.0, 1.0), (0.1, 50.0, 1.0), (0.0, 50.0, 1.0), (float("nan"), 50.0, 1.0)]  # image 2, 3: broken
+
+    class Tripwire(torch.nn.Module):  # a mask (class 1 everywhere) only for an image whose map is set
+        def forward(self, m):
+            trip = (m.flatten(1).amax(1) > 0.5)[:, None, None, None]
+            return torch.where(trip, torch.cat([m * 0, m * 0 + 5], 1), torch.cat([m * 0 + 5, m * 0], 1))
+
+    monkeypatch.setattr(task, "site_maps", lambda policy, cfg, which, head: ((maps,), masks, meta))
+    monkeypatch.setattr(task, "MapsHead", lambda head: Tripwire())
+    policy = SitePolicy(data="phantom:15?seed=3", site_name="h-hc", state_dir=str(tmp_path / "state"))
+    rows, _ = task._segment_contributions(policy, RoundConfig(task="hc", labels=["background", "head"]), head=None)
+    assert torch.isfinite(rows).all(), rows
+    assert rows[[2, 3], 3:].abs().sum() == 0 and rows[[0, 1], 4].tolist() == [1.0, 1.0]
+
+
+def test_hc_acceptance_with_a_bad_pixel_size_is_not_an_oracle():
+    """The same oracle through federated acceptance: the candidate bundle (the coordinator's code) that
+    predicts a head mask only for chosen images made ``hc_from_mask`` raise on an image whose pixel size
+    is 0, and the site answered "could not answer", uncharged; a NaN true HC made every release NaN.
+    Now such images have zero HC columns, whatever the bundle predicts."""
+    from edge.build.evaluate import EvalSet
+    from edge.federated import accept as acc
+
+    n, s = 4, 8
+    masks = np.zeros((n, s, s), np.uint8)
+    masks[:, 2:6, 2:6] = 1
+    ev = EvalSet(spec="", task="hc", labels=["background", "head"], inputs=np.zeros((n, 3, s, s), np.float32),
+                 masks=masks, hc_mm=np.array([50.0, 50.0, 50.0, np.nan]), pixel_mm=np.array([0.1, 0.1, 0.0, 0.1]))
+    logits = np.zeros((n, 2, s, s), np.float32)
+    logits[:, 1, 2:6, 2:6] = 5.0  # the bundle predicts a head on every image
+    rows = acc._mask_rows(logits, ev)
+    assert np.isfinite(rows.numpy()).all(), rows
+    assert rows[[2, 3], 3:].abs().sum() == 0 and rows[[0, 1], 4].tolist() == [1.0, 1.0]
+
+
+def test_a_stretching_bundle_does_not_fail_the_whole_hc_acceptance_on_one_image():
+    """Attack: the bundle's manifest (the coordinator's) sets the preprocessing. With
+    ``resize = "stretch"`` an HC image whose crop is not square has non-square output pixels, and
+    ``load_eval_set`` raised for the whole validation set (outside its per-image skip): "could not
+    answer", uncharged, exactly when some image's crop is not square, which the crop thresholds (also
+    the coordinator's) steer. Now that image alone is skipped and recorded, as any unusable image."""
+    from echocare.data.base import Sample, SiteData
+    from echocare.preprocess import PreprocessSpec
+    from edge.build.evaluate import load_eval_set
+
+    def sample(key: str, h: int, w: int) -> Sample:
+        img = np.full((h, w), 200, np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+        return Sample(key, None, lambda: img, lambda: mask, meta={"pixel_size_mm": 0.1, "hc_mm": 100.0})
+
+    data = SiteData("hc-test", [], [sample("square", 64, 64), sample("wide", 64, 96)], task_hint="hc")
+    ev = load_eval_set(data, "hc", ["background", "head"], PreprocessSpec(size=32, crop=False, resize="stretch"))
+    assert len(ev) == 1 and ev.pixel_mm.tolist() == [pytest.approx(0.2)]
+    assert [p.path for p in ev.problems] == ["wide"]
