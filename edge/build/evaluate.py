@@ -113,6 +113,9 @@ def load_eval_set(data_spec: "str | SiteData", task: str, labels: list[str], pre
         try:
             x, g = preprocess_image(image, preprocess)
             m = apply_geometry_to_mask(mask, g) if mask is not None else None
+            # inside the try: a stretched (non-square) output pixel is this image's problem, not an
+            # exception for the whole set (whether a crop is square depends on the image)
+            px = g.output_pixel_mm(float(sample.meta["pixel_size_mm"])) if task == "hc" else None
         except ValueError as e:
             problems.append(Problem(sample.key, str(e)))
             continue
@@ -123,7 +126,7 @@ def load_eval_set(data_spec: "str | SiteData", task: str, labels: list[str], pre
             ms.append(m)
         if task == "hc":
             hcs.append(float(sample.meta["hc_mm"]))
-            pms.append(g.output_pixel_mm(float(sample.meta["pixel_size_mm"])))
+            pms.append(px)
         if limit and len(xs) >= limit:
             break
     if not xs:
