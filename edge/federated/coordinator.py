@@ -274,12 +274,14 @@ def derive_ranges(merged: Merged, plan: Plan, method: str = "minmax", *, symmetr
     return out
 
 
-def scale_ranges(merged: Merged, plan: ScalePlan, *, count_sigmas: float = 3.0) -> Ranges:
+def scale_ranges(merged: Merged, plan: ScalePlan, *, count_sigmas: float = 3.0, scale_sigmas: float = 2.0) -> Ranges:
     """A scale plan's ranges: each asked side of a point is its public range's side times
     ``exp(scale of its group)``; the group's scale is the merged mean log ratio ``(S_g * width / b) /
-    (S_0 / c)`` (:class:`~edge.federated.plan.ScalePlan`), clipped to ``[-width, width]``. When the
-    noisy count ``S_0`` is not ``count_sigmas`` noise deviations above zero (too few images for the
-    noise), every point keeps its public range. Post-processing only (no further privacy cost)."""
+    (S_0 / c)`` (:class:`~edge.federated.plan.ScalePlan`), clipped to ``[-width, width]``, and taken
+    as 0 (the public range) unless it is more than ``scale_sigmas`` of its own noise away from 0 (a
+    scale the noise could have made is not applied). When the noisy count ``S_0`` is not
+    ``count_sigmas`` noise deviations above zero (too few images for the noise), every point keeps
+    its public range. Post-processing only (no further privacy cost)."""
     if plan.public_ranges is None:
         raise ValueError("a scale plan's ranges need the public ranges it was made with (the coordinator's plan)")
     sums = merged.sums.ravel()
@@ -293,7 +295,9 @@ def scale_ranges(merged: Merged, plan: ScalePlan, *, count_sigmas: float = 3.0) 
                          "every point keeps the public images' range")
         return out
     n = sums[0] / c
-    scale = np.clip(sums[1:] * plan.width / b / n, -plan.width, plan.width)
+    noise = merged.noise_std * plan.width / b / n
+    measured = np.clip(sums[1:] * plan.width / b / n, -plan.width, plan.width)
+    scale = np.where(np.abs(measured) > scale_sigmas * noise, measured, 0.0)
     out.scales = scale.tolist()
     out.count = float(n)
     for p, name in enumerate(plan.points):
@@ -304,10 +308,9 @@ def scale_ranges(merged: Merged, plan: ScalePlan, *, count_sigmas: float = 3.0) 
         if g_hi >= 0 and hi > 0:
             hi *= math.exp(scale[g_hi])
         out.ranges[name] = (lo, hi)
-    noise = merged.noise_std * plan.width / b / n
-    out.notes.append(f"{plan.n_groups} group scale(s) exp({', '.join(f'{x:+.2f}' for x in scale[:8])}"
-                     f"{', ...' if len(scale) > 8 else ''}) x the public ranges; noise on each log scale about "
-                     f"{noise:.3f} (noisy count {n:.0f})")
+    out.notes.append(f"{plan.n_groups} group scale(s) measured {', '.join(f'{x:+.2f}' for x in measured[:8])}"
+                     f"{', ...' if len(measured) > 8 else ''} (noise on each about {noise:.3f}, noisy count {n:.0f}); "
+                     f"{int((scale != 0).sum())} above {scale_sigmas:g} noise deviations applied, the others keep the public range")
     return out
 
 

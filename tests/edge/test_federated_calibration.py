@@ -269,6 +269,11 @@ def test_scale_plan_finds_the_scale_of_the_sites_activations(tiny):
     few = merge([SiteAnswer("s", "ok", histograms=parts[0] + rng.normal(0, 8.0, parts[0].shape), noise_std=8.0)], plan)
     r = derive_ranges(few, plan)
     assert r.public_fallback == list(plan.points) and r.ranges[plan.points[-1]] == tuple(plan.public_ranges[-1])
+    # enough images to count, too few to tell a log 2 scale from the noise: the public range is kept
+    some = merge([SiteAnswer("s", "ok", histograms=5 * parts[0], noise_std=1.5)], plan)  # count 5.8 > 3 x 1.5; scale noise 0.52
+    r = derive_ranges(some, plan)
+    assert not r.public_fallback and r.scales == [0.0, 0.0] and "0 above 2 noise deviations" in r.notes[-1]
+    assert r.ranges[plan.points[-1]] == tuple(plan.public_ranges[-1])
 
 
 def test_scale_plan_travels_as_arrays_and_a_bad_one_is_refused(tiny, tmp_path):
