@@ -181,7 +181,8 @@ def bench_scale(sites: int, rounds: int, encoder: str, per_site: int, cache_dir:
 
 
 def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int = 10, local_epochs: int = 2,
-                  lr: float = 0.2, batch_size: int = 32, projection: int = 64, cache_dir: str | None = None) -> dict:
+                  lr: float = 0.2, batch_size: int = 32, projection: int = 64, cache_dir: str | None = None,
+                  average_last: tuple[int, ...] = ()) -> dict:
     """Federated DP (3 sites, Dirichlet 0.5, eps 8 per site) vs centralised heads, on the same features.
 
     Every head is scored on ONE pooled held-out set (the union of the sites' validation splits), so
@@ -195,6 +196,10 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
       baseline, not a strawman, and the same reference whatever ``projection`` the federation uses
       (the run's own projection is scored too when it differs).
     Repeated over ``seeds`` Dirichlet partitions (the split of BUSI between sites changes with it).
+
+    ``average_last`` (K, ...): the federated head is also scored as the mean of the global heads the
+    coordinator checkpointed after the last K rounds (post-processing of released heads: no privacy
+    cost), reported as ``federated_dp_eps8_avg_lastK_auroc``.
     """
     import torch
     from safetensors.numpy import load_file
@@ -242,6 +247,14 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
         fed_head = task._build_head(rc)
         task._load_arrays(fed_head, {**start, **load_file(str(run / "global" / "head.safetensors"))})
         fed_auroc = score(fed_head)
+        avg_auroc = {}
+        for last in average_last:  # the coordinator's own round checkpoints of the released global heads
+            rounds_kept = [load_file(str(run / "checkpoints" / f"round-{r:04d}" / "weights.safetensors"))
+                           for r in range(rounds - last + 1, rounds + 1)]
+            avg = {k: np.mean([w[k] for w in rounds_kept], axis=0).astype(rounds_kept[-1][k].dtype) for k in rounds_kept[-1]}
+            avg_head = task._build_head(rc)
+            task._load_arrays(avg_head, {**start, **avg})
+            avg_auroc[f"federated_dp_eps8_avg_last{last}_auroc"] = score(avg_head)
 
         head = task._build_head(rc)
         task._load_arrays(head, start)
@@ -265,46 +278,67 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
         central = central_non_dp(64)
         central_same = central if projection == 64 else central_non_dp(projection)
         per_seed.append({"seed": seed, "site_sizes": sizes, "train_images": int(n), "pooled_val_images": int(len(y_va)),
-                         "federated_dp_eps8_auroc": fed_auroc, "centralised_dp_eps8_auroc": central_dp,
+                         "federated_dp_eps8_auroc": fed_auroc, **avg_auroc,
+                         "centralised_dp_eps8_auroc": central_dp,
                          "centralised_non_dp_auroc": central, "centralised_non_dp_auroc_run_projection": central_same,
                          "federated_reported_auroc_last_round": report["rounds"][-1]["aggregated"]["evaluate"].get("auroc")})
+        print(f"  partition {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_seed[-1].items()
+                                                  if k.endswith("auroc") or k.endswith("projection") if v is not None), flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    keys = ["federated_dp_eps8_auroc", "centralised_dp_eps8_auroc", "centralised_non_dp_auroc",
+            "centralised_non_dp_auroc_run_projection"] + [f"federated_dp_eps8_avg_last{k}_auroc" for k in average_last]
     mean = lambda k: float(np.mean([r[k] for r in per_seed]))  # noqa: E731
     sd = lambda k: float(np.std([r[k] for r in per_seed]))  # noqa: E731
     return {"encoder": encoder, "encoder_weights": "seeded random init (no released EchoCare weights offline)",
             "images": per_seed[0]["train_images"] + per_seed[0]["pooled_val_images"],
             "protocol": {"sites": 3, "partition": "dirichlet:0.5", "epsilon_per_site": 8.0, "rounds": rounds,
                          "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size, "projection": projection,
-                         "seeds": seeds},
+                         "average_last": list(average_last), "seeds": seeds},
             "per_seed": per_seed,
-            **{f"{k}_mean": mean(k) for k in ("federated_dp_eps8_auroc", "centralised_dp_eps8_auroc", "centralised_non_dp_auroc")},
-            **{f"{k}_sd": sd(k) for k in ("federated_dp_eps8_auroc", "centralised_dp_eps8_auroc", "centralised_non_dp_auroc")},
+            **{f"{k}_{f}": fn(k) for k in keys for f, fn in (("mean", mean), ("sd", sd))},
             "cost_of_federation_and_privacy": mean("centralised_non_dp_auroc") - mean("federated_dp_eps8_auroc")}
 
 
 # -- what helps under DP: an in-process sweep over the sites' real train_round -------------------------
-SWEEP = {  # name -> run-config changes from the quality protocol (projection 64, 10 rounds x 2 epochs, lr 0.2, batch 32)
+#: The quality protocol the sweep starts from: 10 rounds x 2 local epochs, lr 0.2, expected batch 32,
+#: epsilon 8 per site, and the run-config default public projection (128 since issue 12's first sweep;
+#: that sweep's 64-dim rows are recorded in docs/federation.md).
+SWEEP_BASE = dict(num_server_rounds=10, local_epochs=2, lr=0.2, batch_size=32, target_epsilon=8.0, feature_projection=128)
+SWEEP = {  # name -> changes from SWEEP_BASE. Keys that are not run-config fields (measured here only):
+    #   optimizer: "adam" = DP-Adam (fed.dp.DPConfig.optimizer; noise before Adam's update, post-processing)
+    #   average_last: K = the coordinator releases the mean of the last K rounds' global heads
+    #                 (post-processing of released heads: no privacy cost)
+    #   unit_norm: True = each example's projected features scaled to norm sqrt(proj_dim) before the
+    #              linear layer (a per-example, data-independent transform: no privacy cost)
+    #   pooling: "last", pretrain: True (head pre-trained on 300 labelled public phantoms)
     "protocol": {},
-    "proj16": {"feature_projection": 16},
-    "proj32": {"feature_projection": 32},
-    "proj128": {"feature_projection": 128},
-    "rounds5-epochs1": {"num_server_rounds": 5, "local_epochs": 1},
-    "rounds20-epochs1": {"num_server_rounds": 20, "local_epochs": 1},
-    "batch64": {"batch_size": 64},
-    "batch128-lr0.5": {"batch_size": 128, "lr": 0.5},
-    "lr0.5": {"lr": 0.5},
+    "proj64": {"feature_projection": 64},
+    "adam-lr0.01": {"optimizer": "adam", "lr": 0.01},
+    "adam-lr0.03": {"optimizer": "adam", "lr": 0.03},
+    "adam-lr0.1": {"optimizer": "adam", "lr": 0.1},
+    "adam-lr0.03-avg-last5": {"optimizer": "adam", "lr": 0.03, "average_last": 5},
+    "adam-lr0.01-avg-last5": {"optimizer": "adam", "lr": 0.01, "average_last": 5},
+    "adam-lr0.01-rounds20-avg-last10": {"optimizer": "adam", "lr": 0.01, "num_server_rounds": 20, "average_last": 10},
+    "avg-last3": {"average_last": 3},
+    "avg-last10": {"average_last": 10},
+    "lr0.1-avg-last5": {"lr": 0.1, "average_last": 5},
+    "avg-last5": {"average_last": 5},
+    "rounds20-lr0.1": {"num_server_rounds": 20, "lr": 0.1},
+    "rounds20-lr0.1-avg-last10": {"num_server_rounds": 20, "lr": 0.1, "average_last": 10},
+    "rounds40-epochs1-lr0.1": {"num_server_rounds": 40, "local_epochs": 1, "lr": 0.1},
+    "batch256-lr1": {"batch_size": 256, "lr": 1.0},  # q = 1 at every site: DP-GD, 20 full steps
+    "batch256-lr2-avg-last5": {"batch_size": 256, "lr": 2.0, "average_last": 5},
+    "lr0.1": {"lr": 0.1},
     "lr0.05": {"lr": 0.05},
+    "unit-norm": {"unit_norm": True},
+    "unit-norm-lr0.1": {"unit_norm": True, "lr": 0.1},
+    "clip0.1-lr2": {"max_grad_norm": 0.1, "lr": 2.0},
     "pooling-last": {"pooling": "last"},
     "phantom-pretrain": {"pretrain": True},
-    "proj16-phantom-pretrain": {"feature_projection": 16, "pretrain": True},
     "proj256": {"feature_projection": 256},
-    "batch128-lr1": {"batch_size": 128, "lr": 1.0},
-    "batch256-lr1": {"batch_size": 256, "lr": 1.0},
-    "proj128-batch128-lr0.5": {"feature_projection": 128, "batch_size": 128, "lr": 0.5},
-    "proj128-batch128-lr1": {"feature_projection": 128, "batch_size": 128, "lr": 1.0},
-    "proj128-batch256-lr1": {"feature_projection": 128, "batch_size": 256, "lr": 1.0},
-    "proj128-batch128-lr0.5-rounds5": {"feature_projection": 128, "batch_size": 128, "lr": 0.5, "num_server_rounds": 5},
 }
+#: Sweep keys measured outside the run config (see SWEEP).
+SWEEP_ONLY = ("optimizer", "average_last", "unit_norm", "pooling", "pretrain")
 
 
 def _fedavg(replies: list, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -368,11 +402,49 @@ def _memoised_pooled_features():
     return install, remove
 
 
+class _SweepPatches:
+    """The sweep's measured-only changes, installed for one configuration and removed after it:
+    ``optimizer`` (fed.task builds its DPConfig with it) and ``unit_norm`` (ClassifyHead scales each
+    example's projected features to norm sqrt(proj_dim) before its linear layer; the closed-form DP
+    path reads the linear layer's input, so training and scoring both see it)."""
+
+    def __init__(self, optimizer: str | None, unit_norm: bool):
+        self.optimizer, self.unit_norm = optimizer, unit_norm
+
+    def __enter__(self):
+        import functools
+
+        from echocare.models.heads import ClassifyHead
+        from fed import task
+
+        self._dp, self._forward = task.DPConfig, ClassifyHead.forward
+        if self.optimizer:
+            task.DPConfig = functools.partial(task.DPConfig, optimizer=self.optimizer)
+        if self.unit_norm:
+            def forward(head, pooled):
+                if head.proj_dim > 0:
+                    pooled = (pooled - head.proj_mean) @ head.proj_matrix
+                pooled = pooled * (pooled.shape[1] ** 0.5 / pooled.norm(dim=1, keepdim=True).clamp_min(1e-6))
+                return head.net(pooled)
+
+            ClassifyHead.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        from echocare.models.heads import ClassifyHead
+        from fed import task
+
+        task.DPConfig, ClassifyHead.forward = self._dp, self._forward
+        return False
+
+
 def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: str | None, limit: int | None = None,
                         repeats: int = 1) -> dict:
     """Federated DP (3 sites, Dirichlet 0.5, epsilon 8 per site) under each SWEEP configuration,
-    scored like ``quality`` on the pooled held-out splits, against the centralised non-DP reference of
-    the quality protocol (L2 logistic regression, C cross-validated, on the default 64-dim projection).
+    scored like ``quality`` on the pooled held-out splits, against centralised non-DP references:
+    L2 logistic regression (C cross-validated) on the training union, **like for like** (the same
+    head input as the configuration: its projection size, pooling, per-example scaling), and the
+    protocol's (128-dim projection).
 
     The federation is emulated in one process: each round every site runs its real ``train_round``
     (its policy, lifetime ledger, noise calibration, DP-SGD), and the coordinator averages the
@@ -385,7 +457,6 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     from echocare.metrics import auroc_macro_ovr
     from echofleet.simulation import SimulationConfig, check, layout_sites
     from fed import task
-    from fed.config import RunConfig
     from fed.policy import load_policy
     from fed.task import site_features, train_round
     from server.coordinator.server_app import initial_head
@@ -395,58 +466,72 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     tmp = Path(tempfile.mkdtemp())
     cache = cache_dir or str(tmp / "cache")
     data = f"busi:{BUSI}" + (f"?limit={limit}&seed=0" if limit else "")
-    base = dict(num_server_rounds=10, local_epochs=2, lr=0.2, batch_size=32, target_epsilon=8.0, feature_projection=64)
     rows = []
     install, remove = _memoised_pooled_features()
     install()
     order = ["protocol"] + [n for n in names if n != "protocol"]
     for seed in range(seeds):
-        reference = None
+        references: dict[tuple, float] = {}  # (proj_dim, pooling, unit_norm) -> centralised non-DP AUROC
         for name in [n for _ in range(repeats) for n in order]:  # DP noise differs run to run: repeat
             change = dict(SWEEP[name])
-            pooling, pretrain = change.pop("pooling", None), change.pop("pretrain", False)
+            extra = {k: change.pop(k) for k in SWEEP_ONLY if k in change}
             run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix=f"s{seed}-{name}-"))
-            sim = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=change.get("num_server_rounds", 10),
+            rounds = change.get("num_server_rounds", SWEEP_BASE["num_server_rounds"])
+            sim = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=rounds,
                                    epsilon=8.0, encoder=encoder, out=str(run_dir), cache_dir=cache, seed=seed,
-                                   local_epochs=change.get("local_epochs", 2), quiet=True, device="cpu")
-            run = check(sim).replace(**{**base, **change}, encoder_config=encoder, seed=seed, run_dir=str(run_dir),
+                                   local_epochs=change.get("local_epochs", SWEEP_BASE["local_epochs"]), quiet=True, device="cpu")
+            run = check(sim).replace(**{**SWEEP_BASE, **change}, encoder_config=encoder, seed=seed, run_dir=str(run_dir),
                                      public_cache_dir=cache)
             rc = run.round_config(f"sweep-{seed}-{name}-{run_dir.name}")
-            if pooling:
-                rc.head = {**rc.head, "pooling": pooling}
+            if extra.get("pooling"):
+                rc.head = {**rc.head, "pooling": extra["pooling"]}
             sites = layout_sites(sim, run_dir)
             policies = [load_policy(sites / f"site-{k}" / "policy.toml") for k in range(3)]
             t = time.perf_counter()
-            weights = initial_head(rc, run)
-            if pretrain:
-                weights = _phantom_pretrained(rc, run, weights)
-            start = dict(weights)
-            trained = 0
-            for rnd in range(1, run.num_server_rounds + 1):
-                replies = [train_round(p, dataclasses.replace(rc, server_round=rnd), weights) for p in policies]
-                trained += sum(r.status == "ok" for r in replies)
-                weights = _fedavg(replies, weights)
-            xs, ys, xv, yv = [], [], [], []
-            for p in policies:
-                a, b = site_features(p, rc, "train")
-                c, d = site_features(p, rc, "val")
-                xs.append(a), ys.append(b), xv.append(c), yv.append(d)
-            x_tr, y_tr, x_va, y_va = map(np.concatenate, (xs, ys, xv, yv))
-            head = task._build_head(rc)
-            task._load_arrays(head, weights)
-            with torch.no_grad():
-                auroc = float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
-            if reference is None:  # the quality protocol's centralised non-DP reference (64-dim projection)
-                task._load_arrays(head, start)
+            with _SweepPatches(extra.get("optimizer"), bool(extra.get("unit_norm"))):
+                weights = initial_head(rc, run)
+                if extra.get("pretrain"):
+                    weights = _phantom_pretrained(rc, run, weights)
+                start = dict(weights)
+                trained, history, sigmas = 0, [], []
+                for rnd in range(1, run.num_server_rounds + 1):
+                    replies = [train_round(p, dataclasses.replace(rc, server_round=rnd), weights) for p in policies]
+                    trained += sum(r.status == "ok" for r in replies)
+                    weights = _fedavg(replies, weights)
+                    history.append(weights)
+                k = int(extra.get("average_last", 1))
+                released = {key: np.mean([h[key] for h in history[-k:]], axis=0).astype(weights[key].dtype) for key in weights}
+                xs, ys, xv, yv = [], [], [], []
+                for p in policies:
+                    a, b = site_features(p, rc, "train")
+                    c, d = site_features(p, rc, "val")
+                    xs.append(a), ys.append(b), xv.append(c), yv.append(d)
+                x_tr, y_tr, x_va, y_va = map(np.concatenate, (xs, ys, xv, yv))
+                head = task._build_head(rc)
+                task._load_arrays(head, released)
                 with torch.no_grad():
-                    proj = lambda x: ((torch.from_numpy(x) - head.proj_mean) @ head.proj_matrix).numpy()  # noqa: E731
-                lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr", max_iter=5000).fit(proj(x_tr), y_tr)
-                reference = float(auroc_macro_ovr(y_va, lr_cv.predict_proba(proj(x_va)), 3))
+                    auroc = float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
+                ref_key = (run.feature_projection, extra.get("pooling"), bool(extra.get("unit_norm")))
+                if ref_key not in references:  # L2 logistic regression on the same head input, C cross-validated
+                    task._load_arrays(head, start)
+                    lin = head.net[-1]
+                    inputs: list = []
+                    hook = lin.register_forward_hook(lambda _m, inp, _out: inputs.append(inp[0].detach().numpy()))
+                    with torch.no_grad():
+                        head(torch.from_numpy(x_tr)), head(torch.from_numpy(x_va))
+                    hook.remove()
+                    lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr",
+                                                 max_iter=5000).fit(inputs[0], y_tr)
+                    references[ref_key] = float(auroc_macro_ovr(y_va, lr_cv.predict_proba(inputs[1]), 3))
+            reference = references[ref_key]
+            protocol_ref = references[(SWEEP_BASE["feature_projection"], None, False)]
             rows.append({"seed": seed, "config": name, "change": SWEEP[name], "federated_dp_eps8_auroc": auroc,
-                         "centralised_non_dp_auroc": reference, "gap": reference - auroc, "site_rounds_trained": trained,
-                         "seconds": round(time.perf_counter() - t, 1)})
-            print(f"  seed {seed} {name:24s} fed DP {auroc:.3f}  central non-DP {reference:.3f}  gap {reference - auroc:+.3f}"
-                  f"  ({trained} site-rounds trained, {rows[-1]['seconds']} s)", flush=True)
+                         "centralised_non_dp_auroc": reference, "gap": reference - auroc,
+                         "centralised_non_dp_auroc_protocol": protocol_ref, "gap_to_protocol_reference": protocol_ref - auroc,
+                         "site_rounds_trained": trained, "seconds": round(time.perf_counter() - t, 1)})
+            print(f"  seed {seed} {name:28s} fed DP {auroc:.3f}  central non-DP same input {reference:.3f}  gap {reference - auroc:+.3f}"
+                  f"  (protocol ref {protocol_ref:.3f}: {protocol_ref - auroc:+.3f}; {trained} site-rounds trained, "
+                  f"{rows[-1]['seconds']} s)", flush=True)
     remove()
     shutil.rmtree(tmp, ignore_errors=True)
     summary = {}
@@ -454,8 +539,11 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
         got = [r for r in rows if r["config"] == name]
         summary[name] = {"federated_dp_eps8_auroc_mean": float(np.mean([r["federated_dp_eps8_auroc"] for r in got])),
                          "federated_dp_eps8_auroc_sd": float(np.std([r["federated_dp_eps8_auroc"] for r in got])),
-                         "gap_mean": float(np.mean([r["gap"] for r in got])), "seeds": len(got)}
-    return {"encoder": encoder, "protocol": base, "rows": rows, "summary": summary}
+                         "gap_mean": float(np.mean([r["gap"] for r in got])),
+                         "gap_sd": float(np.std([r["gap"] for r in got])),
+                         "gap_to_protocol_reference_mean": float(np.mean([r["gap_to_protocol_reference"] for r in got])),
+                         "runs": len(got)}
+    return {"encoder": encoder, "protocol": SWEEP_BASE, "rows": rows, "summary": summary}
 
 
 def main() -> None:
@@ -470,9 +558,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="sweep: Dirichlet partitions")
     ap.add_argument("--repeats", type=int, default=1, help="sweep: runs of each configuration per partition")
     ap.add_argument("--projection", type=int, default=64, help="quality: public projection size of the head")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
     ap.add_argument("--batch-size", type=int, default=32, help="quality: expected batch size of the sites' DP-SGD")
     ap.add_argument("--lr", type=float, default=0.2, help="quality: local learning rate")
     ap.add_argument("--local-epochs", type=int, default=2, help="quality: local epochs per round")
+    ap.add_argument("--average-last", default="",
+                    help="quality: also score the mean of the last K rounds' global heads (post-processing), e.g. 3,5")
     a = ap.parse_args()
     todo = ["cache", "dp", "bytes", "scale", "quality"] if a.which == "all" else [a.which]
     results = {}
@@ -504,20 +595,29 @@ def main() -> None:
             r = bench_quality_sweep(a.encoder, a.configs.split(","), a.seeds, a.cache_dir, 150 if a.quick else None,
                                     repeats=a.repeats)
             line = "skipped: " + r["skipped"] if "skipped" in r else "; ".join(
-                f"{k} {v['federated_dp_eps8_auroc_mean']:.3f} (gap {v['gap_mean']:+.3f})" for k, v in r["summary"].items())
+                f"{k} {v['federated_dp_eps8_auroc_mean']:.3f} +- {v['federated_dp_eps8_auroc_sd']:.3f} (gap like for like "
+                f"{v['gap_mean']:+.3f} +- {v['gap_sd']:.3f}, to the protocol's reference {v['gap_to_protocol_reference_mean']:+.3f})"
+                for k, v in r["summary"].items())
         else:
             r = bench_quality(a.encoder, 150 if a.quick else None, seeds=1 if a.quick else 3, rounds=a.rounds or 10,
                               local_epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size, projection=a.projection,
-                              cache_dir=a.cache_dir)
+                              cache_dir=a.cache_dir, average_last=tuple(int(k) for k in a.average_last.split(",") if k))
             line = ("skipped: " + r["skipped"]) if "skipped" in r else (
                 f"BUSI ({r['images']} images) macro AUROC on the pooled held-out splits, mean +- sd over "
                 f"{r['protocol']['seeds']} partitions: federated DP eps=8 {r['federated_dp_eps8_auroc_mean']:.3f} "
                 f"+- {r['federated_dp_eps8_auroc_sd']:.3f}, centralised DP eps=8 {r['centralised_dp_eps8_auroc_mean']:.3f} "
                 f"+- {r['centralised_dp_eps8_auroc_sd']:.3f}, centralised non-DP {r['centralised_non_dp_auroc_mean']:.3f} "
-                f"+- {r['centralised_non_dp_auroc_sd']:.3f} (encoder {r['encoder']}, {r['encoder_weights']})")
+                f"+- {r['centralised_non_dp_auroc_sd']:.3f} (64-dim projection), "
+                f"{r['centralised_non_dp_auroc_run_projection_mean']:.3f} +- {r['centralised_non_dp_auroc_run_projection_sd']:.3f} "
+                f"(the run's {a.projection}-dim projection)"
+                + "".join(f", federated DP mean of the last {k} rounds' heads {r[f'federated_dp_eps8_avg_last{k}_auroc_mean']:.3f} "
+                          f"+- {r[f'federated_dp_eps8_avg_last{k}_auroc_sd']:.3f}" for k in r["protocol"]["average_last"])
+                + f" (encoder {r['encoder']}, {r['encoder_weights']})")
         results[name] = r
         print(f"[{name}] {line}   ({time.perf_counter() - t:.0f}s)", flush=True)
     print(json.dumps(results, indent=1, default=float))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(results, indent=1, default=float))
 
 
 if __name__ == "__main__":
