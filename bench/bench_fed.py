@@ -10,11 +10,15 @@ Prints ratios measured side by side in one run (this machine is noisy), never as
   quality  BUSI 3-class, 3 sites, Dirichlet 0.5, epsilon 8: macro AUROC of the federated DP head vs a
            centralised non-DP head on the same features and encoder
 
-  sweep    what helps under DP: the quality protocol under each configuration of SWEEP (projection size,
-           rounds, local epochs, batch, lr, last-stage pooling, public pre-training of the head on
-           phantoms), the federation emulated in-process over the sites' real train_round
+  sweep    what helps under DP: the quality protocol (128-dim projection) under each configuration of
+           SWEEP (projection size, rounds, local epochs, batch, lr, DP-Adam, releasing the mean of the
+           last K global heads, per-example feature scaling, last-stage pooling, public pre-training of
+           the head on phantoms), the federation emulated in-process over the sites' real train_round,
+           scored against a like-for-like centralised non-DP reference
 
 Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|sweep|all] [--encoder echocare-tiny] [--quick]
+       python bench/bench_fed.py quality --projection 128 --average-last 3,5 --cache-dir DIR --json out.json
+       python bench/bench_fed.py sweep --configs protocol,avg-last3 --seeds 3 --repeats 3 --cache-dir DIR
 """
 
 from __future__ import annotations
