@@ -9,8 +9,10 @@ the *sum*). The coordinator learns the sum of the updates, never one site's upda
 
 What the site does before its update is masked (:func:`masked_fit_reply`):
 
-1. it trains exactly as in a plain round (``fed.task.train_round``: DP-SGD within its policy and
-   budget, charged to its ledger); the update is already differentially private;
+1. it trains exactly as in a plain round (``fed.task.train_secure_round``: DP-SGD within its policy
+   and budget, charged to its ledger); the update is already differentially private. Its stored
+   reply is keyed apart from a plain round's (``fed.task.TRAIN_SECURE``): the same request sent
+   plain afterwards is a new, charged release, never this round's stored, unmasked update;
 2. it takes the **update** (trained head minus the global head it received), refuses a
    non-finite one (raises: the site drops out of the round and SecAgg+ removes its masks), and
    clips its L2 norm to the coordinator's bound (:func:`bound_update`). Under secure aggregation
@@ -48,7 +50,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fed.features import site_device
 from fed.policy import SitePolicy
-from fed.task import STATUS_OK, Reply, RoundConfig, train_round
+from fed.task import STATUS_OK, Reply, RoundConfig, train_secure_round
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def bound_update(trained: dict[str, np.ndarray], global_: dict[str, np.ndarray],
     return BoundedUpdate({k: d * scale for k, d in delta.items()}, norm, scale)
 
 
-def masked_fit_reply(msg: Message, policy: SitePolicy, train: TrainFn = train_round) -> Message:
+def masked_fit_reply(msg: Message, policy: SitePolicy, train: TrainFn = train_secure_round) -> Message:
     """Answer the legacy fit instruction inside a SecAgg+ round (``secaggplus_mod`` masks the reply).
 
     The reply's parameters are the bounded update of the coordinator's ``UPDATE_KEYS`` (zeros of
@@ -165,11 +167,11 @@ def refuse_plain_training(msg: Message, policy: SitePolicy) -> Message:
                    reply_to=msg)
 
 
-def secure_aggregation_mod(policy_of: Callable[[Context], SitePolicy], train: TrainFn = train_round):
+def secure_aggregation_mod(policy_of: Callable[[Context], SitePolicy], train: TrainFn = train_secure_round):
     """The ClientApp mod: SecAgg+ rounds through Flower's ``secaggplus_mod``, anything else unchanged.
 
     ``policy_of(context)``: the site's policy (fed.client_app.policy_from_context); ``train``: the
-    site's training round (tests wrap it to watch the plain update)."""
+    site's SecAgg+ training round (``fed.task.train_secure_round``; tests wrap it to watch the update)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if not is_secagg_message(msg):

@@ -449,9 +449,31 @@ def _planned_sigma(policy: SitePolicy, cfg: RoundConfig, ledger: PrivacyLedger, 
     return ledger.plans[cfg.run_key]
 
 
+#: The request-hash kinds of a training round: plain (the update leaves in clear) or inside a SecAgg+
+#: round (it leaves masked; the coordinator sees only the sum). Part of the stored-reply key: a plain
+#: re-delivery of a SecAgg+ round's request must not get that round's stored, unmasked update.
+TRAIN_PLAIN, TRAIN_SECURE = "train", "train-secagg"
+
+
 @_guarded
 def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
-    """One round of local DP-SGD on the head, within the site's policy and lifetime privacy budget."""
+    """One round of local DP-SGD on the head, within the site's policy and lifetime privacy budget;
+    the update leaves in clear (a plain round)."""
+    return _train(policy, cfg, arrays, TRAIN_PLAIN)
+
+
+@_guarded
+def train_secure_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
+    """:func:`train_round` for a SecAgg+ round (fed/secagg.py masks the update it returns).
+
+    Privacy meaning: the stored reply of a SecAgg+ round is keyed apart from a plain round's, so
+    the same config and arrays sent plain afterwards are a new, charged release with fresh noise
+    (and conversely); only an identical SecAgg+ re-delivery gets this round's stored update, which
+    leaves masked again."""
+    return _train(policy, cfg, arrays, TRAIN_SECURE)
+
+
+def _train(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray], path: str) -> Reply:
     import torch
 
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
@@ -481,7 +503,7 @@ def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarr
     # No training image carries the round's labels (the coordinator chooses them): an ordinary, charged
     # release of noise only, never an uncharged refusal, which would tell whether a label exists here.
     n_units = len(y) if units is None else len(np.unique(units))  # the sampling rate and steps count units
-    request = request_hash("train", cfg, arrays)
+    request = request_hash(path, cfg, arrays)  # the path is part of the key (TRAIN_SECURE)
     with _release(policy, cfg, request) as (ledger, store, early):
         if early is not None:
             return early
@@ -739,5 +761,5 @@ def _metrics_of(cfg: RoundConfig, sums) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["RoundConfig", "Reply", "train_round", "evaluate_round", "site_features", "request_hash", "ACCOUNTANT",
+__all__ = ["RoundConfig", "Reply", "train_round", "train_secure_round", "TRAIN_PLAIN", "TRAIN_SECURE", "evaluate_round", "site_features", "request_hash", "ACCOUNTANT",
            "STATUS_OK", "STATUS_EXHAUSTED", "STATUS_REFUSED"]

@@ -296,7 +296,7 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
     from echocare.data import open_data
     from fed.client_app import handle_evaluate, handle_train, policy_from_context
     from fed.policy import SitePolicy, write_policy
-    from fed.task import train_round
+    from fed.task import train_secure_round
     from server.coordinator.secagg import run_federation_secagg
     from server.coordinator.server_app import run_federation
 
@@ -322,7 +322,7 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
         result["bytes"] = {f"{t}-{d}": b for (t, d), b in metered.bytes.items()}
 
     def recording_train(policy, rc, global_):
-        reply = train_round(policy, rc, global_)
+        reply = train_secure_round(policy, rc, global_)
         if watch_dir is not None and reply.arrays is not None:
             np.savez(watch_dir / f"train-{policy.site_name}-{rc.server_round}.npz",
                      **{f"global/{k}": v for k, v in global_.items()}, **{f"trained/{k}": v for k, v in reply.arrays.items()})

@@ -308,3 +308,60 @@ def test_a_stretching_bundle_does_not_fail_the_whole_hc_acceptance_on_one_image(
     ev = load_eval_set(data, "hc", ["background", "head"], PreprocessSpec(size=32, crop=False, resize="stretch"))
     assert len(ev) == 1 and ev.pixel_mm.tolist() == [pytest.approx(0.2)]
     assert [p.path for p in ev.problems] == ["wide"]
+
+
+# -- 5. the fixes of the third review's open findings ----------------------------------------------
+@pytest.fixture
+def task_identity():
+    """Flower stamps new messages with the running task's identity (set by its runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def _secagg_fit(cfg: RoundConfig, arrays: dict[str, np.ndarray], bound: float = 1e6):
+    """The legacy fit message of a SecAgg+ round as ``secaggplus_mod`` hands it to the site."""
+    import json
+
+    from flwr.app import Message
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fed.secagg import PARAM_NAMES, UPDATE_BOUND, UPDATE_KEYS
+
+    names = sorted(arrays)
+    config = {**cfg.to_record(), PARAM_NAMES: json.dumps(names), UPDATE_KEYS: json.dumps(names), UPDATE_BOUND: bound}
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([arrays[n] for n in names]), config), True)
+    return Message(content, dst_node_id=1, message_type="train"), names
+
+
+def test_a_plain_redelivery_of_a_secagg_round_is_a_new_charged_release(tmp_path, phantom_feature_cache, task_identity):
+    """Attack: a SecAgg+ round and a plain round with the same config and arrays had one request hash,
+    so the coordinator re-sent a SecAgg+ round's request plain and got the site's stored, UNMASKED
+    update with no new charge: one site's update, where SecAgg+ promises only the sum. Now the path is
+    part of the stored-reply key: the plain request is a new, charged release with fresh noise, and an
+    identical SecAgg+ re-delivery still gets its stored update (resume stays exact)."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fed.secagg import masked_fit_reply
+
+    policy = _site(tmp_path, phantom_feature_cache, target_epsilon=1000.0)
+    cfg, sent = _train_cfg(run_key="secagg-replay"), _plain_head(0)
+    msg, names = _secagg_fit(cfg, sent)
+
+    def update_of(reply_msg) -> dict[str, np.ndarray]:
+        fitres = compat.recorddict_to_fitres(reply_msg.content, keep_input=True)
+        assert fitres.metrics["status"] == "ok", fitres.metrics
+        return dict(zip(names, parameters_to_ndarrays(fitres.parameters)))
+
+    first = update_of(masked_fit_reply(msg, policy))
+    again = update_of(masked_fit_reply(_secagg_fit(cfg, sent)[0], policy))  # identical SecAgg+ re-delivery
+    assert all(np.array_equal(first[k], again[k]) for k in names) and _releases(policy) == ["train"]
+    plain = train_round(policy, cfg, sent)
+    assert plain.status == "ok", plain.reason
+    assert _releases(policy) == ["train", "train"]  # charged as a new release
+    assert all(not np.allclose(plain.arrays[k] - sent[k], first[k]) for k in names)  # new noise, not the stored update
