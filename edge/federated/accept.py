@@ -46,7 +46,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace as dataclass_replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ from echocare.bundle import (
     safe_extract,
     verify_bundle,
 )
+from echocare.data.base import Sample, SiteData, UnreadableImage
 from echocare.preprocess import PreprocessSpec
 from edge.build.evaluate import (
     EvalDataError,
@@ -237,7 +238,7 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
     unit = _unit_or_none(policy, cfg)
     if unit is None:
         return _refused(policy, NO_PATIENTS)
-    val = site_split(policy, cfg, "val")
+    val, unreadable = _noting_unreadable(site_split(policy, cfg, "val"))
     known_problems = len(val.problems)
     try:
         ev = load_eval_set(val, task, labels, PreprocessSpec.from_dict(cand_manifest["preprocess"]))
@@ -255,7 +256,9 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
         # The rows of the images load_eval_set kept (it skips, e.g., labels the bundle does not name:
         # the coordinator's choice), matched to their patients by key; a refusal here would tell,
         # uncharged, whether the split holds such an image.
-        skipped = {p.path for p in val.problems[known_problems:]}  # load_eval_set names a skipped sample by its key
+        # load_eval_set names a skipped sample by its key; the reader names an unreadable image by its file,
+        # so those are noted by key as they fail (_noting_unreadable) and skipped like any other image
+        skipped = {p.path for p in val.problems[known_problems:]} | unreadable
         kept = [s for s in val.samples if s.key not in skipped]
         if len(ev) != len(kept):  # rows can no longer be matched to patients
             log.error("site %s: %d validation images unreadable; per-patient acceptance cannot match rows to patients",
@@ -316,6 +319,28 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
                                 differences=diffs, privacy=_figures(policy, ledger), unit=ledger.unit, **common)
         store.put(request_id, {**reply.fields(), "weight": 1, "metrics": {}}, None)  # fed.task's stored-reply keys
         return reply
+
+
+def _noting_unreadable(val: SiteData) -> tuple[SiteData, set[str]]:
+    """``val`` whose samples add their key to the returned set when their image is unreadable.
+
+    Per-patient acceptance matches the evaluated rows to patients by key; an unreadable image used
+    to break that match and the site refused ("could not answer", uncharged: an answer about its
+    split). With its key noted, the image is skipped inside the ordinary charged release."""
+    unreadable: set[str] = set()
+
+    def noting(s: Sample) -> Sample:
+        def load():
+            try:
+                return s.load_image()
+            except UnreadableImage:
+                unreadable.add(s.key)
+                raise
+
+        return dataclass_replace(s, load_image=load)
+
+    return SiteData(val.spec, list(val.classes), [noting(s) for s in val.samples], list(val.problems),
+                    val.task_hint), unreadable
 
 
 def _request_hash(cand_dir: Path, ref_dir: Path, cfg: RoundConfig) -> str:

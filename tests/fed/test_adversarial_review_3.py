@@ -365,3 +365,33 @@ def test_a_plain_redelivery_of_a_secagg_round_is_a_new_charged_release(tmp_path,
     assert plain.status == "ok", plain.reason
     assert _releases(policy) == ["train", "train"]  # charged as a new release
     assert all(not np.allclose(plain.arrays[k] - sent[k], first[k]) for k in names)  # new noise, not the stored update
+
+
+def test_per_patient_acceptance_skips_an_unreadable_validation_image_inside_a_charged_release(tmp_path):
+    """Open finding: at a site that knows its patients, acceptance refused ("could not answer",
+    uncharged) when a validation image was unreadable (the reader names it by its file, so its rows
+    could not be matched to patients): a free answer about the split. Now that image is skipped, as
+    per-image acceptance does, and the reply is the ordinary charged per-patient release."""
+    from echocare.phantom import write_phantoms
+    from edge.federated import accept as acc
+    from fed.task import site_split
+
+    manifest = write_phantoms(tmp_path / "images", 18, profiles="linear-a,convex-b,linear-c", seed=0)
+    by_label: dict[str, list[str]] = {}
+    for rel, info in sorted(manifest["files"].items()):
+        by_label.setdefault(info["label"], []).append(rel)
+    rows = [(f"images/{f}", label, f"P-{label}-{i // 3}") for label, files in sorted(by_label.items())
+            for i, f in enumerate(files[:len(files) - len(files) % 3])]
+    with (tmp_path / "manifest.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "patient"), *rows])
+    pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, "unreadable", PRESENT)
+    policy = SitePolicy(data=f"csv:{tmp_path / 'manifest.csv'}", site_name="h-pat", release_pubkey=str(pub),
+                        state_dir=str(tmp_path / "site"), target_epsilon=50.0, privacy_unit="patient")
+    val = site_split(policy, RoundConfig(val_fraction=0.5, seed=0), "val")  # the split is made (and kept) first
+    broken = next(p for p in (tmp_path / "images").rglob("*") if p.is_file() and
+                  any(s.key.endswith(p.name) for s in val.samples))
+    broken.write_bytes(b"not an image")  # one validation image becomes unreadable
+    reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key="unreadable",
+                                                                  val_fraction=0.5, seed=0, latency_runs=1))
+    assert (reply.status, reply.reason, reply.unit) == ("ok", "", "patient"), reply.reason
+    assert [(r.kind, r.unit) for r in PrivacyLedger.load(policy.ledger_path).releases] == [("accept", "patient")]
