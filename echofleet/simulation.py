@@ -210,6 +210,8 @@ def _site_policy(cfg: SimulationConfig, sites_dir: Path, k: int) -> SitePolicy:
                       max_local_epochs=max(5, cfg.local_epochs), partition=cfg.partition,
                       partition_index=k, partition_count=cfg.sites, partition_seed=cfg.seed,
                       cache_dir=cfg.cache_dir, device=cfg.device,
+                      # as a hospital installs the released weights: the site's own copy, its only checkpoint
+                      encoder_checkpoint=cfg.checkpoint or "",
                       # the researcher holds every virtual hospital's data: exact metrics and the
                       # accountant's inputs are disclosed (a real site's policy defaults: docs/privacy.md)
                       evaluation="disclosed", disclosed_evaluations_per_run=cfg.rounds + 1, disclose_accounting=True,

@@ -65,8 +65,10 @@ class EncoderMismatch(CheckpointError, RuntimeError):
     """The checkpoint the run names is not one this site can use: no file there, not readable, its
     sha256 is not the pinned one, or it does not load as the encoder.
 
-    Privacy meaning: the path is the coordinator's choice, so it can name **any** file on the site's
-    machine (an image of its dataset, its ledger). Every one of those failures is therefore the same
+    Privacy meaning: a site opens only its own checkpoint (policy ``encoder_checkpoint``,
+    ``fed.task.site_encoder``), never a path the run names; before that field, the path was the
+    coordinator's choice and could name **any** file on the site's machine (an image of its
+    dataset, its ledger). Every failure (including "this site has no checkpoint") is the same
     refusal, ``public_reason``, which names only the coordinator's own pinned hash: never the site's
     hash of the file (that told the sha256 of any file the coordinator named: an exact, uncharged
     test of whether a known image is in the site's data) and never which of the failures it was
@@ -77,7 +79,7 @@ class EncoderMismatch(CheckpointError, RuntimeError):
         super().__init__(f"encoder checkpoint {checkpoint} refused: {site_sha256}; "
                          f"the federation expects {expected_sha256 or '(no pinned sha256)'}")
         self.public_reason = ("encoder checkpoint refused: this site has no usable encoder checkpoint with the "
-                              f"pinned sha256 {expected_sha256 or '(none pinned)'} at the path the run names "
+                              f"pinned sha256 {expected_sha256 or '(none pinned)'} "
                               "(details in the site's own log)")
 
 

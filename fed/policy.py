@@ -18,6 +18,7 @@ A policy is a small TOML file whose path the SuperNode receives through its node
     max_local_epochs = 2
     max_grad_norm = 1.0                 # the largest clipping bound a coordinator may ask for
     evaluation = "accounted"            # or "disclosed": exact metrics, a documented disclosure
+    encoder_checkpoint = ""             # this site's copy of the released encoder weights ("" = none)
     device = "auto"                     # auto: CUDA when present, else CPU
 
 See docs/privacy.md for the threat model these fields serve.
@@ -104,6 +105,14 @@ class SitePolicy:
       (candidate - FP32), noisy and charged to the lifetime ledger (``evaluation = "accounted"``:
       noise multiplier ``evaluation_noise_multiplier``) or exact and counted against the disclosed-
       evaluation limits (``evaluation = "disclosed"``); false: such requests are refused.
+    - ``encoder_checkpoint``: the path (or ``hf://`` name) of this site's copy of the released
+      encoder weights; ``""`` (default): none, the site takes part only in runs on the seeded random
+      initialisation. The only checkpoint file the site ever opens: a run that names a checkpoint
+      gets this file, checked against the run's pinned sha256; the path the run names is ignored,
+      and a run naming one at a site without this field is refused before any file is touched
+      (``fed.task.site_encoder``). Privacy meaning: the coordinator cannot make the site open,
+      hash or time any file of its choosing (a file-hash oracle, the answer time growing with the
+      named file's size, ``hf://`` names probing the site's model cache).
     - ``insecure_deterministic_noise``: TESTS ONLY. DP noise and sampling are seeded from values the
       coordinator knows, so it can remove the noise: nothing this site releases is private, and
       every reply, ledger entry and report says so.
@@ -131,6 +140,7 @@ class SitePolicy:
     calibration: bool = True  # answer federated calibration requests (a charged, noisy release)
     acceptance: bool = True  # answer federated acceptance requests (only for builds signed with release_pubkey)
     release_pubkey: str = ""  # the pinned release public key (PEM path); "": this site runs no candidate build
+    encoder_checkpoint: str = ""  # this site's released encoder weights (path or hf://); "": random-init runs only
     device: str = "auto"
     # Simulation only: which share of ``data`` this simulated hospital holds.
     partition: str | None = None  # "iid" | "dirichlet:ALPHA" | "by-device"

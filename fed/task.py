@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Iterator
@@ -449,6 +449,30 @@ def _planned_sigma(policy: SitePolicy, cfg: RoundConfig, ledger: PrivacyLedger, 
     return ledger.plans[cfg.run_key]
 
 
+def site_encoder(policy: SitePolicy, ref: EncoderRef) -> EncoderRef:
+    """The encoder this site uses for a run asking for ``ref``: the run's config and seed; the
+    **site's own** checkpoint file (policy ``encoder_checkpoint``) checked against the run's pinned
+    sha256 whenever the run names a checkpoint.
+
+    Privacy meaning: the checkpoint path in the run config is the coordinator's choice and is never
+    opened; the site opens, hashes and loads only the file its hospital configured. A run naming a
+    checkpoint at a site whose policy names none raises :class:`EncoderMismatch` here, before any
+    file is touched, with the same public refusal as any other mismatch (missing, unreadable, other
+    sha256, not loadable)."""
+    if not ref.checkpoint and not ref.sha256:
+        return ref  # the seeded random initialisation: no file
+    if not policy.encoder_checkpoint:
+        raise EncoderMismatch("(none: this site's policy names no encoder_checkpoint)", "no checkpoint at this site",
+                              ref.sha256 or "")
+    return EncoderRef(ref.config, policy.encoder_checkpoint, ref.sha256, ref.seed)
+
+
+def _at_site(policy: SitePolicy, cfg: RoundConfig) -> RoundConfig:
+    """``cfg`` with the encoder this site uses (:func:`site_encoder`): every later step (features,
+    projection check, request hash) sees the site's own checkpoint, never the run's path."""
+    return replace(cfg, encoder=site_encoder(policy, cfg.encoder))
+
+
 #: The request-hash kinds of a training round: plain (the update leaves in clear) or inside a SecAgg+
 #: round (it leaves masked; the coordinator sees only the sum). Part of the stored-reply key: a plain
 #: re-delivery of a SecAgg+ round's request must not get that round's stored, unmasked update.
@@ -475,6 +499,8 @@ def train_secure_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, n
 
 def _train(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray], path: str) -> Reply:
     import torch
+
+    cfg = _at_site(policy, cfg)  # first: the run's checkpoint path is never opened
 
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
     if reason:
@@ -574,6 +600,8 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
     """Evaluate the global head on the site's held-out split: noisy metrics charged to the lifetime
     ledger (default), or exact metrics as a counted policy disclosure; only on a verified head."""
     import torch
+
+    cfg = _at_site(policy, cfg)  # first: the run's checkpoint path is never opened
 
     if cfg.task not in policy.allowed_tasks:
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
@@ -761,5 +789,5 @@ def _metrics_of(cfg: RoundConfig, sums) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["RoundConfig", "Reply", "train_round", "train_secure_round", "TRAIN_PLAIN", "TRAIN_SECURE", "evaluate_round", "site_features", "request_hash", "ACCOUNTANT",
+__all__ = ["RoundConfig", "Reply", "train_round", "train_secure_round", "site_encoder", "TRAIN_PLAIN", "TRAIN_SECURE", "evaluate_round", "site_features", "request_hash", "ACCOUNTANT",
            "STATUS_OK", "STATUS_EXHAUSTED", "STATUS_REFUSED"]

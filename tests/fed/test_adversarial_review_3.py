@@ -395,3 +395,53 @@ def test_per_patient_acceptance_skips_an_unreadable_validation_image_inside_a_ch
                                                                   val_fraction=0.5, seed=0, latency_runs=1))
     assert (reply.status, reply.reason, reply.unit) == ("ok", "", "patient"), reply.reason
     assert [(r.kind, r.unit) for r in PrivacyLedger.load(policy.ledger_path).releases] == [("accept", "patient")]
+
+
+def test_a_checkpoint_path_the_run_names_is_never_opened(monkeypatch, tmp_path, phantom_feature_cache):
+    """Open finding: the site opened and hashed whatever checkpoint path the run config named, so the
+    answer's time grew with that file's size and ``hf://`` names probed the site's model cache. Now a
+    site opens only its own file (policy ``encoder_checkpoint``); a run naming a checkpoint at a site
+    without one is refused before any file is touched, with the same reason as any mismatch."""
+    import builtins
+    import hashlib
+    import io
+
+    from echocare.models import encoder as enc
+    from fed.features import EncoderRef
+
+    secret = tmp_path / "etc" / "passwd"  # a file on the site's machine the coordinator names
+    secret.parent.mkdir()
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 64)
+    own = tmp_path / "weights" / "encoder.pth"  # the site's own copy of the released weights
+    own.parent.mkdir()
+    own.write_bytes(b"the weights this hospital installed")
+    pin = hashlib.sha256(secret.read_bytes()).hexdigest()  # the coordinator pins the named file's true hash
+
+    touched: list[str] = []
+    real_open, real_sha, real_resolve, real_load = builtins.open, enc.sha256_file, enc.resolve_checkpoint, enc.load_encoder
+
+    def recording(real):
+        def call(path, *a, **k):
+            touched.append(str(path))
+            return real(path, *a, **k)
+        return call
+
+    monkeypatch.setattr(builtins, "open", recording(real_open))
+    monkeypatch.setattr(io, "open", recording(real_open))
+    for name, real in (("sha256_file", real_sha), ("resolve_checkpoint", real_resolve)):
+        monkeypatch.setattr(enc, name, recording(real))
+    monkeypatch.setattr(enc, "load_encoder", lambda config, checkpoint=None, **k: (touched.append(str(checkpoint)),
+                                                                                  real_load(config, checkpoint, **k))[1])
+    asked = {"no checkpoint at the site": ("", str(secret)), "the site's own file": (str(own), str(secret)),
+             "an hf:// probe": (str(own), "hf://someone/some-model/encoder.pth")}
+    replies = {}
+    for tag, (site_file, named) in asked.items():
+        policy = _site(tmp_path / tag.replace(" ", "-").replace("/", ""), phantom_feature_cache,
+                       encoder_checkpoint=site_file)
+        replies[tag] = train_round(policy, _train_cfg(encoder=EncoderRef("echocare-tiny", named, pin), run_key=tag),
+                                   _plain_head(0))
+        assert _releases(policy) == []
+    assert {(r.status, r.reason) for r in replies.values()} == {("refused", replies["the site's own file"].reason)}, replies
+    assert "encoder checkpoint refused" in replies["no checkpoint at the site"].reason
+    assert not [p for p in touched if "passwd" in p or "hf://" in p or "some-model" in p], touched
+    assert any(p == str(own) for p in touched)  # the site hashed its own file, and only that one

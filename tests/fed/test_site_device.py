@@ -221,7 +221,8 @@ def test_a_site_with_another_file_refuses_naming_both_hashes(tiny_checkpoint, tm
     cfg = RoundConfig(encoder=EncoderRef(TINY, path, wrong), labels=["benign", "malignant", "normal"], head={},
                       noise_multiplier=1.0, run_key="pin")
     weights = {k: v.detach().numpy().copy() for k, v in _build_head(cfg).state_dict().items()}
-    policy = SitePolicy(data=PHANTOMS, site_name="h", state_dir=str(tmp_path / "s"), device="cpu")
+    policy = SitePolicy(data=PHANTOMS, site_name="h", state_dir=str(tmp_path / "s"), device="cpu",
+                        encoder_checkpoint=path)  # the site's own copy (it opens no other checkpoint)
     reply = train_round(policy, cfg, weights)
     assert reply.status == "refused" and sha not in reply.reason and wrong in reply.reason and path not in reply.reason
     # load_encoder itself refuses a file whose hash differs from the pinned one
@@ -230,6 +231,25 @@ def test_a_site_with_another_file_refuses_naming_both_hashes(tiny_checkpoint, tm
 
     with pytest.raises(CheckpointError, match=f"sha256 {sha} differs from the expected {wrong}"):
         features._encoder(EncoderRef(TINY, path, wrong))
+
+
+def test_a_site_uses_its_own_checkpoint_whatever_path_the_run_names(tiny_checkpoint, tmp_path):
+    """The site opens only the file its policy pins (``encoder_checkpoint``), checked against the run's
+    sha256; the run's path is ignored. ``echofleet simulate --checkpoint`` writes that field into every
+    virtual hospital's policy, as a hospital's IT would install the released weights."""
+    from echofleet.simulation import SimulationConfig, _site_policy
+    from fed.task import site_encoder
+
+    path, sha = tiny_checkpoint
+    policy = SitePolicy(data=PHANTOMS, state_dir=str(tmp_path / "s"), encoder_checkpoint=path)
+    ref = site_encoder(policy, EncoderRef(TINY, "/srv/coordinator/elsewhere.pth", sha, 3))
+    assert ref == EncoderRef(TINY, path, sha, 3) and site_encoder_key(ref) == f"{TINY}-{sha[:16]}"
+    assert site_encoder(policy, EncoderRef(TINY, None, None, 3)) == EncoderRef(TINY, None, None, 3)  # random init
+    with pytest.raises(EncoderMismatch):  # a run naming a checkpoint at a site that has none
+        site_encoder(replace(policy, encoder_checkpoint=""), EncoderRef(TINY, path, sha))
+    simulated = _site_policy(SimulationConfig(checkpoint=path), tmp_path / "sites", 0)
+    assert simulated.encoder_checkpoint == path
+    assert _site_policy(SimulationConfig(), tmp_path / "sites", 0).encoder_checkpoint == ""
 
 
 # -- pooling="last": the right columns, for the site and for the public projection ----------------------
