@@ -315,7 +315,11 @@ SWEEP = {  # name -> changes from SWEEP_BASE. Keys that are not run-config field
     #   unit_norm: True = each example's projected features scaled to norm sqrt(proj_dim) before the
     #              linear layer (a per-example, data-independent transform: no privacy cost)
     #   pooling: "last", pretrain: True (head pre-trained on 300 labelled public phantoms)
+    #   weight: "size_class" = FedAvg weights each site by its public size class (fed.policy.size_class
+    #           of its whole dataset, as its DP-SGD samples with), capped like SiteGuard at
+    #           MAX_WEIGHT_RATIO x the median of the other sites' weights; default: equal weights
     "protocol": {},
+    "size-weight": {"weight": "size_class"},
     "proj64": {"feature_projection": 64},
     "adam-lr0.01": {"optimizer": "adam", "lr": 0.01},
     "adam-lr0.03": {"optimizer": "adam", "lr": 0.03},
@@ -342,15 +346,25 @@ SWEEP = {  # name -> changes from SWEEP_BASE. Keys that are not run-config field
     "proj256": {"feature_projection": 256},
 }
 #: Sweep keys measured outside the run config (see SWEEP).
-SWEEP_ONLY = ("optimizer", "average_last", "unit_norm", "pooling", "pretrain")
+SWEEP_ONLY = ("optimizer", "average_last", "unit_norm", "pooling", "pretrain", "weight")
+#: SiteGuard's default cap on a claimed weight (server.coordinator.strategy.SiteGuard.max_weight_ratio).
+MAX_WEIGHT_RATIO = 5.0
 
 
-def _fedavg(replies: list, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """FedAvg with equal site weights (what SiteGuard's fedavg does with every site's fixed weight 1)."""
-    ok = [r.arrays for r in replies if r.status == "ok" and r.arrays]
+def _fedavg(replies: list, weights: dict[str, np.ndarray], site_weight: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """FedAvg over the answering sites: equal weights (what SiteGuard's fedavg does with every site's
+    fixed weight 1), or ``site_weight[site]`` each, capped as SiteGuard caps a claim (at most
+    MAX_WEIGHT_RATIO x the median of the other answering sites' weights)."""
+    ok = [r for r in replies if r.status == "ok" and r.arrays]
     if not ok:
         return weights
-    return {**weights, **{k: np.mean([a[k] for a in ok], axis=0).astype(weights[k].dtype) for k in ok[0]}}
+    claimed = [float(site_weight[r.site]) if site_weight else 1.0 for r in ok]
+    used = []
+    for i, w in enumerate(claimed):
+        others = claimed[:i] + claimed[i + 1:]
+        used.append(min(w, MAX_WEIGHT_RATIO * float(np.median(others))) if others else w)
+    return {**weights, **{k: np.average([r.arrays[k] for r in ok], axis=0, weights=used).astype(weights[k].dtype)
+                          for k in ok[0].arrays}}
 
 
 def _phantom_pretrained(rc, cfg, weights: dict[str, np.ndarray], n: int = 300) -> dict[str, np.ndarray]:
@@ -461,7 +475,7 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     from echocare.metrics import auroc_macro_ovr
     from echofleet.simulation import SimulationConfig, check, layout_sites
     from fed import task
-    from fed.policy import load_policy
+    from fed.policy import load_policy, size_class
     from fed.task import site_features, train_round
     from server.coordinator.server_app import initial_head
 
@@ -491,6 +505,10 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
                 rc.head = {**rc.head, "pooling": extra["pooling"]}
             sites = layout_sites(sim, run_dir)
             policies = [load_policy(sites / f"site-{k}" / "policy.toml") for k in range(3)]
+            site_weight = None
+            if extra.get("weight") == "size_class":  # the class each site's DP-SGD samples with (whole dataset)
+                site_weight = {p.site_name: size_class(task._site_size(p, rc, task._unit_or_none(p, rc)),
+                                                       p.size_classes_per_doubling) for p in policies}
             t = time.perf_counter()
             with _SweepPatches(extra.get("optimizer"), bool(extra.get("unit_norm"))):
                 weights = initial_head(rc, run)
@@ -501,7 +519,7 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
                 for rnd in range(1, run.num_server_rounds + 1):
                     replies = [train_round(p, dataclasses.replace(rc, server_round=rnd), weights) for p in policies]
                     trained += sum(r.status == "ok" for r in replies)
-                    weights = _fedavg(replies, weights)
+                    weights = _fedavg(replies, weights, site_weight)
                     history.append(weights)
                 k = int(extra.get("average_last", 1))
                 released = {key: np.mean([h[key] for h in history[-k:]], axis=0).astype(weights[key].dtype) for key in weights}
@@ -532,10 +550,10 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
             rows.append({"seed": seed, "config": name, "change": SWEEP[name], "federated_dp_eps8_auroc": auroc,
                          "centralised_non_dp_auroc": reference, "gap": reference - auroc,
                          "centralised_non_dp_auroc_protocol": protocol_ref, "gap_to_protocol_reference": protocol_ref - auroc,
-                         "site_rounds_trained": trained, "seconds": round(time.perf_counter() - t, 1)})
+                         "site_weights": site_weight, "site_rounds_trained": trained, "seconds": round(time.perf_counter() - t, 1)})
             print(f"  seed {seed} {name:28s} fed DP {auroc:.3f}  central non-DP same input {reference:.3f}  gap {reference - auroc:+.3f}"
                   f"  (protocol ref {protocol_ref:.3f}: {protocol_ref - auroc:+.3f}; {trained} site-rounds trained, "
-                  f"{rows[-1]['seconds']} s)", flush=True)
+                  f"{rows[-1]['seconds']} s)" + (f" weights {site_weight}" if site_weight else ""), flush=True)
     remove()
     shutil.rmtree(tmp, ignore_errors=True)
     summary = {}
