@@ -46,7 +46,8 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace as dataclass_replace
+from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import numpy as np
