@@ -8,6 +8,7 @@ Real BUSI works the same way: DEMO_DATA=busi:../shared/data/busi/Dataset_BUSI_wi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -91,8 +92,11 @@ def main() -> int:
         summary = release("int8")
     except AcceptanceRefused as e:
         # An honest outcome: a hospital found that INT8 lost too much accuracy on its own images.
-        refused = (e.summary.manifest or {}) if e.summary is not None else {}
-        _print_sites(refused.get("calibration"), e.record.to_dict() if e.record is not None else None, "INT8 candidate")
+        # the refused candidate's calibration record waits in the build's work folder
+        work = e.summary.work_dir if e.summary is not None else None
+        record = work / "calibration.json" if work is not None else None
+        calibration = json.loads(record.read_text()) if record is not None and record.is_file() else None
+        _print_sites(calibration, e.record.to_dict() if e.record is not None else None, "INT8 candidate")
         console.print(f"[yellow]{e}[/yellow]\nbuilding FP32 instead (the hospitals accept it the same way)")
         summary = release("fp32")
     manifest = summary.manifest or {}
