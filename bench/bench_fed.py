@@ -13,8 +13,9 @@ Prints ratios measured side by side in one run (this machine is noisy), never as
   sweep    what helps under DP: the quality protocol (128-dim projection) under each configuration of
            SWEEP (projection size, rounds, local epochs, batch, lr, DP-Adam, releasing the mean of the
            last K global heads, per-example feature scaling, last-stage pooling, public pre-training of
-           the head on phantoms), the federation emulated in-process over the sites' real train_round,
-           scored against a like-for-like centralised non-DP reference
+           the head on phantoms, FedAvg weighted by the sites' public size classes), the federation
+           emulated in-process over the sites' real train_round, scored against a like-for-like
+           centralised non-DP reference
 
 Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|sweep|all] [--encoder echocare-tiny] [--quick]
        python bench/bench_fed.py quality --projection 128 --average-last 3,5 --cache-dir DIR --json out.json
