@@ -537,7 +537,10 @@ class Provenance:
     - ``encoder``: ``{"config", "sha256"}`` (sha256 None: seeded random initialisation, no weights);
     - ``rounds``, ``strategy``;
     - ``epsilon``: per site, only what the site disclosed in the run report:
-      ``{"epsilon", "delta", "unit"}`` (its lifetime total on its dataset, docs/privacy.md).
+      ``{"epsilon", "delta", "unit"}`` (its lifetime total on its dataset, docs/privacy.md);
+    - ``not_private``: the sites that trained with the insecure deterministic-noise test switch
+      (their noise was derivable by the coordinator): **no privacy guarantee holds for this model**
+      when it is not empty; every reader of the bundle shows it as "NOT PRIVATE".
 
     Calibration and acceptance have their own manifest sections (``calibration``,
     :data:`ACCEPTANCE`); :func:`release_chain` puts the three together.
@@ -549,9 +552,11 @@ class Provenance:
     rounds: int
     strategy: str
     epsilon: dict
+    not_private: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["not_private"] = list(self.not_private)
         d["apps"] = None if self.apps is None else [asdict(a) | {"packages": list(a.packages)} for a in self.apps]
         return d
 
@@ -578,7 +583,8 @@ class Provenance:
             apps = tuple(apps)
         return cls(run_id=_field(d, "run_id", str, w), apps=apps, encoder=_field(d, "encoder", dict, w),
                    rounds=_field(d, "rounds", int, w), strategy=str(d.get("strategy") or ""),
-                   epsilon=_field(d, "epsilon", dict, w))
+                   epsilon=_field(d, "epsilon", dict, w),
+                   not_private=tuple(str(x) for x in (_field(d, "not_private", list, w) if "not_private" in d else ())))
 
 
 def provenance_of(manifest: dict, where: str = "manifest") -> Provenance | None:

@@ -59,6 +59,9 @@ def print_release_chain(console: Console, chain: dict) -> None:
         for site, p in sites.items():
             t.add_row(escape(site), _fmt(p.get("epsilon"), ".3f"), _fmt(p.get("delta"), ".2g"), _fmt(p.get("unit")))
         run.add(t if sites else "no site disclosed its epsilon")
+        if prov.get("not_private"):  # the insecure deterministic-noise test switch (docs/privacy.md)
+            run.add(f"[bold red]NOT PRIVATE: {escape(', '.join(prov['not_private']))} trained with insecure deterministic "
+                    "noise (a test switch): the coordinator could remove it; no privacy guarantee holds for this model[/]")
 
     cal = root.add("[bold]calibration[/]")
     calibration, quantization = chain.get("calibration"), chain.get("quantization")

@@ -22,7 +22,7 @@ import numpy as np
 
 from echocare.bundle import CANDIDATES, FORMAT_CANDIDATES, safe_name, write_bundle
 from edge.build.compiled import CompiledModel, bundle_artifacts
-from edge.build.provenance import central_acceptance, run_provenance
+from edge.build.provenance import central_acceptance, not_private_sites, run_provenance
 from edge.device import postprocess as post
 from edge.device.backends import backend_installed, open_session
 from edge.targets import AUTO, FORMAT_BACKENDS, get_target
@@ -67,6 +67,10 @@ def model_card(info: dict, report: dict | None) -> dict:
     })
     if isinstance(report.get("dp"), dict):
         card["dp"] = report["dp"]
+    not_private = not_private_sites(report)
+    if not_private:  # the insecure deterministic-noise test switch: say it wherever the card is read
+        card["privacy_warning"] = (f"NOT PRIVATE: {', '.join(not_private)} trained with insecure deterministic noise "
+                                   "(a test switch); no privacy guarantee holds for this model")
     return card
 
 

@@ -47,6 +47,14 @@ def disclosed_epsilon(report: dict) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
+def not_private_sites(report: dict) -> list[str]:
+    """The sites that trained with the insecure deterministic-noise test switch in this run (their
+    replies say ``not-private``): the coordinator could remove their noise, so nothing they sent is
+    private and no privacy guarantee holds for a model built from the run (docs/privacy.md)."""
+    return sorted({site for r in report.get("rounds") or [] for site, e in (r.get("sites") or {}).items()
+                   if (e.get("train") or {}).get("not-private")})
+
+
 def run_provenance(info: dict) -> dict | None:
     """``manifest["provenance"]`` for an export ``info`` (None when the model is not from a run)."""
     report = info.get("run_report")
@@ -62,6 +70,7 @@ def run_provenance(info: dict) -> dict | None:
         "rounds": int(report.get("rounds_completed") or len([r for r in report.get("rounds") or [] if r.get("round", 1) > 0])),
         "strategy": str(report.get("strategy") or ""),
         "epsilon": disclosed_epsilon(report),
+        "not_private": not_private_sites(report),
     }, where=str(run_dir or "run report"))
     return prov.to_dict()
 

@@ -196,3 +196,26 @@ def test_the_chain_is_signed_and_malformed_sections_are_reported(tmp_path):
     chain = release_chain({"name": "x", "version": "1", "provenance": {"run_id": 3}, "acceptance": {"passed": True}})
     assert chain["provenance"] is None and chain["acceptance"] is None and chain["verdict"]["accepted"] is False
     assert any("provenance.run_id" in p for p in chain["problems"]) and any("acceptance" in p for p in chain["problems"])
+
+
+def test_a_bundle_from_an_insecure_noise_run_says_not_private_everywhere(tmp_path, monkeypatch):
+    """Issue 9: a run in which a site used the insecure deterministic-noise test switch is marked "not
+    private" in the report, and so in the bundle: its signed provenance, its model card and `--explain`."""
+    from echofleet.cli import app
+    from echofleet.cli import edge as edge_cli
+    from edge.build.bundling import model_card
+
+    monkeypatch.setattr(edge_cli, "_console", lambda as_json=False: __import__("rich.console").console.Console(
+        stderr=as_json, width=250, highlight=False))
+    honest = _run_dir(tmp_path / "honest")
+    assert run_provenance(_info(honest))["not_private"] == [] and "privacy_warning" not in model_card({}, _info(honest)["run_report"])
+    run = _run_dir(tmp_path / "insecure")
+    report = json.loads((run / "report.json").read_text())
+    report["rounds"][1]["sites"]["hospital-b"]["train"]["not-private"] = 1.0  # what fed.task sends under the switch
+    (run / "report.json").write_text(json.dumps(report))
+    assert run_provenance(_info(run))["not_private"] == ["hospital-b"]
+    assert model_card({}, report)["privacy_warning"].startswith("NOT PRIVATE: hospital-b")
+    tar, pub = _bundle(tmp_path, run)
+    r = CliRunner().invoke(app, ["edge", "verify", str(tar), "--pubkey", str(pub), "--explain"])
+    assert r.exit_code == 0, r.output
+    assert "NOT PRIVATE: hospital-b trained with insecure deterministic noise" in r.output, r.output
