@@ -22,9 +22,11 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # --durations: the 25 slowest steps end the output, so a test that grows the suite past ~12 min on
-# 2 cores (issue 11) is seen in the CI log that added it.
+# 2 cores (issue 11) is seen in the CI log that added it. -n 2 --dist loadfile: two pytest workers,
+# each test file on one of them (module fixtures stay shared); the slow federation tests wait on
+# their SuperLink/SuperNode/Ray processes more than they compute (serial: 14:00 wall for 8 min of CPU).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --durations=25
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
