@@ -74,7 +74,8 @@ def _kill_leftovers(run_dir: Path) -> None:
 @pytest.mark.timeout(1300)
 def test_example_runs_a_two_round_federation_and_stops_everything(tmp_path):
     run_dir = tmp_path / "deploy"
-    overrides = [f"{k}={json.dumps(v)}" for k, v in CHEAP_OVERRIDES.items() if k in APP_CONFIG]
+    # the training runs under SecAgg+ (issue 9): the coordinator sees only the sum of the hospitals' updates
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**CHEAP_OVERRIDES, "secure-aggregation": True}.items() if k in APP_CONFIG]
     cmd = [sys.executable, str(EXAMPLE), "--run-dir", str(run_dir), "--sites", str(SITES), "--data", DATA,
            "--rounds", "2", "--timeout", "900", *[a for o in overrides for a in ("-c", o)]]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -105,10 +106,11 @@ def test_example_runs_a_two_round_federation_and_stops_everything(tmp_path):
             p = entry["privacy"]
             assert p["accountant"] == "rdp"
             assert 0 < p["epsilon"] <= 8.0 * 1.01 and 0 < p["delta"] < 1e-3
-            # real hospitals keep the private defaults: the accountant's inputs (which reveal N) stay at
-            # the site, and the reply's weight is the fixed 1, not the number of training images
+            # real hospitals keep the private defaults: the accountant's inputs (which reveal N) stay at the site
             assert p["steps"] is None and p["noise_multiplier"] is None and p["sample_rate"] is None
-            assert entry["train"]["num-examples"] == 1
+        # SecAgg+ over TLS: every hospital's masked update summed (each weighs the fixed 1, inside the sum)
+        secure = rounds[rnd]["aggregated"]["train"]
+        assert secure["secure_aggregation"] == 1 and secure["sites_summed"] == SITES and "rejected" not in secure, secure
     for site in sites:  # the budget is spent cumulatively over the rounds
         assert rounds[2]["sites"][site]["privacy"]["epsilon"] > rounds[1]["sites"][site]["privacy"]["epsilon"]
     model = json.loads((fed / "global" / "model.json").read_text())
