@@ -13,11 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_adversarial_review import (
+    DATA,
+    _plain_head,
+    _sized_sites,
+    _train_cfg,
+    _tripwire_bundles,
+)
+
+# the user-level DP tests' site: 30 phantom images of 10 patients (3 each), a CSV with a patient column
+from test_user_level_dp import patient_csv  # noqa: F401  (a pytest fixture)
 
 from fed.ledger import PrivacyLedger
 from fed.policy import SitePolicy
 from fed.task import RoundConfig, evaluate_round, train_round
-from test_adversarial_review import DATA, _plain_head, _sized_sites, _train_cfg, _tripwire_bundles
 
 ABSENT = ["rare-x", "rare-y", "rare-z"]  # labels no phantom carries
 PRESENT = ["benign", "malignant", "normal"]
@@ -60,32 +69,7 @@ def test_a_hidden_head_asking_whether_a_label_exists_through_training_is_charged
     assert _releases(policy) == ["train", "train"]
 
 
-PATIENTS, PER_PATIENT = 10, 3
-
-
-@pytest.fixture(scope="module")
-def patient_csv(tmp_path_factory) -> Path:
-    """30 phantom images of 10 patients (3 images each, one label per patient), listed in a CSV with a
-    patient column: a site that knows its patients (same pixels as the session's phantom cache)."""
-    from echocare.phantom import write_phantoms
-
-    root = tmp_path_factory.mktemp("patients-3")
-    manifest = write_phantoms(root / "images", PATIENTS * PER_PATIENT, profiles="linear-a,convex-b,linear-c", seed=0)
-    by_label: dict[str, list[str]] = {}
-    for rel, info in sorted(manifest["files"].items()):
-        by_label.setdefault(info["label"], []).append(rel)
-    rows, patient = [], 0
-    for label, files in sorted(by_label.items()):
-        for i in range(0, len(files) - len(files) % PER_PATIENT, PER_PATIENT):
-            rows += [(f"images/{f}", label, f"P{patient:03d}") for f in files[i:i + PER_PATIENT]]
-            patient += 1
-    path = root / "manifest.csv"
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([("path", "label", "patient"), *rows])
-    return path
-
-
-def test_a_per_patient_site_asked_for_labels_it_lacks_trains_on_no_patient_charged(tmp_path, patient_csv,
+def test_a_per_patient_site_asked_for_labels_it_lacks_trains_on_no_patient_charged(tmp_path, patient_csv,  # noqa: F811  (the fixture)
                                                                                     phantom_feature_cache):
     """Attack: the same label question at a site that knows its patients. With no training row the
     site's patient ids were None ("unknown", not "zero patients"), so the trainer stepped per image,
