@@ -13,13 +13,18 @@ Prints ratios measured side by side in one run (this machine is noisy), never as
   sweep    what helps under DP: the quality protocol (128-dim projection) under each configuration of
            SWEEP (projection size, rounds, local epochs, batch, lr, DP-Adam, releasing the mean of the
            last K global heads, per-example feature scaling, last-stage pooling, public pre-training of
-           the head on phantoms, FedAvg weighted by the sites' public size classes), the federation
-           emulated in-process over the sites' real train_round, scored against a like-for-like
-           centralised non-DP reference
+           the head on phantoms, FedAvg weighted by the sites' public size classes, the clipping
+           bound C with lr re-scaled, local epochs at 10 rounds), the federation emulated in-process
+           over the sites' real train_round, scored against a like-for-like centralised non-DP
+           reference; configurations alternate, each paired with the protocol's run of the same
+           partition and repeat (paired difference: mean +- standard error)
+  gradnorms  how much clipping binds: per-example gradient norms at the protocol's starting head and
+           after rounds 1, 5, 10 on one partition, and the fraction each clipping bound C clips
 
-Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|sweep|all] [--encoder echocare-tiny] [--quick]
+Usage: python bench/bench_fed.py [cache|dp|bytes|scale|quality|sweep|gradnorms|all] [--encoder echocare-tiny] [--quick]
        python bench/bench_fed.py quality --projection 128 --average-last 3,5 --cache-dir DIR --json out.json
        python bench/bench_fed.py sweep --configs protocol,avg-last3 --seeds 3 --repeats 3 --cache-dir DIR
+       python bench/bench_fed.py gradnorms --partition 0 --cache-dir DIR
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def bench_cache(encoder: str, n: int) -> dict:
     def one_round(fresh_cache: bool) -> float:
         if fresh_cache:
             shutil.rmtree(tmp / "state" / "features", ignore_errors=True)
-        task._features.cache_clear()  # no in-process memo: measure the disk cache itself
+        task.feature_memo.cache_clear()  # no in-process memo: measure the disk cache itself
         t = time.perf_counter()
         # a new round number each time: an identical request would get the site's stored reply
         # (docs/privacy.md), and a lifetime budget large enough for the repeated releases
@@ -249,20 +254,20 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
                 return float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
 
         start = initial_head(rc, RunConfig(run_dir=str(run), public_cache_dir=cache))  # with the projection
-        fed_head = task._build_head(rc)
-        task._load_arrays(fed_head, {**start, **load_file(str(run / "global" / "head.safetensors"))})
+        fed_head = task.round_head(rc)
+        task.load_head_arrays(fed_head, {**start, **load_file(str(run / "global" / "head.safetensors"))})
         fed_auroc = score(fed_head)
         avg_auroc = {}
         for last in average_last:  # the coordinator's own round checkpoints of the released global heads
             rounds_kept = [load_file(str(run / "checkpoints" / f"round-{r:04d}" / "weights.safetensors"))
                            for r in range(rounds - last + 1, rounds + 1)]
             avg = {k: np.mean([w[k] for w in rounds_kept], axis=0).astype(rounds_kept[-1][k].dtype) for k in rounds_kept[-1]}
-            avg_head = task._build_head(rc)
-            task._load_arrays(avg_head, {**start, **avg})
+            avg_head = task.round_head(rc)
+            task.load_head_arrays(avg_head, {**start, **avg})
             avg_auroc[f"federated_dp_eps8_avg_last{last}_auroc"] = score(avg_head)
 
-        head = task._build_head(rc)
-        task._load_arrays(head, start)
+        head = task.round_head(rc)
+        task.load_head_arrays(head, start)
         n, epochs = len(y_tr), rounds * local_epochs
         delta = min(1e-5, 1.0 / (10 * n))
         sigma = calibrate_noise(8.0, delta, sample_rate(n, batch_size), epochs * steps_per_epoch(n, batch_size))
@@ -273,8 +278,8 @@ def bench_quality(encoder: str, limit: int | None, seeds: int = 3, rounds: int =
         def central_non_dp(dim: int) -> float:
             """L2 logistic regression (C cross-validated) on the features through a ``dim``-dim public projection."""
             ref_rc = dataclasses.replace(rc, head={**rc.head, "proj_dim": dim})
-            ref_head = task._build_head(ref_rc)
-            task._load_arrays(ref_head, initial_head(ref_rc, RunConfig(run_dir=str(run), public_cache_dir=cache)))
+            ref_head = task.round_head(ref_rc)
+            task.load_head_arrays(ref_head, initial_head(ref_rc, RunConfig(run_dir=str(run), public_cache_dir=cache)))
             with torch.no_grad():
                 proj = lambda x: ((torch.from_numpy(x) - ref_head.proj_mean) @ ref_head.proj_matrix).numpy()  # noqa: E731
             lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr", max_iter=5000).fit(proj(x_tr), y_tr)
@@ -341,7 +346,15 @@ SWEEP = {  # name -> changes from SWEEP_BASE. Keys that are not run-config field
     "lr0.05": {"lr": 0.05},
     "unit-norm": {"unit_norm": True},
     "unit-norm-lr0.1": {"unit_norm": True, "lr": 0.1},
+    # the clipping bound C with lr re-scaled so that lr * C = 0.2, the protocol's step when C clips
+    # every example (it does: `gradnorms`, docs/federation.md fourth pass)
     "clip0.1-lr2": {"max_grad_norm": 0.1, "lr": 2.0},
+    "clip0.3-lr0.67": {"max_grad_norm": 0.3, "lr": 0.2 / 0.3},
+    "clip3-lr0.067": {"max_grad_norm": 3.0, "lr": 0.2 / 3.0},
+    "lr0.4": {"lr": 0.4},  # lr * C = 0.4 at C = 1
+    # local epochs at 10 rounds, lr re-scaled so that lr x epochs (the distance a round can move) is the protocol's
+    "epochs1-lr0.4": {"local_epochs": 1, "lr": 0.4},
+    "epochs4-lr0.1": {"local_epochs": 4, "lr": 0.1},
     "pooling-last": {"pooling": "last"},
     "phantom-pretrain": {"pretrain": True},
     "proj256": {"feature_projection": 256},
@@ -380,8 +393,8 @@ def _phantom_pretrained(rc, cfg, weights: dict[str, np.ndarray], n: int = 300) -
 
     data = open_data(f"phantom:{n}?profiles=linear-a,convex-b,linear-c&seed=4242")
     x, kept = pooled_features(data, rc.encoder, _spec(rc), Path(cfg.public_cache_dir))
-    head = task._build_head(rc)
-    task._load_arrays(head, weights)
+    head = task.round_head(rc)
+    task.load_head_arrays(head, weights)
     x = select_pooled(x, rc.encoder.config, head.stages)
     y = np.array([rc.labels.index(s.label) for s in kept], np.int64)
     train_head(head, torch.from_numpy(x), torch.from_numpy(y), DPConfig(epochs=20, batch_size=32, lr=0.2, noise_multiplier=0.0))
@@ -457,6 +470,112 @@ class _SweepPatches:
         return False
 
 
+def _sweep_federation(encoder: str, data: str, cache: str, tmp: Path, seed: int, name: str):
+    """A fresh emulated federation for SWEEP configuration ``name`` on Dirichlet partition ``seed``:
+    (run config, round config, the three sites' policies, the configuration's sweep-only keys).
+    Every call has new site state (its own lifetime ledgers)."""
+    from echofleet.simulation import SimulationConfig, check, layout_sites
+    from fed.policy import load_policy
+
+    change = dict(SWEEP[name])
+    extra = {k: change.pop(k) for k in SWEEP_ONLY if k in change}
+    run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix=f"s{seed}-{name}-"))
+    rounds = change.get("num_server_rounds", SWEEP_BASE["num_server_rounds"])
+    sim = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=rounds,
+                           epsilon=8.0, encoder=encoder, out=str(run_dir), cache_dir=cache, seed=seed,
+                           local_epochs=change.get("local_epochs", SWEEP_BASE["local_epochs"]), quiet=True, device="cpu")
+    run = check(sim).replace(**{**SWEEP_BASE, **change}, encoder_config=encoder, seed=seed, run_dir=str(run_dir),
+                             public_cache_dir=cache)
+    rc = run.round_config(f"sweep-{seed}-{name}-{run_dir.name}")
+    if extra.get("pooling"):
+        rc.head = {**rc.head, "pooling": extra["pooling"]}
+    sites = layout_sites(sim, run_dir)
+    policies = [load_policy(sites / f"site-{k}" / "policy.toml") for k in range(3)]
+    return run, rc, policies, extra
+
+
+def _emulate(run, rc, policies: list, weights: dict[str, np.ndarray],
+             site_weight: dict[str, float] | None = None) -> tuple[list[dict[str, np.ndarray]], int]:
+    """``run.num_server_rounds`` rounds from ``weights``: every site runs its real ``train_round``,
+    the coordinator averages the replies (:func:`_fedavg`). Returns (the global head after each
+    round, the number of site-rounds that trained)."""
+    from fed.task import train_round
+
+    trained, history = 0, []
+    for rnd in range(1, run.num_server_rounds + 1):
+        replies = [train_round(p, dataclasses.replace(rc, server_round=rnd), weights) for p in policies]
+        trained += sum(r.status == "ok" for r in replies)
+        weights = _fedavg(replies, weights, site_weight)
+        history.append(weights)
+    return history, trained
+
+
+def _per_example_grad_norms(rc, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-example norms of the head's softmax cross-entropy gradient at ``weights``, exactly as the
+    sites' DP-SGD computes them before clipping (fed.dp.linear_clipped_sum: ``|p - y| * sqrt(|x|^2 + 1)``
+    with x the linear layer's input, after the public projection)."""
+    import torch
+
+    from fed import task
+    from fed.dp import linear_input_factor
+
+    head = task.round_head(rc)
+    task.load_head_arrays(head, weights)
+    lin = head.net[-1]
+    inputs: list = []
+    hook = lin.register_forward_hook(lambda _m, inp, _out: inputs.append(inp[0].detach()))
+    with torch.no_grad():
+        z = head(torch.from_numpy(x))
+    hook.remove()
+    d = torch.softmax(z, 1) - torch.nn.functional.one_hot(torch.from_numpy(y), z.shape[1]).to(z.dtype)
+    factor = linear_input_factor(inputs[0])
+    return {"input_norm": inputs[0].norm(dim=1).numpy(), "residual_norm": d.norm(dim=1).numpy(),
+            "grad_norm": (d.norm(dim=1) * factor).numpy()}
+
+
+def bench_grad_norms(encoder: str, partition: int, cache_dir: str | None, clips: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+                     at_rounds: tuple[int, ...] = (1, 5, 10)) -> dict:
+    """How much clipping binds: the distribution of per-example gradient norms over the three sites'
+    training splits of Dirichlet partition ``partition``, at the protocol's starting head (zero linear
+    layer: every |p - y| = sqrt(2/3)) and at the global heads after ``at_rounds`` rounds of one
+    emulated protocol run, with the fraction of examples each clipping bound C clips. If C clips
+    every example, DP-SGD's step is ``lr * C / B`` times a sum of unit vectors plus noise of std
+    ``lr * sigma * C / B``: only ``lr * C`` matters. If C clips almost none, the noise sigma * C is
+    larger than the gradients need."""
+    from fed.task import site_features
+    from server.coordinator.server_app import initial_head
+
+    if not BUSI.exists():
+        return {"skipped": f"BUSI not found at {BUSI}"}
+    tmp = Path(tempfile.mkdtemp())
+    cache = cache_dir or str(tmp / "cache")
+    install, remove = _memoised_pooled_features()
+    install()
+    try:
+        run, rc, policies, _ = _sweep_federation(encoder, f"busi:{BUSI}", cache, tmp, partition, "protocol")
+        parts = [site_features(p, rc, "train") for p in policies]
+        x, y = np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+        start = initial_head(rc, run)
+        history, _ = _emulate(run, rc, policies, dict(start))
+        heads = {"start (round 0)": start, **{f"after round {r}": history[r - 1] for r in at_rounds if r <= len(history)}}
+        qs = (0.0, 0.1, 0.5, 0.9, 1.0)
+        out = {"partition": partition, "train_images": len(y), "site_train_images": [len(b) for _, b in parts],
+               "quantiles": list(qs), "heads": {}}
+        for label, w in heads.items():
+            norms = _per_example_grad_norms(rc, w, x, y)
+            row = {k: [float(v) for v in np.quantile(a, qs)] for k, a in norms.items()}
+            row["fraction_clipped"] = {f"{c:g}": float(np.mean(norms["grad_norm"] > c)) for c in clips}
+            out["heads"][label] = row
+            g = row["grad_norm"]
+            print(f"  {label:16s} |x| median {row['input_norm'][2]:.1f}  |p-y| median {row['residual_norm'][2]:.3f}  "
+                  f"grad norm min/10%/median/90%/max {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f} / {g[3]:.2f} / {g[4]:.2f}  clipped: "
+                  + ", ".join(f"C={c} {100 * f:.0f}%" for c, f in row["fraction_clipped"].items()), flush=True)
+    finally:
+        remove()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: str | None, limit: int | None = None,
                         repeats: int = 1) -> dict:
     """Federated DP (3 sites, Dirichlet 0.5, epsilon 8 per site) under each SWEEP configuration,
@@ -469,19 +588,26 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     (its policy, lifetime ledger, noise calibration, DP-SGD), and the coordinator averages the
     replies with equal weights (FedAvg as SiteGuard runs it; its outlier screening is left out).
     Flower's transport and the per-round evaluations (disclosed, so without privacy cost in a
-    simulation) are skipped: that is what makes a sweep affordable on two cores."""
+    simulation) are skipped: that is what makes a sweep affordable on two cores.
+
+    Configurations run alternately (partition by partition, repeat by repeat, the protocol first in
+    each repeat), so each run of a configuration is **paired** with the protocol's run of the same
+    partition and repeat; the summary gives the paired difference to the protocol (mean and
+    standard error over the pairs)."""
     import torch
     from sklearn.linear_model import LogisticRegressionCV
 
     from echocare.metrics import auroc_macro_ovr
-    from echofleet.simulation import SimulationConfig, check, layout_sites
     from fed import task
-    from fed.policy import load_policy, size_class
-    from fed.task import site_features, train_round
+    from fed.policy import size_class
+    from fed.task import site_features
     from server.coordinator.server_app import initial_head
 
     if not BUSI.exists():
         return {"skipped": f"BUSI not found at {BUSI}"}
+    unknown = [n for n in names if n not in SWEEP]
+    if unknown:
+        raise SystemExit(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(SWEEP)}")
     tmp = Path(tempfile.mkdtemp())
     cache = cache_dir or str(tmp / "cache")
     data = f"busi:{BUSI}" + (f"?limit={limit}&seed=0" if limit else "")
@@ -491,95 +617,96 @@ def bench_quality_sweep(encoder: str, names: list[str], seeds: int, cache_dir: s
     order = ["protocol"] + [n for n in names if n != "protocol"]
     for seed in range(seeds):
         references: dict[tuple, float] = {}  # (proj_dim, pooling, unit_norm) -> centralised non-DP AUROC
-        for name in [n for _ in range(repeats) for n in order]:  # DP noise differs run to run: repeat
-            change = dict(SWEEP[name])
-            extra = {k: change.pop(k) for k in SWEEP_ONLY if k in change}
-            run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix=f"s{seed}-{name}-"))
-            rounds = change.get("num_server_rounds", SWEEP_BASE["num_server_rounds"])
-            sim = SimulationConfig(data=data, sites=3, partition="dirichlet:0.5", rounds=rounds,
-                                   epsilon=8.0, encoder=encoder, out=str(run_dir), cache_dir=cache, seed=seed,
-                                   local_epochs=change.get("local_epochs", SWEEP_BASE["local_epochs"]), quiet=True, device="cpu")
-            run = check(sim).replace(**{**SWEEP_BASE, **change}, encoder_config=encoder, seed=seed, run_dir=str(run_dir),
-                                     public_cache_dir=cache)
-            rc = run.round_config(f"sweep-{seed}-{name}-{run_dir.name}")
-            if extra.get("pooling"):
-                rc.head = {**rc.head, "pooling": extra["pooling"]}
-            sites = layout_sites(sim, run_dir)
-            policies = [load_policy(sites / f"site-{k}" / "policy.toml") for k in range(3)]
-            site_weight = None
-            if extra.get("weight") == "size_class":  # the class each site's DP-SGD samples with (whole dataset)
-                site_weight = {p.site_name: size_class(task._site_size(p, rc, task._unit_or_none(p, rc)),
-                                                       p.size_classes_per_doubling) for p in policies}
-            t = time.perf_counter()
-            with _SweepPatches(extra.get("optimizer"), bool(extra.get("unit_norm"))):
-                weights = initial_head(rc, run)
-                if extra.get("pretrain"):
-                    weights = _phantom_pretrained(rc, run, weights)
-                start = dict(weights)
-                trained, history, sigmas = 0, [], []
-                for rnd in range(1, run.num_server_rounds + 1):
-                    replies = [train_round(p, dataclasses.replace(rc, server_round=rnd), weights) for p in policies]
-                    trained += sum(r.status == "ok" for r in replies)
-                    weights = _fedavg(replies, weights, site_weight)
-                    history.append(weights)
-                k = int(extra.get("average_last", 1))
-                released = {key: np.mean([h[key] for h in history[-k:]], axis=0).astype(weights[key].dtype) for key in weights}
-                xs, ys, xv, yv = [], [], [], []
-                for p in policies:
-                    a, b = site_features(p, rc, "train")
-                    c, d = site_features(p, rc, "val")
-                    xs.append(a), ys.append(b), xv.append(c), yv.append(d)
-                x_tr, y_tr, x_va, y_va = map(np.concatenate, (xs, ys, xv, yv))
-                head = task._build_head(rc)
-                task._load_arrays(head, released)
-                with torch.no_grad():
-                    auroc = float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
-                ref_key = (run.feature_projection, extra.get("pooling"), bool(extra.get("unit_norm")))
-                if ref_key not in references:  # L2 logistic regression on the same head input, C cross-validated
-                    task._load_arrays(head, start)
-                    lin = head.net[-1]
-                    inputs: list = []
-                    hook = lin.register_forward_hook(lambda _m, inp, _out: inputs.append(inp[0].detach().numpy()))
+        for repeat in range(repeats):  # DP noise differs run to run: repeat
+            for name in order:
+                run, rc, policies, extra = _sweep_federation(encoder, data, cache, tmp, seed, name)
+                site_weight = None
+                if extra.get("weight") == "size_class":  # the class each site's DP-SGD samples with (whole dataset)
+                    site_weight = {p.site_name: size_class(task.site_size(p, rc, task.unit_or_none(p, rc)),
+                                                           p.size_classes_per_doubling) for p in policies}
+                t = time.perf_counter()
+                with _SweepPatches(extra.get("optimizer"), bool(extra.get("unit_norm"))):
+                    weights = initial_head(rc, run)
+                    if extra.get("pretrain"):
+                        weights = _phantom_pretrained(rc, run, weights)
+                    start = dict(weights)
+                    history, trained = _emulate(run, rc, policies, weights, site_weight)
+                    weights = history[-1]
+                    k = int(extra.get("average_last", 1))
+                    released = {key: np.mean([h[key] for h in history[-k:]], axis=0).astype(weights[key].dtype) for key in weights}
+                    xs, ys, xv, yv = [], [], [], []
+                    for p in policies:
+                        a, b = site_features(p, rc, "train")
+                        c, d = site_features(p, rc, "val")
+                        xs.append(a), ys.append(b), xv.append(c), yv.append(d)
+                    x_tr, y_tr, x_va, y_va = map(np.concatenate, (xs, ys, xv, yv))
+                    head = task.round_head(rc)
+                    task.load_head_arrays(head, released)
                     with torch.no_grad():
-                        head(torch.from_numpy(x_tr)), head(torch.from_numpy(x_va))
-                    hook.remove()
-                    lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr",
-                                                 max_iter=5000).fit(inputs[0], y_tr)
-                    references[ref_key] = float(auroc_macro_ovr(y_va, lr_cv.predict_proba(inputs[1]), 3))
-            reference = references[ref_key]
-            protocol_ref = references[(SWEEP_BASE["feature_projection"], None, False)]
-            rows.append({"seed": seed, "config": name, "change": SWEEP[name], "federated_dp_eps8_auroc": auroc,
-                         "centralised_non_dp_auroc": reference, "gap": reference - auroc,
-                         "centralised_non_dp_auroc_protocol": protocol_ref, "gap_to_protocol_reference": protocol_ref - auroc,
-                         "site_weights": site_weight, "site_rounds_trained": trained, "seconds": round(time.perf_counter() - t, 1)})
-            print(f"  seed {seed} {name:28s} fed DP {auroc:.3f}  central non-DP same input {reference:.3f}  gap {reference - auroc:+.3f}"
-                  f"  (protocol ref {protocol_ref:.3f}: {protocol_ref - auroc:+.3f}; {trained} site-rounds trained, "
-                  f"{rows[-1]['seconds']} s)" + (f" weights {site_weight}" if site_weight else ""), flush=True)
+                        auroc = float(auroc_macro_ovr(y_va, torch.softmax(head(torch.from_numpy(x_va)), 1).numpy(), 3))
+                    ref_key = (run.feature_projection, extra.get("pooling"), bool(extra.get("unit_norm")))
+                    if ref_key not in references:  # L2 logistic regression on the same head input, C cross-validated
+                        task.load_head_arrays(head, start)
+                        lin = head.net[-1]
+                        inputs: list = []
+                        hook = lin.register_forward_hook(lambda _m, inp, _out, acc=inputs: acc.append(inp[0].detach().numpy()))
+                        with torch.no_grad():
+                            head(torch.from_numpy(x_tr)), head(torch.from_numpy(x_va))
+                        hook.remove()
+                        lr_cv = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, scoring="roc_auc_ovr",
+                                                     max_iter=5000).fit(inputs[0], y_tr)
+                        references[ref_key] = float(auroc_macro_ovr(y_va, lr_cv.predict_proba(inputs[1]), 3))
+                reference = references[ref_key]
+                protocol_ref = references[(SWEEP_BASE["feature_projection"], None, False)]
+                rows.append({"seed": seed, "repeat": repeat, "config": name, "change": SWEEP[name], "federated_dp_eps8_auroc": auroc,
+                             "centralised_non_dp_auroc": reference, "gap": reference - auroc,
+                             "centralised_non_dp_auroc_protocol": protocol_ref, "gap_to_protocol_reference": protocol_ref - auroc,
+                             "site_weights": site_weight, "site_rounds_trained": trained, "seconds": round(time.perf_counter() - t, 1)})
+                print(f"  seed {seed} rep {repeat} {name:28s} fed DP {auroc:.3f}  central non-DP same input {reference:.3f}  "
+                      f"gap {reference - auroc:+.3f}  (protocol ref {protocol_ref:.3f}: {protocol_ref - auroc:+.3f}; "
+                      f"{trained} site-rounds trained, {rows[-1]['seconds']} s)" + (f" weights {site_weight}" if site_weight else ""),
+                      flush=True)
     remove()
     shutil.rmtree(tmp, ignore_errors=True)
+    return {"encoder": encoder, "protocol": SWEEP_BASE, "rows": rows, "summary": sweep_summary(rows)}
+
+
+def sweep_summary(rows: list[dict]) -> dict:
+    """Per configuration: mean and sd of the federated AUROC and of the like-for-like gap over its
+    runs, and the paired difference to the protocol's run of the same partition and repeat (mean
+    and standard error over the pairs: sd with ddof 1 / sqrt(pairs))."""
+    protocol = {(r["seed"], r.get("repeat", 0)): r["federated_dp_eps8_auroc"] for r in rows if r["config"] == "protocol"}
     summary = {}
     for name in dict.fromkeys(r["config"] for r in rows):
         got = [r for r in rows if r["config"] == name]
-        summary[name] = {"federated_dp_eps8_auroc_mean": float(np.mean([r["federated_dp_eps8_auroc"] for r in got])),
-                         "federated_dp_eps8_auroc_sd": float(np.std([r["federated_dp_eps8_auroc"] for r in got])),
-                         "gap_mean": float(np.mean([r["gap"] for r in got])),
-                         "gap_sd": float(np.std([r["gap"] for r in got])),
-                         "gap_to_protocol_reference_mean": float(np.mean([r["gap_to_protocol_reference"] for r in got])),
-                         "runs": len(got)}
-    return {"encoder": encoder, "protocol": SWEEP_BASE, "rows": rows, "summary": summary}
+        s = {"federated_dp_eps8_auroc_mean": float(np.mean([r["federated_dp_eps8_auroc"] for r in got])),
+             "federated_dp_eps8_auroc_sd": float(np.std([r["federated_dp_eps8_auroc"] for r in got])),
+             "gap_mean": float(np.mean([r["gap"] for r in got])),
+             "gap_sd": float(np.std([r["gap"] for r in got])),
+             "gap_to_protocol_reference_mean": float(np.mean([r["gap_to_protocol_reference"] for r in got])),
+             "runs": len(got)}
+        diffs = [r["federated_dp_eps8_auroc"] - protocol[(r["seed"], r.get("repeat", 0))] for r in got
+                 if name != "protocol" and (r["seed"], r.get("repeat", 0)) in protocol]
+        if diffs:
+            s["paired_difference_to_protocol_mean"] = float(np.mean(diffs))
+            s["paired_difference_to_protocol_se"] = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+            s["pairs"] = len(diffs)
+        summary[name] = s
+    return summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="?", default="all", choices=["cache", "dp", "bytes", "scale", "quality", "sweep", "all"])
+    ap.add_argument("which", nargs="?", default="all", choices=["cache", "dp", "bytes", "scale", "quality", "sweep", "gradnorms", "all"])
     ap.add_argument("--encoder", default="echocare-tiny")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (scale: 20 sites x 3 rounds; quality: 150 images)")
     ap.add_argument("--sites", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--cache-dir", default=None, help="scale, sweep: keep the sites' feature caches here between runs")
+    ap.add_argument("--cache-dir", default=None, help="scale, sweep, gradnorms, quality: keep the sites' feature caches here between runs")
     ap.add_argument("--configs", default=",".join(SWEEP), help=f"sweep: which of {', '.join(SWEEP)}")
     ap.add_argument("--seeds", type=int, default=3, help="sweep: Dirichlet partitions")
     ap.add_argument("--repeats", type=int, default=1, help="sweep: runs of each configuration per partition")
+    ap.add_argument("--partition", type=int, default=0, help="gradnorms: which Dirichlet partition (the sweep's seed)")
     ap.add_argument("--projection", type=int, default=64, help="quality: public projection size of the head")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
     ap.add_argument("--batch-size", type=int, default=32, help="quality: expected batch size of the sites' DP-SGD")
@@ -619,8 +746,16 @@ def main() -> None:
                                     repeats=a.repeats)
             line = "skipped: " + r["skipped"] if "skipped" in r else "; ".join(
                 f"{k} {v['federated_dp_eps8_auroc_mean']:.3f} +- {v['federated_dp_eps8_auroc_sd']:.3f} (gap like for like "
-                f"{v['gap_mean']:+.3f} +- {v['gap_sd']:.3f}, to the protocol's reference {v['gap_to_protocol_reference_mean']:+.3f})"
+                f"{v['gap_mean']:+.3f} +- {v['gap_sd']:.3f}, to the protocol's reference {v['gap_to_protocol_reference_mean']:+.3f}"
+                + (f"; paired difference to the protocol {v['paired_difference_to_protocol_mean']:+.3f} +- "
+                   f"{v['paired_difference_to_protocol_se']:.3f} over {v['pairs']} pairs" if "pairs" in v else "") + ")"
                 for k, v in r["summary"].items())
+        elif name == "gradnorms":
+            r = bench_grad_norms(a.encoder, a.partition, a.cache_dir)
+            line = "skipped: " + r["skipped"] if "skipped" in r else (
+                f"partition {r['partition']}: {r['train_images']} training images; per-example gradient norm "
+                f"quantiles {r['quantiles']} and fraction clipped per C, by head: "
+                + "; ".join(f"{h}: {[round(v, 2) for v in row['grad_norm']]} {row['fraction_clipped']}" for h, row in r["heads"].items()))
         else:
             r = bench_quality(a.encoder, 150 if a.quick else None, seeds=1 if a.quick else 3, rounds=a.rounds or 10,
                               local_epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size, projection=a.projection,
