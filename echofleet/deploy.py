@@ -20,7 +20,12 @@ Everything ``docs/deploy.md`` tells a coordinator and a hospital to do, done for
 7. stop every process started here (also on error, timeout or Ctrl-C).
 
 Every file (keys, policies, Flower homes, the SuperLink database, logs, the run report) lands in
-the run directory; nothing is written to ``~/.flwr``. ``examples/deploy-localhost/run.py`` is the
+the run directory; nothing is written to ``~/.flwr``.
+
+Every ``flwr`` call of the coordinator (submit, wait, log, and the release steps) goes through
+:class:`FlowerFederation`, which holds the app, the SuperLink connection's name, ``FLWR_HOME`` and
+the environment: :class:`Deployment` makes one for the SuperLink it started, and ``echofleet edge
+build RUN --calib sites --accept sites --federation NAME`` one for a federation somebody else started. ``examples/deploy-localhost/run.py`` is the
 command line around :func:`deploy`; ``tests/echofleet/test_deploy_localhost.py`` also drives
 :class:`Deployment` step by step to show that an unregistered SuperNode and plaintext
 connections are refused.
@@ -58,7 +63,12 @@ QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 
 
 class DeployError(RuntimeError):
-    """A step of the deployment failed; the message says which and where its log is."""
+    """A step of the deployment failed; the message (one line) says which and where its log is,
+    ``detail`` holds the log's last lines where there is one."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +268,260 @@ def federation_run_config(cfg: DeployConfig, federation_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# A federation reached with the `flwr` CLI (the SuperLink of a Deployment, or one started elsewhere)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower command started here: its own ``FLWR_HOME`` (never
+    ``~/.flwr``), no telemetry or update check, no runtime dependency installation by a SuperLink
+    it starts, and this venv's tools first on PATH (``flower-superlink`` / ``flower-supernode``
+    start ``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp`` by name)."""
+    env = dict(os.environ, **QUIET_FLOWER, FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` folded into one line (a Flower error message spans several), cut at ``limit``."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass
+class FlowerFederation:
+    """A federation the coordinator reaches with the ``flwr`` CLI, and the edge release steps over it.
+
+    ``name`` is a SuperLink connection in ``flwr_home/config.toml`` (``[superlink.NAME]`` with its
+    ``address`` and ``root-certificates``: Flower 1.42 reads connections from there, docs/deploy.md).
+    Every run is ``flwr run APP NAME --run-config FILE`` with ``FLWR_HOME=flwr_home`` and the
+    environment of :func:`flower_env`. The release ServerApp reads its request from ``run_dir`` and
+    writes the sites' answers there, so this runs on the machine of the SuperLink and its ServerApp
+    (the coordinator's), where the run folder is. :class:`Deployment` makes one for the SuperLink it
+    started; ``echofleet edge build RUN --federation NAME`` one for any other."""
+
+    app: Path  # the Flower app `flwr run` bundles (its pyproject.toml holds [tool.flwr.app])
+    name: str  # the SuperLink connection's name in flwr_home/config.toml
+    flwr_home: Path
+    run_dir: Path  # the ServerApp's run-dir: report.json, global/, release/ (absolute: the ServerApp's cwd differs)
+    workdir: Path  # flwr's working directory: the run-config files submitted, serverapp.log
+    run_config: dict = field(default_factory=dict)  # run config of the runs submitted (keys of the app's pyproject)
+    timeout: float = 900.0  # seconds one run may take
+    watch: Callable[[], None] = field(default=lambda: None, repr=False)  # raises when a process the runs need died
+    active_run: str | None = None  # a run submitted and not yet finished (stopped on error or Ctrl-C)
+    fab: str = ""  # the app and FAB hash of the last run submitted (for the progress lines)
+
+    # -- the connection
+    @property
+    def config_file(self) -> Path:
+        return Path(self.flwr_home) / "config.toml"
+
+    def connection(self) -> dict:
+        """This federation's ``[superlink.NAME]`` table, checked: it exists, names an address, its
+        root certificate exists, and it is TLS to a real SuperLink (not plaintext, not a simulation).
+        Raises :class:`DeployError` (one line naming the file and what is wrong) before anything runs."""
+        where = f"federation {self.name!r}"
+        if not self.config_file.is_file():
+            raise DeployError(f"{where}: no Flower config {self.config_file} (give the Flower home whose config.toml "
+                              f"has a [superlink.{self.name}] connection: --flwr-home DIR)")
+        try:
+            table = tomllib.loads(self.config_file.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise DeployError(f"{where}: {self.config_file} is not readable TOML ({_one_line(str(e))})") from None
+        links = table.get("superlink") if isinstance(table.get("superlink"), dict) else {}
+        conn = links.get(self.name)
+        if not isinstance(conn, dict):
+            known = sorted(k for k, v in links.items() if isinstance(v, dict))
+            raise DeployError(f"{where}: {self.config_file} has no [superlink.{self.name}] connection "
+                              f"(its connections: {', '.join(known) or 'none'})")
+        if "options" in conn or not conn.get("address") or str(conn.get("address")).startswith(":"):
+            raise DeployError(f"{where}: [superlink.{self.name}] in {self.config_file} is not a remote SuperLink "
+                              "(no address, or Flower's local simulation); a simulation run's sites answer without "
+                              "--federation")
+        if conn.get("insecure"):
+            raise DeployError(f"{where}: [superlink.{self.name}] in {self.config_file} is plaintext (insecure = true); "
+                              "releases go over TLS only: set root-certificates to the SuperLink's CA certificate")
+        cert = conn.get("root-certificates")
+        if cert and not Path(str(cert)).expanduser().is_file():
+            raise DeployError(f"{where}: root-certificates {cert} of [superlink.{self.name}] in {self.config_file} "
+                              "does not exist")
+        return conn
+
+    def check_reachable(self, timeout: float = 120.0) -> None:
+        """Ask the SuperLink for its runs (``flwr list``); raise :class:`DeployError` when it does not answer."""
+        address = self.connection().get("address")
+        reply = self.flwr("list", timeout=timeout, check=False)
+        if not reply.ok:
+            raise DeployError(f"federation {self.name!r}: the SuperLink at {address} cannot be reached "
+                              f"({_one_line(reply.reason)})")
+
+    # -- running flwr
+    def env(self) -> dict[str, str]:
+        return flower_env(Path(self.flwr_home))
+
+    def flwr(self, *args: str, timeout: float = 120, check: bool = True, connection: str | None = None) -> FlwrReply:
+        """``flwr <args> <connection> --format json`` (default: this federation), with this ``FLWR_HOME``."""
+        connection = connection or self.name
+        cmd = [find_tool("flwr"), *args, connection, "--format", "json"]
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
+                                  env=self.env())
+        except subprocess.TimeoutExpired:
+            raise DeployError(f"federation {connection!r}: flwr {' '.join(args)}: no answer within {timeout:.0f} s") from None
+        try:
+            data = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            data = {}
+        reply = FlwrReply(done.returncode, data if isinstance(data, dict) else {}, done.stdout, done.stderr)
+        if check and not reply.ok:
+            raise DeployError(f"federation {connection!r}: flwr {' '.join(args)} failed ({done.returncode}): "
+                              f"{_one_line(reply.reason)}")
+        return reply
+
+    def submit(self, run_config: dict, name: str = "run-config") -> str:
+        """``flwr run`` the app with ``run_config`` (written to ``workdir/NAME.toml``); the run id."""
+        overrides = Path(self.workdir) / f"{name}.toml"
+        overrides.parent.mkdir(parents=True, exist_ok=True)
+        overrides.write_text(toml_dumps(run_config))
+        reply = self.flwr("run", str(self.app), "--run-config", str(overrides), timeout=300).data
+        self.active_run = str(reply["run-id"])
+        self.fab = f"app {reply.get('fab-id')} {reply.get('fab-version')}, FAB {reply.get('fab-hash')}"
+        return self.active_run
+
+    def wait(self, run_id: str, progress: Callable[[str], None], nearly_done: Callable[[], bool]) -> str:
+        """Wait until run ``run_id`` finishes (or the timeout stops it); its final status. A SuperLink
+        that stops answering for a minute ends the wait with :class:`DeployError`."""
+        deadline, last, asked, unanswered = time.monotonic() + self.timeout, "", 0.0, 0
+        while True:
+            self.watch()
+            # Ask the SuperLink every 10 s (each `flwr list` starts a CLI: CPU the sites need), every 2 s once
+            # the run's output is there (the run is about to finish).
+            if time.monotonic() - asked >= (2.0 if nearly_done() else 10.0):
+                asked = time.monotonic()
+                reply = self.flwr("list", "--run-id", run_id, check=False, timeout=60)
+                unanswered = 0 if reply.ok else unanswered + 1
+                if unanswered >= 6:
+                    self.active_run = None
+                    raise DeployError(f"federation {self.name!r}: the SuperLink stopped answering while run {run_id} "
+                                      f"was '{last or 'submitted'}' ({_one_line(reply.reason)})")
+                runs = reply.data.get("runs", [])
+                status = runs[0]["status"] if runs else "unknown"
+                if status != last and reply.ok:
+                    progress(f"run {run_id}: {status}")
+                    last = status
+                if status.startswith("finished"):
+                    self.active_run = None
+                    return last
+            if time.monotonic() > deadline:
+                self.stop_active_run()
+                self.save_run_log(run_id)
+                raise DeployError(f"federation {self.name!r}: run {run_id} still '{last}' after {self.timeout:.0f} s "
+                                  f"(stopped); ServerApp log: {Path(self.workdir) / 'serverapp.log'}")
+            time.sleep(1.0)
+
+    def stop_active_run(self) -> None:
+        """``flwr stop`` the run submitted and not finished, if any (best effort)."""
+        if self.active_run is not None:
+            run_id, self.active_run = self.active_run, None
+            try:
+                self.flwr("stop", run_id, check=False, timeout=60)
+            except DeployError:
+                pass
+
+    def save_run_log(self, run_id: str) -> Path:
+        """The ServerApp's log, fetched from the SuperLink (``flwr log RUN_ID NAME --show``), in ``workdir``."""
+        path = Path(self.workdir) / "serverapp.log"
+        try:
+            done = subprocess.run([find_tool("flwr"), "log", run_id, self.name, "--show"], check=False, capture_output=True,
+                                  text=True, timeout=60, cwd=self.workdir, env=self.env())
+            path.write_text(done.stdout + done.stderr)
+        except subprocess.TimeoutExpired:
+            path.write_text("(flwr log timed out)")
+        return path
+
+    def run_until(self, run_config: dict, config_name: str, result: Path, what: str,
+                  progress: Callable[[str], None]) -> str:
+        """Submit one run, wait until it ends, and raise :class:`DeployError` (one line naming the
+        federation, ``what`` and the ServerApp log; the log's tail in ``detail``) unless it completed and
+        wrote ``result``. Ctrl-C or an unexpected error while waiting stops the run first (a
+        :class:`DeployError` of :meth:`wait` has: the run was stopped, or the SuperLink is gone, or
+        ``watch`` saw a process die and its owner stops what it started). Returns the run id."""
+        run_id = self.submit(run_config, config_name)
+        progress(f"{what}: run {run_id} submitted to federation {self.name!r} ({self.fab})")
+        try:
+            last = self.wait(run_id, progress, result.is_file)
+        except DeployError:
+            raise
+        except BaseException:
+            self.stop_active_run()
+            raise
+        log_path = self.save_run_log(run_id)
+        if last != "finished:completed" or not result.is_file():
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            raise DeployError(f"federation {self.name!r}: {what}: run {run_id} ended '{last}' without writing "
+                              f"{result}; ServerApp log: {log_path}", tail)
+        return run_id
+
+    # -- the edge release (run-config mode = "release"; echofleet/apps.py)
+    def release_config(self) -> dict:
+        """The release runs' run config: this federation's, in mode "release", writing into ``run_dir``."""
+        return {**self.run_config, "mode": "release", "run-dir": str(Path(self.run_dir).resolve())}
+
+    def _release_step(self, step: str, result: Path, progress: Callable[[str], None]) -> str:
+        return self.run_until(self.release_config(), "release-run-config", result, f"release step {step!r}", progress)
+
+    def site_calibration(self, progress: Callable[[str], None] = print):
+        """A :data:`edge.federated.coordinator.SiteCalibration` over this federation: the plan goes to
+        ``RUN/release/plan.npz``, a ``flwr run`` with ``mode = "release"`` sends it to every connected
+        SuperNode, and the answers are read back (none at all: :class:`DeployError`)."""
+        from echofleet.apps import answers_path, plan_path, step_path
+        from edge.federated.coordinator import load_answers, save_plan
+
+        def ask(plan):
+            save_plan(plan, plan_path(self.run_dir))
+            atomic_write_bytes(step_path(self.run_dir), b'{"step": "calibrate"}')
+            answers = answers_path(self.run_dir, plan)
+            answers.unlink(missing_ok=True)
+            run_id = self._release_step("calibrate", answers, progress)
+            found = load_answers(answers)
+            if not found:
+                raise DeployError(f"federation {self.name!r}: release step 'calibrate': run {run_id} got no answer "
+                                  "from any SuperNode (none connected?)")
+            progress(f"release step 'calibrate': {len(found)} site(s) answered: "
+                     + ", ".join(f"{a.site} {a.status}" for a in found))
+            return found
+
+        return ask
+
+    def site_acceptance(self, progress: Callable[[str], None] = print):
+        """Federated acceptance over this federation (``edge.build.pipeline.build(accept=...)``): the
+        candidate and reference tarballs are named in ``RUN/release/accept-request.json``, a ``flwr run``
+        with ``mode = "release"`` sends them to every connected SuperNode, and their replies are read back."""
+        from echofleet.apps import accept_replies_path, accept_request_path, step_path
+        from edge.federated.accept import AcceptanceReply
+
+        def ask(candidate: Path, request) -> list:
+            sha = sha256_file(Path(candidate))
+            accept_request_path(self.run_dir).parent.mkdir(parents=True, exist_ok=True)  # accept without calibrate
+            atomic_write_bytes(accept_request_path(self.run_dir), json.dumps({
+                "candidate": str(Path(candidate).resolve()), "reference": str(Path(request.reference).resolve()),
+                "run_key": request.run_key, "candidate_sha256": sha}).encode(), 0o600)
+            atomic_write_bytes(step_path(self.run_dir), b'{"step": "accept"}')
+            replies = accept_replies_path(self.run_dir, sha)
+            replies.unlink(missing_ok=True)
+            run_id = self._release_step("accept", replies, progress)
+            found = [AcceptanceReply.from_fields(d) for d in json.loads(replies.read_text())]
+            if not found:
+                raise DeployError(f"federation {self.name!r}: release step 'accept': run {run_id} got no reply "
+                                  "from any SuperNode (none connected?)")
+            progress(f"release step 'accept': {len(found)} site(s) replied: "
+                     + ", ".join(f"{r.site} {r.status}" for r in found))
+            return found
+
+        return ask
+
+
+# ------------------------------------------------------------------------------------------------
 # The deployment
 
 
@@ -275,8 +539,10 @@ class Deployment:
                           for k in range(cfg.sites)]
         self.processes: list[Started] = []
         self.node_ids: dict[str, str] = {}
-        self.active_run: str | None = None  # a run submitted and not yet finished
-        self._fab = ""  # the app and FAB hash of the last run submitted (for the log)
+        # every `flwr` call of the coordinator: runs, their logs, the release steps (run_config set per run)
+        self.link = FlowerFederation(app=Path(cfg.app), name=CONNECTION, flwr_home=self.flwr_home,
+                                     run_dir=self.federation_dir, workdir=self.coordinator, timeout=cfg.timeout,
+                                     watch=lambda: self.check_alive([h.name for h in self.hospitals]))
 
     # -- paths the coordinator owns
     @property
@@ -308,10 +574,7 @@ class Deployment:
 
     # -- running things
     def env(self, flwr_home: Path) -> dict[str, str]:
-        env = dict(os.environ, **QUIET_FLOWER, FLWR_HOME=str(flwr_home))
-        # flower-superlink / flower-supernode start flower-superexec, flwr-serverapp, flwr-clientapp by name
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return env
+        return flower_env(flwr_home)
 
     def echofleet(self, *args: str) -> None:
         cmd = [find_tool("echofleet"), *args]
@@ -321,20 +584,7 @@ class Deployment:
 
     def flwr(self, *args: str, timeout: float = 120, check: bool = True, connection: str = CONNECTION) -> FlwrReply:
         """``flwr <args> <connection> --format json``, run as the coordinator (its ``$FLWR_HOME``)."""
-        cmd = [find_tool("flwr"), *args, connection, "--format", "json"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.coordinator,
-                                  env=self.env(self.flwr_home))
-        except subprocess.TimeoutExpired:
-            raise DeployError(f"flwr {' '.join(args)} {connection}: no answer within {timeout:.0f} s") from None
-        try:
-            data = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            data = {}
-        reply = FlwrReply(done.returncode, data if isinstance(data, dict) else {}, done.stdout, done.stderr)
-        if check and not reply.ok:
-            raise DeployError(f"flwr {' '.join(args)} {connection} failed ({done.returncode}): {reply.reason}")
-        return reply
+        return self.link.flwr(*args, timeout=timeout, check=check, connection=connection)
 
     def start(self, name: str, cmd: list[str], cwd: Path, flwr_home: Path) -> Started:
         cwd.mkdir(parents=True, exist_ok=True)
@@ -391,12 +641,9 @@ class Deployment:
 
     def close(self) -> None:
         """Stop everything: a run still going first (``flwr stop``), then SuperNodes, the SuperLink last."""
-        if self.active_run is not None and (link := self.latest("superlink")) is not None and link.alive():
-            try:
-                self.flwr("stop", self.active_run, check=False, timeout=60)
-            except DeployError:
-                pass  # the processes are stopped below anyway
-            self.active_run = None
+        if self.link.active_run is not None and (link := self.latest("superlink")) is not None and link.alive():
+            self.link.stop_active_run()  # best effort: the processes are stopped below anyway
+        self.link.active_run = None
         for proc in reversed(self.processes):
             self.stop(proc)
 
@@ -533,116 +780,31 @@ class Deployment:
     def run_config(self) -> dict:
         return federation_run_config(self.cfg, self.federation_dir)
 
-    def submit(self, run_config: dict, name: str = "run-config") -> str:
-        """``flwr run`` the app with ``run_config`` (written to a TOML file beside the coordinator); the run id."""
-        overrides = self.coordinator / f"{name}.toml"
-        overrides.write_text(toml_dumps(run_config))
-        reply = self.flwr("run", str(self.cfg.app), "--run-config", str(overrides), timeout=300).data
-        self.active_run = str(reply["run-id"])
-        self._fab = f"app {reply.get('fab-id')} {reply.get('fab-version')}, FAB {reply.get('fab-hash')}"
-        return self.active_run
-
-    def wait(self, run_id: str, progress: Callable[[str], None], nearly_done: Callable[[], bool]) -> str:
-        """Wait until run ``run_id`` finishes (or the timeout stops it); its final status."""
-        deadline, last, asked = time.monotonic() + self.cfg.timeout, "", 0.0
-        while True:
-            self.check_alive([h.name for h in self.hospitals])
-            # Ask the SuperLink every 10 s (each `flwr list` starts a CLI: CPU the sites need), every 2 s once
-            # the run's output is there (the run is about to finish).
-            if time.monotonic() - asked >= (2.0 if nearly_done() else 10.0):
-                asked = time.monotonic()
-                runs = self.flwr("list", "--run-id", run_id, check=False, timeout=60).data.get("runs", [])
-                status = runs[0]["status"] if runs else "unknown"
-                if status != last:
-                    progress(f"run {run_id}: {status}")
-                    last = status
-                if status.startswith("finished"):
-                    self.active_run = None
-                    return last
-            if time.monotonic() > deadline:
-                self.flwr("stop", run_id, check=False, timeout=60)
-                self.active_run = None
-                self.save_run_log(run_id)
-                raise DeployError(f"run {run_id} still '{last}' after {self.cfg.timeout:.0f} s (stopped); "
-                                  f"ServerApp log: {self.coordinator / 'serverapp.log'}")
-            time.sleep(1.0)
-
     def run_federation(self, progress: Callable[[str], None] = print) -> tuple[str, dict]:
         """``flwr run`` the app; wait until it finishes and ``report.json`` exists. Returns (run id, report)."""
-        run_id = self.submit(self.run_config())
-        progress(f"run {run_id} submitted ({self._fab})")
         report_path = self.federation_dir / "report.json"
-        last = self.wait(run_id, progress, report_path.is_file)
-        log_path = self.save_run_log(run_id)
         model_path = self.federation_dir / "global" / "model.json"
-        if last != "finished:completed" or not report_path.is_file() or not model_path.is_file():
-            raise DeployError(f"run {run_id} ended '{last}' (report.json written: {report_path.is_file()}, "
-                              f"global/model.json written: {model_path.is_file()}); ServerApp log {log_path}:\n"
-                              + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+        run_id = self.link.run_until(self.run_config(), "run-config", report_path, "training", progress)
+        if not model_path.is_file():
+            raise DeployError(f"run {run_id} completed without writing {model_path}; ServerApp log: "
+                              f"{self.coordinator / 'serverapp.log'}")
         return run_id, json.loads(report_path.read_text())
 
     # -- 6. coordinator: the edge release, calibrated at the hospitals (run-config mode = "release")
+    def release_link(self) -> FlowerFederation:
+        """The release steps over this deployment's SuperLink (the training run's config, mode "release")."""
+        self.link.run_config = self.run_config()
+        return self.link
+
     def site_calibration(self, progress: Callable[[str], None] = print):
-        """A :data:`edge.federated.coordinator.SiteCalibration` over this deployment: the plan goes to
+        """:meth:`FlowerFederation.site_calibration` over this deployment: the plan goes to
         ``RUN/release/plan.npz``, a ``flwr run`` with ``mode = "release"`` (same TLS SuperLink, same
         registered SuperNodes) sends it to every hospital, and the answers are read back."""
-        from echofleet.apps import answers_path, plan_path, step_path
-        from edge.federated.coordinator import load_answers, save_plan
-
-        def ask(plan):
-            save_plan(plan, plan_path(self.federation_dir))
-            atomic_write_bytes(step_path(self.federation_dir), b'{"step": "calibrate"}')
-            answers = answers_path(self.federation_dir, plan)
-            answers.unlink(missing_ok=True)
-            self._release_run("release", "answers", answers, progress,
-                              f"calibration plan to {len(self.hospitals)} hospitals ({self._fab})")
-            return load_answers(answers)
-
-        return ask
-
-    def _release_run(self, kind: str, written: str, result: Path, progress: Callable[[str], None], what: str) -> None:
-        """Submit one ``mode = "release"`` run, wait until it ends, and raise :class:`DeployError` (with
-        the ServerApp log's tail) unless it completed and wrote ``result``."""
-        run_id = self.submit({**self.run_config(), "mode": "release"}, "release-run-config")
-        progress(f"release run {run_id} submitted: {what}")
-        last = self.wait(run_id, progress, result.is_file)
-        log_path = self.save_run_log(run_id)
-        if last != "finished:completed" or not result.is_file():
-            raise DeployError(f"{kind} run {run_id} ended '{last}' ({written} written: {result.is_file()}); "
-                              f"ServerApp log {log_path}:\n"
-                              + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]))
+        return self.release_link().site_calibration(progress)
 
     def site_acceptance(self, progress: Callable[[str], None] = print):
-        """Federated acceptance over this deployment (``edge.build.pipeline.build(accept=...)``): the
-        candidate and reference tarballs are named in ``RUN/release/accept-request.json``, a ``flwr run``
-        with ``mode = "release"`` sends them to every hospital, and their replies are read back."""
-        from echofleet.apps import accept_replies_path, accept_request_path, step_path
-        from edge.federated.accept import AcceptanceReply
-
-        def ask(candidate: Path, request) -> list:
-            sha = sha256_file(Path(candidate))
-            atomic_write_bytes(accept_request_path(self.federation_dir), json.dumps({
-                "candidate": str(Path(candidate).resolve()), "reference": str(Path(request.reference).resolve()),
-                "run_key": request.run_key, "candidate_sha256": sha}).encode(), 0o600)
-            atomic_write_bytes(step_path(self.federation_dir), b'{"step": "accept"}')
-            replies = accept_replies_path(self.federation_dir, sha)
-            replies.unlink(missing_ok=True)
-            self._release_run("acceptance", "replies", replies, progress,
-                              f"candidate {Path(candidate).name} to {len(self.hospitals)} hospitals")
-            return [AcceptanceReply.from_fields(d) for d in json.loads(replies.read_text())]
-
-        return ask
-
-    def save_run_log(self, run_id: str) -> Path:
-        """The ServerApp's log, fetched from the SuperLink (``flwr log RUN_ID --show``)."""
-        path = self.coordinator / "serverapp.log"
-        try:
-            done = subprocess.run([find_tool("flwr"), "log", run_id, CONNECTION, "--show"], capture_output=True,
-                                  text=True, timeout=60, cwd=self.coordinator, env=self.env(self.flwr_home))
-            path.write_text(done.stdout + done.stderr)
-        except subprocess.TimeoutExpired:
-            path.write_text("(flwr log timed out)")
-        return path
+        """:meth:`FlowerFederation.site_acceptance` over this deployment (``edge.build.pipeline.build(accept=...)``)."""
+        return self.release_link().site_acceptance(progress)
 
     def summary(self) -> dict:
         return {"superlink": self.address, "database": str(self.database), "run_dir": str(self.federation_dir),

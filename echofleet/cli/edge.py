@@ -2,6 +2,8 @@
 
     echofleet edge keygen   --out keys/release
     echofleet edge build    RUN_DIR --target openvino-cpu --calib DATA --val DATA --key keys/release --out dist
+    echofleet edge build    RUN_DIR --target onnxruntime-cpu --calib sites --accept sites --key keys/release --out dist \
+                            --federation NAME --flwr-home FLWR_HOME      (on the SuperLink's machine: docs/edge.md)
     echofleet edge export   RUN_DIR|TASK_MODEL --out work/export
     echofleet edge quantize work/export/model.onnx --calib DATA --val DATA --method nncf --out work/q
     echofleet edge compile  work/q/model.int8.xml --target openvino-cpu --out work/ov
@@ -468,13 +470,36 @@ def bench(
 
 
 # ------------------------------------------------------------------------------------- build
+def _federation(run_dir: Path, name: str, app_dir: Path | None, flwr_home: Path | None):
+    """The :class:`echofleet.deploy.FlowerFederation` that ``--federation NAME`` names, checked before
+    anything is built: the app is a Flower app, RUN holds its training run's config (report.json),
+    the connection exists in FLWR_HOME/config.toml (TLS, an address). Raises DeployError."""
+    from echofleet.apps import run_config_of
+    from echofleet.deploy import PROJECT_ROOT, DeployError, FlowerFederation, app_run_config
+
+    app_dir = (app_dir or PROJECT_ROOT).resolve()
+    app_run_config(app_dir)  # DeployError unless it is a Flower app with a run config
+    try:  # the training run's config, as the release runs send it (mode "release", run-dir RUN)
+        run = run_config_of(run_dir).replace(sim_sites_dir="")
+    except ValueError as e:
+        raise DeployError(f"--federation {name}: {e}") from None
+    run_dir = run_dir.resolve()
+    link = FlowerFederation(app=app_dir, name=name, flwr_home=(flwr_home or run_dir / ".flwr").resolve(), run_dir=run_dir,
+                            workdir=run_dir / "release", run_config=run.as_run_config())
+    link.connection()
+    return link
+
+
 @edge_app.command()
 def build(
     run_dir: Path = typer.Argument(..., help="Federation run directory (uses RUN/global) or a task-model directory."),
     target: str = typer.Option(..., "--target", help=_TARGET_HELP),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data spec (needed for int8), or 'sites': the run's sites calibrate (noisy activation scales charged to their ledgers; no image here)."),
     val: Optional[str] = typer.Option(None, "--val", help="Labelled validation data spec for the central accuracy gate (needed unless --accept sites)."),
-    accept: Optional[str] = typer.Option(None, "--accept", help="'sites': federated acceptance: every site gates the signed candidate on its own validation split (simulation runs: their virtual hospitals pin --key's public key)."),
+    accept: Optional[str] = typer.Option(None, "--accept", help="'sites': federated acceptance: every site gates the signed candidate on its own validation split (simulation runs: their virtual hospitals pin --key's public key; real hospitals pin it in their own policies)."),
+    federation: Optional[str] = typer.Option(None, "--federation", help="--calib/--accept sites over a real federation: the name of its SuperLink connection (\\[superlink.NAME] with address and root-certificates in FLWR_HOME/config.toml); each step is a `flwr run APP NAME` with mode=\"release\". Run this on the coordinator's machine, where the SuperLink and its ServerApp run: the ServerApp reads the step's files from RUN and writes the sites' answers there. Without it: a simulation run's virtual hospitals."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="--federation: the Flower app `flwr run` submits (default: the echofleet checkout this command runs from)."),
+    flwr_home: Optional[Path] = typer.Option(None, "--flwr-home", help="--federation: Flower's home (FLWR_HOME) with the connection in config.toml (default: RUN/.flwr; ~/.flwr is never used)."),
     quorum: Optional[int] = typer.Option(None, "--quorum", help="--accept sites: how many sites must pass (default: every participating site)."),
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Output folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
@@ -510,6 +535,12 @@ def build(
         raise fail("the accuracy gate needs labelled images: --val DATA_SPEC, or --accept sites", 2)
     if quorum is not None:
         _at_least(quorum, 1, "--quorum")
+    calibrate_at_sites = calib == "sites" and precision in ("int8", "auto")
+    if federation is not None and not calibrate_at_sites and accept != "sites":
+        raise fail(f"--federation {federation}: nothing to ask the sites (give --calib sites and/or --accept sites)", 2)
+    for given, option in ((app_dir, "--app"), (flwr_home, "--flwr-home")):
+        if given is not None and federation is None:
+            raise fail(f"{option} {given}: only with --federation NAME (a real federation's SuperLink)", 2)
     _at_least(calib_limit, 1, "--calib-limit")
     if val_limit is not None:
         _at_least(val_limit, 1, "--val-limit")
@@ -517,6 +548,7 @@ def build(
     from dataclasses import replace
 
     from echocare.bundle import BundleError
+    from echofleet.deploy import DeployError
     from edge.build.compiled import CompileError
     from edge.build.evaluate import EvalDataError
     from edge.build.export import ExportError
@@ -527,16 +559,27 @@ def build(
     from edge.federated.coordinator import CalibrationFailed
     from edge.report import print_build
 
-    sites = federation = None
-    if (calib == SITES and precision in ("int8", "auto")) or accept == SITES:
+    console = _console(as_json)
+    sites = accept_at = simulated = None
+    if federation is not None:  # a real federation: `flwr run` per step over its SuperLink
+        try:
+            link = _federation(run_dir, federation, app_dir, flwr_home)
+            link.check_reachable()
+        except DeployError as e:
+            raise fail(str(e), 2) from None
+
+        def progress(text: str) -> None:
+            console.print(f"[federation {federation}] {text}", markup=False)
+
+        sites = link.site_calibration(progress) if calibrate_at_sites else None
+        accept_at = link.site_acceptance(progress) if accept == SITES else None
+    elif calibrate_at_sites or accept == SITES:  # a simulation run: its virtual hospitals, in one engine start
         from echofleet.apps import SimulatedSites
 
-        option = "--calib sites" if calib == SITES and precision in ("int8", "auto") else "--accept sites"
         try:
-            federation = SimulatedSites(run_dir)
+            simulated = SimulatedSites(run_dir)
         except ValueError as e:
-            raise fail(f"{option}: {e}", 2) from None
-        sites = federation.calibrate if calib == SITES and precision in ("int8", "auto") else None
+            raise fail(f"{'--calib sites' if calibrate_at_sites else '--accept sites'}: {e}", 2) from None
         if accept == SITES:
             from echocare.bundle import BundleError, load_private_key
             from cryptography.hazmat.primitives import serialization
@@ -546,8 +589,7 @@ def build(
                                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
             except BundleError as e:
                 raise fail(str(e), 2) from None
-            federation.pin_release_key(pub)  # simulation only: the researcher holds every virtual hospital
-    console = _console(as_json)
+            simulated.pin_release_key(pub)  # simulation only: the researcher holds every virtual hospital
     try:
         q = default_quantize_config(t, "int8" if precision == "auto" else precision)
         if q is not None:
@@ -562,16 +604,18 @@ def build(
         with console.status("edge build") as status:
             def run(calibrate=None, accept_at_sites=None):
                 return run_build(run_dir, t.name, calib, val, key, out, config=cfg, progress=lambda s: status.update(s),
-                                 sites=calibrate if sites is not None else None,
+                                 sites=calibrate if calibrate_at_sites else None,
                                  accept=accept_at_sites if accept == SITES else None)
 
-            # the sites' steps in one simulation (one engine start), or a plain local build
-            summary = federation.session(run) if federation is not None else run()
+            # a simulation's sites in one engine start; a real federation's, one `flwr run` per step; or a local build
+            summary = simulated.session(run) if simulated is not None else run(sites, accept_at)
         if not summary.ok:
             code, error = 1, f"self-test failed: {summary.selftest[1] if summary.selftest else 'not run'}"
     except GateFailed as e:
         summary, code, error = getattr(e, "summary", None), 1, str(e)
     except CalibrationFailed as e:  # every site refused or failed: named in the message
+        code, error = 1, str(e)
+    except DeployError as e:  # --federation: a step's run failed or got no answer (federation and step named)
         code, error = 1, str(e)
     except AcceptanceRefused as e:  # names the site(s) and the metric; nothing in --out
         summary, code, error = e.summary, 1, str(e)

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         report = deploy(cfg)
     except DeployError as e:
         print(f"deployment failed: {e}", file=sys.stderr)
+        if e.detail:  # the last lines of the log the message names
+            print(e.detail, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; every process started here was stopped", file=sys.stderr)
