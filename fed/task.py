@@ -135,11 +135,15 @@ def _split_and_spec(policy: SitePolicy, preprocess: str, val_fraction: float, se
 
 
 @lru_cache(maxsize=256)
-def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: tuple[str, ...], val_fraction: float,
+def feature_memo(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: tuple[str, ...], val_fraction: float,
               seed: int, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per-process memo over the on-disk cache: a site process serving many rounds reads its
     features once (the data of a running federation is assumed not to change under it).
-    Returns (x, y, patient ids per row or None): :func:`patient_ids`."""
+    Returns (x, y, patient ids per row or None): :func:`patient_ids`. Benchmarks clear it
+    (``feature_memo.cache_clear()``) to time the disk cache itself.
+
+    Privacy meaning: site-local memory only; what it holds (features, labels, patient ids) never
+    leaves the site: callers release only DP outputs computed from it."""
     data, spec = _split_and_spec(policy, preprocess, val_fraction, seed, which)
     x, kept = pooled_features(data, encoder, spec, policy.features_dir, device=site_device(policy.device))
     index = {name: i for i, name in enumerate(labels)}
@@ -155,9 +159,9 @@ def _features(policy: SitePolicy, encoder: EncoderRef, preprocess: str, labels: 
 def site_features(policy: SitePolicy, cfg: RoundConfig, which: str) -> tuple[np.ndarray, np.ndarray]:
     """(X float32 (N, D), y int64 (N,)) for the site's train or val split; unlabeled/unknown labels skipped.
     D is the pooled width of the maps the round's head pools (all five, or the last for ``pooling="last"``)."""
-    x, y, _ = _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+    x, y, _ = feature_memo(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
                         cfg.val_fraction, cfg.seed, which)
-    return select_pooled(x, cfg.encoder.config, _build_head(cfg).stages), y
+    return select_pooled(x, cfg.encoder.config, round_head(cfg).stages), y
 
 
 @lru_cache(maxsize=6)
@@ -204,7 +208,7 @@ def site_units(policy: SitePolicy, cfg: RoundConfig, which: str, head=None) -> n
     if site_unit(policy, cfg) != PATIENT:
         return None
     if head is None:
-        ids = _features(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
+        ids = feature_memo(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), tuple(cfg.labels),
                         cfg.val_fraction, cfg.seed, which)[2]
     else:
         ids = _maps(policy, cfg.encoder, json.dumps(cfg.preprocess, sort_keys=True), cfg.val_fraction, cfg.seed, which,
@@ -240,7 +244,11 @@ def unit_rows(rows, units: np.ndarray | None, bound: float):
     return sums * (bound / (sums.norm(dim=1) + 1e-12)).clamp(max=1.0)[:, None]
 
 
-def _build_head(cfg: RoundConfig):
+def round_head(cfg: RoundConfig):
+    """A freshly built head of the round's task, encoder config, labels and head options.
+
+    Privacy meaning: built from the coordinator's (public) round config alone, no site data; the
+    weights a site then loads into it (:func:`load_head_arrays`) are the coordinator's too."""
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
 
@@ -250,9 +258,12 @@ def _build_head(cfg: RoundConfig):
 NONFINITE_HEAD = "the global head holds non-finite values (NaN or infinity): refused"
 
 
-def _bad_numbers(cfg: RoundConfig) -> str:
-    """The coordinator's numbers, checked before any data is read or the ledger is locked (an infinite
-    noise multiplier used to hang the RDP accountant while the site held its ledger lock)."""
+def bad_numbers(cfg: RoundConfig) -> str:
+    """Why the coordinator's numbers are refused ("" when they are fine), checked before any data is
+    read or the ledger is locked (an infinite noise multiplier used to hang the RDP accountant while
+    the site held its ledger lock).
+
+    Privacy meaning: decided on the round config alone, so a refusal tells nothing about the site."""
     import math
 
     floats = {"noise-multiplier": cfg.noise_multiplier, "lr": cfg.lr, "max-grad-norm": cfg.max_grad_norm,
@@ -267,13 +278,20 @@ def _bad_numbers(cfg: RoundConfig) -> str:
     return ""
 
 
-def _finite_arrays(arrays: dict[str, np.ndarray]) -> bool:
-    """A head with a NaN or infinite value is refused before it touches any data: a decision that
-    depends only on what the coordinator sent, never on the site's images."""
+def finite_arrays(arrays: dict[str, np.ndarray]) -> bool:
+    """False when an array holds a NaN or infinite value.
+
+    Privacy meaning: such a head is refused before it touches any data: a decision that depends
+    only on what the coordinator sent, never on the site's images."""
     return all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in arrays.values())
 
 
-def _load_arrays(head, arrays: dict[str, np.ndarray]) -> None:
+def load_head_arrays(head, arrays: dict[str, np.ndarray]) -> None:
+    """Load the coordinator's arrays into ``head`` (strict: every name and shape must match).
+
+    Privacy meaning: none by itself; a site's round functions check the arrays first
+    (:func:`finite_arrays`) and, before evaluating, the head's fixed buffers (the site recomputes
+    the public projection)."""
     import torch
 
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
@@ -321,8 +339,12 @@ def request_hash(kind: str, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> 
     return h.hexdigest()
 
 
-def _site_size(policy: SitePolicy, cfg: RoundConfig, unit: str) -> int:
-    """N: the privacy units (patients or images) of this site's dataset (train + validation split)."""
+def site_size(policy: SitePolicy, cfg: RoundConfig, unit: str) -> int:
+    """N: the privacy units (patients or images) of this site's dataset (train + validation split).
+
+    Privacy meaning: the exact N never leaves the site. It is used only through the public size
+    class (``SitePolicy.sampling_units``) and the delta check in :func:`locked_release`; a reply that
+    depended on it directly would tell the coordinator the site's size."""
     samples = site_split(policy, cfg, "train").samples + site_split(policy, cfg, "val").samples
     return len({s.meta["patient"] for s in samples}) if unit == PATIENT else len(samples)
 
@@ -331,13 +353,13 @@ def sampling_units(policy: SitePolicy, cfg: RoundConfig, unit: str, n_train: int
     """The number of units DP-SGD's sampling rate and steps are computed from (``DPConfig.sampling_units``).
 
     Default: the site's public size class (``SitePolicy.sampling_units``) of its **whole dataset**
-    (:func:`_site_size`: training and validation split, every label), never of the round's training
+    (:func:`site_size`: training and validation split, every label), never of the round's training
     rows: those depend on the labels, validation fraction and split seed the coordinator chooses, and
     probing them would tell it, class boundary by class boundary, how many images carry a label.
     With ``disclose_accounting`` (which sends q and the steps anyway): the exact ``n_train``."""
     if policy.disclose_accounting:
         return max(1, n_train)
-    return policy.sampling_units(_site_size(policy, cfg, unit))
+    return policy.sampling_units(site_size(policy, cfg, unit))
 
 
 @contextmanager
@@ -352,14 +374,18 @@ def _replies(policy: SitePolicy) -> ReplyStore:
 
 
 @contextmanager
-def _release(policy: SitePolicy, cfg: RoundConfig, request: str) -> Iterator[tuple[PrivacyLedger, ReplyStore, Reply | None]]:
+def locked_release(policy: SitePolicy, cfg: RoundConfig, request: str) -> Iterator[tuple[PrivacyLedger, ReplyStore, Reply | None]]:
     """The site's ledger, locked for one release, and the reply store. ``early`` is the answer that
     needs no new release: the stored reply of an identical re-delivered request (no new charge), or a
     refusal when the policy's delta is not below 1/N (N: patients or images, the site's unit) or the
     ledger accounts another unit. Checked under the lock, so two concurrent requests cannot both pass
-    the budget check before either is recorded."""
+    the budget check before either is recorded.
+
+    Privacy meaning: every release a site makes (train, evaluate, and the edge build's calibrate and
+    accept) goes through this one lock, replay store and delta check; the caller checks the budget
+    (``ledger.would_exceed``) and charges the ledger inside the ``with`` block, before anything leaves."""
     unit = site_unit(policy, cfg)
-    size = _site_size(policy, cfg, unit)
+    size = site_size(policy, cfg, unit)
     store = _replies(policy)
     with ledger_for(policy, policy.sampling_units(size)) as ledger:  # the default delta: from the size class
         early = _stored(store, request)
@@ -383,9 +409,13 @@ def _stored(store: ReplyStore, request: str) -> Reply | None:
                  fields.get("unit", ""))
 
 
-def _figures(policy: SitePolicy, ledger: PrivacyLedger) -> dict[str, float]:
+def privacy_figures(policy: SitePolicy, ledger: PrivacyLedger) -> dict[str, float]:
     """The privacy figures a reply carries: lifetime epsilon (rounded) and delta; the accountant's
-    inputs (they reveal N) only when the policy discloses them."""
+    inputs (they reveal N) only when the policy discloses them.
+
+    Privacy meaning: these are the only privacy numbers that leave the site. Without
+    ``disclose_accounting`` epsilon is rounded up (:func:`released_epsilon`), because the exact
+    value is a function of N; ``not-private`` flags a ledger with an insecure (predictable) release."""
     f = ledger.figures()
     out = {"epsilon": round(f["epsilon"], 3) if policy.disclose_accounting else released_epsilon(f["epsilon"]),
            "delta": f["delta"]}
@@ -406,14 +436,20 @@ def released_epsilon(epsilon: float) -> float:
     return math.ceil(epsilon / EPSILON_STEP - 1e-9) * EPSILON_STEP
 
 
-def _insecure_seed(policy: SitePolicy, cfg: RoundConfig, kind: str) -> int | None:
-    """Tests only (policy ``insecure_deterministic_noise``): a seed the coordinator knows. Else None: OS entropy."""
+def insecure_noise_seed(policy: SitePolicy, cfg: RoundConfig, kind: str) -> int | None:
+    """Tests only (policy ``insecure_deterministic_noise``): a seed the coordinator knows. Else None: OS entropy.
+
+    Privacy meaning: with a seed the noise is predictable from the run seed, site and round, so the
+    release protects nothing; every such reply says NOT PRIVATE and the ledger records it."""
     return _seed(cfg.seed, policy.site_name, cfg.server_round, kind) if policy.insecure_deterministic_noise else None
 
 
-def _guarded(fn):
-    """An unexpected error is logged at the site and answered with a fixed reason: an exception's
-    text can name paths, files or counts, which must not leave the site."""
+def guarded_reply(fn):
+    """Decorator for a site's round function ``(policy, cfg, arrays) -> Reply``: an unexpected error is
+    logged at the site and answered with a fixed reason.
+
+    Privacy meaning: an exception's text can name paths, files or counts, which must not leave the
+    site; only the fixed :data:`SITE_ERROR` (or an encoder mismatch's public reason) does."""
 
     @wraps(fn)
     def run(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
@@ -479,14 +515,14 @@ def _at_site(policy: SitePolicy, cfg: RoundConfig) -> RoundConfig:
 TRAIN_PLAIN, TRAIN_SECURE = "train", "train-secagg"
 
 
-@_guarded
+@guarded_reply
 def train_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
     """One round of local DP-SGD on the head, within the site's policy and lifetime privacy budget;
     the update leaves in clear (a plain round)."""
     return _train(policy, cfg, arrays, TRAIN_PLAIN)
 
 
-@_guarded
+@guarded_reply
 def train_secure_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
     """:func:`train_round` for a SecAgg+ round (fed/secagg.py masks the update it returns).
 
@@ -505,19 +541,19 @@ def _train(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray], 
     reason = refusal_reason(policy, Instruction(cfg.task, cfg.local_epochs, cfg.max_grad_norm))
     if reason:
         return Reply(STATUS_REFUSED, policy.site_name, reason=reason)
-    bad = _bad_numbers(cfg)
+    bad = bad_numbers(cfg)
     if bad:
         return Reply(STATUS_REFUSED, policy.site_name, reason=bad)
     if 0 < cfg.noise_multiplier < policy.min_noise_multiplier:
         return Reply(STATUS_REFUSED, policy.site_name, reason=(
             f"noise-multiplier {cfg.noise_multiplier:g} is below this site's minimum {policy.min_noise_multiplier:g}: refused"))
-    if not _finite_arrays(arrays):
+    if not finite_arrays(arrays):
         return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
-    unit = _unit_or_none(policy, cfg)
+    unit = unit_or_none(policy, cfg)
     if unit is None:
         return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
-    head = _build_head(cfg)
-    _load_arrays(head, arrays)
+    head = round_head(cfg)
+    load_head_arrays(head, arrays)
     if cfg.task == "classify":
         x, y = site_features(policy, cfg, "train")
         units = site_units(policy, cfg, "train")
@@ -530,11 +566,11 @@ def _train(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray], 
     # release of noise only, never an uncharged refusal, which would tell whether a label exists here.
     n_units = len(y) if units is None else len(np.unique(units))  # the sampling rate and steps count units
     request = request_hash(path, cfg, arrays)  # the path is part of the key (TRAIN_SECURE)
-    with _release(policy, cfg, request) as (ledger, store, early):
+    with locked_release(policy, cfg, request) as (ledger, store, early):
         if early is not None:
             return early
         dp = DPConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
-                      proximal_mu=cfg.proximal_mu, insecure_seed=_insecure_seed(policy, cfg, "train"),
+                      proximal_mu=cfg.proximal_mu, insecure_seed=insecure_noise_seed(policy, cfg, "train"),
                       device=site_device(policy.device).torch_device,
                       sampling_units=sampling_units(policy, cfg, unit, n_units))
         q, steps, _ = schedule(n_units, dp)
@@ -542,8 +578,8 @@ def _train(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray], 
         release = Release("train", sigma or 0.0, q, steps, cfg.max_grad_norm, run=cfg.run_key, round=cfg.server_round,
                           request=request, private=not policy.insecure_deterministic_noise, unit=unit)
         if sigma is None or ledger.would_exceed(release):
-            spent = _figures(policy, ledger)["epsilon"]  # as replies carry it: exact epsilon is a function of N
-            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger),
+            spent = privacy_figures(policy, ledger)["epsilon"]  # as replies carry it: exact epsilon is a function of N
+            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=privacy_figures(policy, ledger),
                          reason=f"privacy budget exhausted: spent epsilon {spent:g} of this site's lifetime budget "
                                 f"{policy.target_epsilon}; the next round would exceed it", unit=ledger.unit)
         dp.noise_multiplier = sigma
@@ -556,14 +592,18 @@ def _train(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray], 
         ledger.charge(release)  # durable before anything leaves the site
         # Only trainable parameters leave the site (fixed buffers such as the public projection stay).
         state = {k: v.detach().cpu().numpy() for k, v in head.named_parameters()}
-        reply = Reply(STATUS_OK, policy.site_name, 1, state, _figures(policy, ledger),
+        reply = Reply(STATUS_OK, policy.site_name, 1, state, privacy_figures(policy, ledger),
                       NOT_PRIVATE if policy.insecure_deterministic_noise else "", unit)
         store.put(request, reply.fields(), reply.arrays)
         return reply
 
 
-def _unit_or_none(policy: SitePolicy, cfg: RoundConfig) -> str | None:
-    """The site's unit of privacy, or None when its policy demands patients its data does not name."""
+def unit_or_none(policy: SitePolicy, cfg: RoundConfig) -> str | None:
+    """The site's unit of privacy (:func:`site_unit`), or None when its policy demands patients its
+    data does not name.
+
+    Privacy meaning: None is logged at the site only; the caller refuses with the fixed
+    :data:`NO_PATIENTS` before reading any data."""
     try:
         return site_unit(policy, cfg)
     except ValueError as e:
@@ -595,7 +635,7 @@ def _verify_fixed_parts(policy: SitePolicy, cfg: RoundConfig, head) -> str | Non
     return f"evaluation refused: {problem} (public reference: {named})" if problem else None
 
 
-@_guarded
+@guarded_reply
 def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
     """Evaluate the global head on the site's held-out split: noisy metrics charged to the lifetime
     ledger (default), or exact metrics as a counted policy disclosure; only on a verified head."""
@@ -605,13 +645,13 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
 
     if cfg.task not in policy.allowed_tasks:
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"task '{cfg.task}' is not allowed by this site's policy")
-    if not _finite_arrays(arrays):
+    if not finite_arrays(arrays):
         return Reply(STATUS_REFUSED, policy.site_name, reason=NONFINITE_HEAD)
-    unit = _unit_or_none(policy, cfg)
+    unit = unit_or_none(policy, cfg)
     if unit is None:
         return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
-    head = _build_head(cfg)
-    _load_arrays(head, arrays)
+    head = round_head(cfg)
+    load_head_arrays(head, arrays)
     head.eval()
     unverified = _verify_fixed_parts(policy, cfg, head)
     if unverified:
@@ -620,17 +660,17 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
         x, y = site_features(policy, cfg, "val")
         with torch.no_grad():
             logits = head(torch.from_numpy(x)) if len(y) else torch.zeros(0, len(cfg.labels))
-        per_image = _classify_contributions(logits, torch.from_numpy(y), len(cfg.labels))
+        per_image = classify_contributions(logits, torch.from_numpy(y), len(cfg.labels))
         units = site_units(policy, cfg, "val")
         exact = lambda: _exact_classify_metrics(logits, y, len(cfg.labels))  # noqa: E731
     else:
-        per_image, seg_exact = _segment_contributions(policy, cfg, head)
+        per_image, seg_exact = segment_contributions(policy, cfg, head)
         units = site_units(policy, cfg, "val", head)
         exact = lambda: seg_exact  # noqa: E731
     # Accounted: no rows is an ordinary, charged release (pure noise). A refusal would tell the
     # coordinator, uncharged, that none of the site's images carries the labels it chose.
     request = request_hash("evaluate", cfg, arrays)
-    with _release(policy, cfg, request) as (ledger, store, early):
+    with locked_release(policy, cfg, request) as (ledger, store, early):
         if early is not None:
             return early
         if policy.evaluation == "disclosed":
@@ -648,28 +688,32 @@ def evaluate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.nd
                 return reply
             metrics = exact()
         else:
-            sensitivity = _SENSITIVITY[cfg.task](len(cfg.labels))
+            sensitivity = EVALUATION_SENSITIVITY[cfg.task](len(cfg.labels))
             release = Release("evaluate", policy.evaluation_noise_multiplier, 1.0, 1, sensitivity, run=cfg.run_key,
                               round=cfg.server_round, request=request, private=not policy.insecure_deterministic_noise,
                               unit=unit)
             if ledger.would_exceed(release):
-                return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger), unit=ledger.unit,
+                return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=privacy_figures(policy, ledger), unit=ledger.unit,
                              reason="privacy budget exhausted: an accounted evaluation would exceed this site's lifetime budget")
-            rng = DPRandom(_insecure_seed(policy, cfg, "evaluate"))
+            rng = DPRandom(insecure_noise_seed(policy, cfg, "evaluate"))
             contributions = unit_rows(per_image, units, sensitivity)  # per patient: a patient's rows summed, clipped
             sums = contributions.sum(0).double() + rng.gaussian(policy.evaluation_noise_multiplier * sensitivity,
                                                                 (per_image.shape[1],), torch.float64)
             ledger.charge(release)
-            metrics = _metrics_of(cfg, sums)
-        reply = Reply(STATUS_OK, policy.site_name, 1, None, {**metrics, **_figures(policy, ledger)},
+            metrics = metrics_from_sums(cfg, sums)
+        reply = Reply(STATUS_OK, policy.site_name, 1, None, {**metrics, **privacy_figures(policy, ledger)},
                       NOT_PRIVATE if policy.insecure_deterministic_noise else "", ledger.unit)
         store.put(request, reply.fields(), None)
         return reply
 
 
-def _classify_contributions(logits, y, k: int):
+def classify_contributions(logits, y, k: int):
     """Per-image rows [loss / LOSS_CAP, one-hot class, one-hot class if correct, per class c: the
-    score bin of p_c among positives or negatives of c]; each row has L2 norm <= sqrt(K + 3)."""
+    score bin of p_c among positives or negatives of c]; each row has L2 norm <= sqrt(K + 3).
+
+    Privacy meaning: the rows stay at the site; an accounted release sends only their sum plus Gaussian
+    noise scaled to that bound (:data:`EVALUATION_SENSITIVITY`); an image whose logits overflow gets a
+    zero row, so whether it overflowed shows only through that noisy sum."""
     import torch
 
     n = len(y)
@@ -705,9 +749,12 @@ def _exact_classify_metrics(logits, y: np.ndarray, k: int) -> dict[str, float]:
             "auroc": float(auroc_macro_ovr(y, probs, k)), "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(1)))}
 
 
-def _segment_contributions(policy: SitePolicy, cfg: RoundConfig, head):
+def segment_contributions(policy: SitePolicy, cfg: RoundConfig, head):
     """Per-image rows [loss / LOSS_CAP, Dice, 1, HC error / HC_CAP_MM, has HC] (L2 norm <= sqrt(5)),
-    and the exact metrics (global Dice, mean loss, HC MAE: a policy disclosure, not DP)."""
+    and the exact metrics (global Dice, mean loss, HC MAE: a policy disclosure, not DP).
+
+    Privacy meaning: as :func:`classify_contributions`, the rows leave only as a noisy sum; the exact
+    metrics only as a counted disclosure (policy ``evaluation = "disclosed"``)."""
     import torch
 
     from echocare.hc import measured_hc_mm
@@ -758,12 +805,16 @@ def _positive(v) -> bool:
         return False
 
 
-_SENSITIVITY = {"classify": lambda k: math.sqrt(k + 3), "segment": lambda k: math.sqrt(5), "hc": lambda k: math.sqrt(5)}
+#: Task -> (number of labels -> L2 bound of one image's evaluation row): the sensitivity the noise of
+#: an accounted evaluation (and of federated acceptance) is calibrated to.
+EVALUATION_SENSITIVITY = {"classify": lambda k: math.sqrt(k + 3), "segment": lambda k: math.sqrt(5), "hc": lambda k: math.sqrt(5)}
 
 
-def _metrics_of(cfg: RoundConfig, sums) -> dict[str, float]:
-    """The metrics from (noisy) sums of per-image contributions: post-processing, no extra privacy cost.
-    Noisy counts are clamped at zero; a metric without enough (noisy) support is left out."""
+def metrics_from_sums(cfg: RoundConfig, sums) -> dict[str, float]:
+    """The metrics from (noisy) sums of per-image contributions.
+    Noisy counts are clamped at zero; a metric without enough (noisy) support is left out.
+
+    Privacy meaning: post-processing of already noisy sums: no extra privacy cost."""
     s = sums.clamp(min=0.0).numpy()
     if cfg.task != "classify":
         n = max(float(s[2]), 1.0)
@@ -789,5 +840,13 @@ def _metrics_of(cfg: RoundConfig, sums) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["RoundConfig", "Reply", "train_round", "train_secure_round", "site_encoder", "TRAIN_PLAIN", "TRAIN_SECURE", "evaluate_round", "site_features", "request_hash", "ACCOUNTANT",
-           "STATUS_OK", "STATUS_EXHAUSTED", "STATUS_REFUSED"]
+__all__ = [
+    # what the ClientApp and the coordinator's side use
+    "RoundConfig", "Reply", "train_round", "train_secure_round", "evaluate_round", "request_hash", "ACCOUNTANT",
+    "STATUS_OK", "STATUS_EXHAUSTED", "STATUS_REFUSED", "TRAIN_PLAIN", "TRAIN_SECURE",
+    "site_encoder", "site_features", "site_split",
+    # the pieces other site-side releases (edge.federated: calibrate, accept) are built from
+    "locked_release", "guarded_reply", "privacy_figures", "insecure_noise_seed", "unit_or_none", "site_size",
+    "classify_contributions", "segment_contributions", "metrics_from_sums", "EVALUATION_SENSITIVITY",
+    "round_head", "load_head_arrays", "feature_memo", "bad_numbers", "finite_arrays",
+]

@@ -19,7 +19,7 @@ Site side, :func:`accept_at_site` (plain function; the Flower ClientApp only mov
    HC MAE for hc), **accounted** (default): one bounded row per image for each model (the rows of
    accounted evaluation, ``fed.task``), summed, Gaussian noise from OS entropy
    (:class:`fed.dp.DPRandom`), charged to the site's lifetime ledger as kind ``"accept"`` under the
-   same lock, replay store and delta check as evaluation (``fed.task._release``); or **disclosed**
+   same lock, replay store and delta check as evaluation (``fed.task.locked_release``); or **disclosed**
    when its policy says ``evaluation = "disclosed"``: the exact metrics of the central gate
    (:func:`edge.build.evaluate.metrics_from_outputs`), within the same per-run and lifetime limits
    as disclosed evaluations, logged in the ledger;
@@ -76,7 +76,7 @@ from fed.dp import DPRandom
 from fed.ledger import Disclosure, Release
 from fed.policy import SitePolicy
 from fed.task import (
-    _SENSITIVITY,
+    EVALUATION_SENSITIVITY,
     HC_CAP_MM,
     NO_PATIENTS,
     NOT_PRIVATE,
@@ -84,14 +84,14 @@ from fed.task import (
     STATUS_OK,
     STATUS_REFUSED,
     RoundConfig,
-    _classify_contributions,
-    _figures,
-    _insecure_seed,
-    _metrics_of,
-    _release,
-    _unit_or_none,
+    classify_contributions,
+    insecure_noise_seed,
+    locked_release,
+    metrics_from_sums,
     patient_ids,
+    privacy_figures,
     site_split,
+    unit_or_none,
     unit_rows,
 )
 
@@ -236,7 +236,7 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
     task, labels = cand_manifest["task"], list(cand_manifest.get("labels") or [])
     cfg = RoundConfig(task=task, labels=labels, preprocess=dict(cand_manifest["preprocess"]), run_key=request.run_key,
                       server_round=request.round, val_fraction=request.val_fraction, seed=request.seed)
-    unit = _unit_or_none(policy, cfg)
+    unit = unit_or_none(policy, cfg)
     if unit is None:
         return _refused(policy, NO_PATIENTS)
     val, unreadable = _noting_unreadable(site_split(policy, cfg, "val"))
@@ -278,7 +278,7 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
                   selftest=("passed: " if selftest[0] else "FAILED: ") + selftest[1].split(" (")[0])
 
     request_id = _request_hash(cand_dir, ref_dir, cfg)
-    with _release(policy, cfg, request_id) as (ledger, store, early):
+    with locked_release(policy, cfg, request_id) as (ledger, store, early):
         if early is not None:
             stored = store.get(request_id)
             if stored is not None:  # an identical request re-delivered: its reply, no new charge
@@ -308,8 +308,8 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
                               request=request_id, private=not policy.insecure_deterministic_noise, unit=unit)
             if ledger.would_exceed(release):
                 return _refused(policy, "privacy budget exhausted: an acceptance release would exceed this site's "
-                                        "lifetime budget", STATUS_EXHAUSTED, privacy=_figures(policy, ledger))
-            rng = DPRandom(_insecure_seed(policy, cfg, KIND))
+                                        "lifetime budget", STATUS_EXHAUSTED, privacy=privacy_figures(policy, ledger))
+            rng = DPRandom(insecure_noise_seed(policy, cfg, KIND))
             noisy = rows.sum(0).double() + rng.gaussian(sigma * sensitivity, (rows.shape[1],), torch.float64)
             ledger.charge(release)  # durable before anything leaves the site
             diffs = _noisy_differences(cfg, noisy)
@@ -317,7 +317,7 @@ def _gate_at_site(policy: SitePolicy, request: AcceptanceRequest, cand_dir: Path
             mode = "accounted"
         reply = AcceptanceReply(policy.site_name, STATUS_OK, NOT_PRIVATE if policy.insecure_deterministic_noise else "",
                                 mode=mode, difference=diffs.get(common["metric"], math.nan), noise_sd=noise_sd,
-                                differences=diffs, privacy=_figures(policy, ledger), unit=ledger.unit, **common)
+                                differences=diffs, privacy=privacy_figures(policy, ledger), unit=ledger.unit, **common)
         store.put(request_id, {**reply.fields(), "weight": 1, "metrics": {}}, None)  # fed.task's stored-reply keys
         return reply
 
@@ -418,10 +418,10 @@ def _rows(task: str, ref_out: np.ndarray, cand_out: np.ndarray, ev: EvalSet):
     k = len(ev.labels)
     if task == "classify":
         y = torch.from_numpy(ev.targets)
-        halves = [_classify_contributions(torch.from_numpy(np.asarray(o, np.float32)), y, k) for o in (ref_out, cand_out)]
+        halves = [classify_contributions(torch.from_numpy(np.asarray(o, np.float32)), y, k) for o in (ref_out, cand_out)]
     else:
         halves = [_mask_rows(o, ev) for o in (ref_out, cand_out)]
-    return torch.cat(halves, 1), math.sqrt(2.0) * _SENSITIVITY[task](k)
+    return torch.cat(halves, 1), math.sqrt(2.0) * EVALUATION_SENSITIVITY[task](k)
 
 
 def _mask_rows(outputs: np.ndarray, ev: EvalSet):
@@ -449,7 +449,7 @@ def _mask_rows(outputs: np.ndarray, ev: EvalSet):
 def _noisy_differences(cfg: RoundConfig, noisy) -> dict[str, float]:
     """candidate - FP32 of every metric the noisy sums define (post-processing: no extra cost)."""
     half = noisy.shape[0] // 2
-    ref, cand = _metrics_of(cfg, noisy[:half]), _metrics_of(cfg, noisy[half:])
+    ref, cand = metrics_from_sums(cfg, noisy[:half]), metrics_from_sums(cfg, noisy[half:])
     return {k: v for k, v in _differences(ref, cand).items() if k != "val_loss"}
 
 

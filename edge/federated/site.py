@@ -19,7 +19,7 @@ the run's round config (which split of its data is "train": the same split as tr
 4. adds Gaussian noise of standard deviation ``evaluation_noise_multiplier * clip`` from OS
    entropy (:class:`fed.dp.DPRandom`), after charging the release to its **lifetime ledger** as a
    release of kind ``"calibrate"`` (one unsampled Gaussian release: ``q = 1``, one step), under
-   the same lock, replay store and delta check as training and evaluation (``fed.task._release``).
+   the same lock, replay store and delta check as training and evaluation (``fed.task.locked_release``).
 
 What leaves the site: the noisy sums (points x bins), its lifetime epsilon and delta, and the
 noise standard deviation it used (public: the policy's multiplier times the plan's bound). Never
@@ -41,8 +41,24 @@ from edge.federated.plan import Plan, PlanError, activation_session, plan_from_a
 from fed.dp import DPRandom
 from fed.ledger import Release
 from fed.policy import SitePolicy
-from fed.task import (NO_PATIENTS, NOT_PRIVATE, PATIENT, STATUS_EXHAUSTED, STATUS_OK, STATUS_REFUSED, Reply, RoundConfig,
-                      _figures, _guarded, _insecure_seed, _release, _unit_or_none, patient_ids, request_hash, site_split)
+from fed.task import (
+    NO_PATIENTS,
+    NOT_PRIVATE,
+    PATIENT,
+    STATUS_EXHAUSTED,
+    STATUS_OK,
+    STATUS_REFUSED,
+    Reply,
+    RoundConfig,
+    guarded_reply,
+    insecure_noise_seed,
+    locked_release,
+    patient_ids,
+    privacy_figures,
+    request_hash,
+    site_split,
+    unit_or_none,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +119,7 @@ def train_images(policy: SitePolicy, cfg: RoundConfig, per_patient: bool = False
         yield (("patient", patient[sample.key]) if per_patient else ("image", sample.key)), x
 
 
-@_guarded
+@guarded_reply
 def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> Reply:
     """Noisy per-point activation histograms of this site's training split (module docstring)."""
     if not policy.calibration:
@@ -114,29 +130,29 @@ def calibrate_round(policy: SitePolicy, cfg: RoundConfig, arrays: dict[str, np.n
         plan = plan_from_arrays(arrays)
     except PlanError as e:  # depends only on what the coordinator sent
         return Reply(STATUS_REFUSED, policy.site_name, reason=f"calibration plan refused: {e}")
-    unit = _unit_or_none(policy, cfg)
+    unit = unit_or_none(policy, cfg)
     if unit is None:  # the policy demands patients its data does not name
         return Reply(STATUS_REFUSED, policy.site_name, reason=NO_PATIENTS)
     # No readable image is an ordinary release too (pure noise): a refusal would be an uncharged answer.
     sums, _ = unit_histogram_sums(plan, train_images(policy, cfg, per_patient=unit == PATIENT))
     sigma = policy.evaluation_noise_multiplier
     request = request_hash(KIND, cfg, arrays)
-    with _release(policy, cfg, request) as (ledger, store, early):
+    with locked_release(policy, cfg, request) as (ledger, store, early):
         if early is not None:
             return early
         release = Release(KIND, sigma, 1.0, 1, plan.sensitivity, run=cfg.run_key, round=cfg.server_round,
                           request=request, private=not policy.insecure_deterministic_noise, unit=unit)
         if ledger.would_exceed(release):
-            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=_figures(policy, ledger), unit=ledger.unit,
+            return Reply(STATUS_EXHAUSTED, policy.site_name, metrics=privacy_figures(policy, ledger), unit=ledger.unit,
                          reason="privacy budget exhausted: a calibration release would exceed this site's lifetime budget")
         import torch
 
-        rng = DPRandom(_insecure_seed(policy, cfg, KIND))
+        rng = DPRandom(insecure_noise_seed(policy, cfg, KIND))
         noise = rng.gaussian(sigma * plan.sensitivity, sums.shape, torch.float64).numpy()
         ledger.charge(release)  # durable before anything leaves the site
         noisy = {"histograms": (sums + noise).astype(np.float64)}
         reply = Reply(STATUS_OK, policy.site_name, 1, noisy,
-                      {**_figures(policy, ledger), "noise-std": float(sigma * plan.sensitivity)},
+                      {**privacy_figures(policy, ledger), "noise-std": float(sigma * plan.sensitivity)},
                       NOT_PRIVATE if policy.insecure_deterministic_noise else "", ledger.unit)
         store.put(request, reply.fields(), reply.arrays)
         return reply

@@ -291,7 +291,7 @@ def test_a_segmentation_head_that_overflows_for_one_image_gives_a_zero_evaluatio
 
     monkeypatch.setattr(task, "site_maps", lambda policy, cfg, which, head: ((maps,), masks, [(None, None, 1.0)] * n))
     monkeypatch.setattr(task, "MapsHead", lambda head: Tripwire())
-    rows, _ = task._segment_contributions(_policy(tmp_path), RoundConfig(task="segment"), head=None)
+    rows, _ = task.segment_contributions(_policy(tmp_path), RoundConfig(task="segment"), head=None)
     assert torch.isfinite(rows).all(), rows
     assert rows[2].abs().sum() == 0 and rows[[0, 1, 3]].abs().sum() > 0
 
@@ -338,7 +338,7 @@ def _sized_sites(monkeypatch, tmp_path: Path, sizes: dict[str, int], d: int = 74
     data = {name: ((rng.standard_normal((n, d)) / d ** 0.5).astype(np.float32), rng.integers(0, 3, n).astype(np.int64))
             for name, n in sizes.items()}
     monkeypatch.setattr(task, "site_features", lambda policy, cfg, which: data[policy.site_name])
-    monkeypatch.setattr(task, "_site_size", lambda policy, cfg, unit: len(data[policy.site_name][1]))
+    monkeypatch.setattr(task, "site_size", lambda policy, cfg, unit: len(data[policy.site_name][1]))
     return {name: SitePolicy(data=f"phantom:{n}?seed=9", site_name=name, privacy_unit="image",
                              state_dir=str(tmp_path / name), **kw) for name, n in sizes.items()}
 

@@ -183,7 +183,7 @@ def test_a_segmentation_site_with_no_training_image_answers_with_a_charged_noise
                         allowed_tasks=("segment",), privacy_unit="image")
     cfg = RoundConfig(task="segment", labels=["background", "lesion"], head={}, local_epochs=1, batch_size=4,
                       noise_multiplier=1.0, max_grad_norm=1.0, run_key="seg-empty")
-    sent = {k: v.detach().numpy().copy() for k, v in task._build_head(cfg).state_dict().items()}
+    sent = {k: v.detach().numpy().copy() for k, v in task.round_head(cfg).state_dict().items()}
     reply = train_round(policy, cfg, sent)
     assert (reply.status, reply.reason) == ("ok", ""), reply.reason
     assert any(not np.array_equal(reply.arrays[k], sent[k]) for k in reply.arrays)  # noise only, but released
@@ -247,7 +247,7 @@ def test_hc_evaluation_with_a_bad_pixel_size_is_not_an_oracle(monkeypatch, tmp_p
     monkeypatch.setattr(task, "site_maps", lambda policy, cfg, which, head: ((maps,), masks, meta))
     monkeypatch.setattr(task, "MapsHead", lambda head: Tripwire())
     policy = SitePolicy(data="phantom:15?seed=3", site_name="h-hc", state_dir=str(tmp_path / "state"))
-    rows, _ = task._segment_contributions(policy, RoundConfig(task="hc", labels=["background", "head"]), head=None)
+    rows, _ = task.segment_contributions(policy, RoundConfig(task="hc", labels=["background", "head"]), head=None)
     assert torch.isfinite(rows).all(), rows
     assert rows[[2, 3], 3:].abs().sum() == 0 and rows[[0, 1], 4].tolist() == [1.0, 1.0]
 

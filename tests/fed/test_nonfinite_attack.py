@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fed.dp import linear_clipped_sum, linear_input_factor
-from fed.task import RoundConfig, _bad_numbers, _classify_contributions, _finite_arrays
+from fed.task import RoundConfig, bad_numbers, classify_contributions, finite_arrays
 
 
 def _crafted(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,24 +45,24 @@ def test_one_overflowing_example_contributes_nothing_to_the_clipped_sum():
 def test_one_overflowing_image_gives_a_zero_evaluation_row():
     logits = torch.tensor([[0.0, 1.0, 2.0], [float("inf"), 0.0, 0.0], [float("nan"), 0.0, 0.0], [2.0, 1.0, 0.0]])
     y = torch.tensor([2, 0, 1, 0])
-    rows = _classify_contributions(logits, y, 3)
+    rows = classify_contributions(logits, y, 3)
     assert torch.isfinite(rows).all()
     assert rows[1].abs().sum() == 0 and rows[2].abs().sum() == 0
-    torch.testing.assert_close(rows[[0, 3]], _classify_contributions(logits[[0, 3]], y[[0, 3]], 3))
+    torch.testing.assert_close(rows[[0, 3]], classify_contributions(logits[[0, 3]], y[[0, 3]], 3))
 
 
 def test_a_head_with_nan_or_inf_is_refused_before_any_data():
-    assert _finite_arrays({"w": np.ones((2, 2), np.float32)})
-    assert not _finite_arrays({"w": np.array([[1.0, np.nan]], np.float32)})
-    assert not _finite_arrays({"w": np.ones(2, np.float32), "b": np.array([np.inf], np.float32)})
+    assert finite_arrays({"w": np.ones((2, 2), np.float32)})
+    assert not finite_arrays({"w": np.array([[1.0, np.nan]], np.float32)})
+    assert not finite_arrays({"w": np.ones(2, np.float32), "b": np.array([np.inf], np.float32)})
 
 
 def test_non_finite_or_absurd_coordinator_numbers_are_refused_before_the_ledger():
-    assert _bad_numbers(RoundConfig()) == ""
+    assert bad_numbers(RoundConfig()) == ""
     for change in ({"noise_multiplier": float("inf")}, {"noise_multiplier": float("nan")}, {"lr": float("inf")},
                    {"max_grad_norm": float("nan")}, {"noise_multiplier": 1e300}, {"batch_size": 0}, {"num_rounds": 0}):
         cfg = RoundConfig(**change)
-        assert _bad_numbers(cfg), change
+        assert bad_numbers(cfg), change
 
 
 @pytest.mark.parametrize("path", [dict(grad_sample_mode="ghost"), dict(grad_sample_mode="hooks"),

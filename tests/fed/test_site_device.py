@@ -210,7 +210,7 @@ def test_coordinator_pins_the_checkpoint_sha256(tiny_checkpoint, tmp_path):
 
 
 def test_a_site_with_another_file_refuses_naming_both_hashes(tiny_checkpoint, tmp_path):
-    from fed.task import RoundConfig, _build_head, train_round
+    from fed.task import RoundConfig, round_head, train_round
 
     path, sha = tiny_checkpoint
     wrong = "ab" * 32
@@ -220,7 +220,7 @@ def test_a_site_with_another_file_refuses_naming_both_hashes(tiny_checkpoint, tm
     assert site_encoder_key(EncoderRef(TINY, path, sha)) == f"{TINY}-{sha[:16]}"
     cfg = RoundConfig(encoder=EncoderRef(TINY, path, wrong), labels=["benign", "malignant", "normal"], head={},
                       noise_multiplier=1.0, run_key="pin")
-    weights = {k: v.detach().numpy().copy() for k, v in _build_head(cfg).state_dict().items()}
+    weights = {k: v.detach().numpy().copy() for k, v in round_head(cfg).state_dict().items()}
     policy = SitePolicy(data=PHANTOMS, site_name="h", state_dir=str(tmp_path / "s"), device="cpu",
                         encoder_checkpoint=path)  # the site's own copy (it opens no other checkpoint)
     reply = train_round(policy, cfg, weights)
