@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import numpy as np
 from edge.device.backends import TensorRTSession, backend_installed, default_engine_path, open_session
 from edge.bench.peak import SHAPES, compute_precision, matmul_peak_gflops
 from edge.device.runtime import load_bundle
+from edge.device.timing import seconds_of
 from edge.targets import FORMAT_BACKENDS
 
 
@@ -162,12 +162,6 @@ def torch_runner(model_dir: str | Path) -> Callable[[np.ndarray], Any]:
     return run
 
 
-def _timed(run: Callable[[np.ndarray], Any], x: np.ndarray) -> float:
-    t = time.perf_counter()
-    run(x)
-    return time.perf_counter() - t
-
-
 def _round_robin(runners: list[_Runner], x: np.ndarray, times: Callable[[_Runner], list[float]], runs: int,
                  seconds: float, what: str, progress: Callable[[str], None] | None) -> None:
     """Run every model once per round until each has ``runs`` timed runs and ``seconds`` of timed runs."""
@@ -177,7 +171,7 @@ def _round_robin(runners: list[_Runner], x: np.ndarray, times: Callable[[_Runner
         if progress:
             progress(f"{what}, round {rnd} ({len(active)} model{'s' if len(active) > 1 else ''} still timing)")
         for r in active:
-            times(r).append(_timed(r.run, x))
+            times(r).append(seconds_of(r.run, x))
 
 
 def bench_candidates(candidates: list[Candidate], size: int, *, flops: int | None = None, batch: int = 8,

@@ -17,24 +17,12 @@ the chained figure for INT8 on this CPU) and so flatter every model compared wit
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
+
+from edge.device.timing import median_seconds
 
 SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1024), (4096, 1024, 1024), (1024, 2048, 2048), (4096, 512, 512))
 DEPTH = 8
-
-
-def _median_seconds(run, x: np.ndarray, min_iters: int, min_seconds: float) -> float:
-    for _ in range(2):
-        run(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _weights(k: int, n: int, depth: int) -> list[np.ndarray]:
@@ -112,7 +100,7 @@ def matmul_peak_gflops(backend: str, precision: str, *, shapes=SHAPES, num_threa
         run = make(m, k, n, precision, num_threads)
         x = rng.standard_normal((m, k)).astype(np.float32)
         flops = 2.0 * m * (k * n + (DEPTH - 1) * n * n)
-        best = max(best, flops / _median_seconds(run, x, min_iters, min_seconds) / 1e9)
+        best = max(best, flops / median_seconds(run, x, duration=min_seconds, min_runs=min_iters) / 1e9)
     return best
 
 

@@ -39,7 +39,6 @@ import json
 import platform
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 from echocare.preprocess import Geometry, PreprocessSpec, preprocess_image
 from edge.device import postprocess as post
 from edge.device.backends import TensorRTSession, backend_installed, default_engine_path, open_session
+from edge.device.timing import median_seconds
 from echocare.atomic import atomic_write_bytes
 from echocare.bundle import (FORMAT, FORMATS, BundleError, ModelCandidate, artifact_for, candidates_of,
                              read_manifest_unverified, safe_extract, verify_bundle)
@@ -97,16 +97,9 @@ CHOICE_FORMAT = "echofleet-precision-choice/1"
 def time_p50_ms(run: Callable[[np.ndarray], Any], x: np.ndarray, *, duration: float = 1.0, min_runs: int = 5,
                 warmup: int = 2) -> float:
     """Batch-1 p50 latency in ms, timed by duration (as ``benchmark_app -t`` and ``edge bench`` do):
-    ``warmup`` untimed runs, then runs until both ``min_runs`` runs and ``duration`` seconds are done."""
-    for _ in range(max(1, warmup)):
-        run(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < duration:
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    ``warmup`` untimed runs, then runs until both ``min_runs`` runs and ``duration`` seconds are done
+    (:func:`edge.device.timing.median_seconds`)."""
+    return median_seconds(run, x, duration=duration, min_runs=min_runs, warmup=warmup) * 1e3
 
 
 def cpu_name() -> str:
