@@ -71,3 +71,45 @@ def one_ray():
         yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+
+# ------------------------------------------------------------------ two pytest workers (`make test`)
+#: The xdist group of every test file that starts a Flower federation (a SuperLink, SuperNodes or a
+#: Ray simulation): such a file says ``pytestmark = pytest.mark.xdist_group("flower")``. Under
+#: ``pytest -n 2 --dist loadgroup`` (the Makefile) the whole group runs on one worker, one federation
+#: after the other, while the other worker takes every other file: two federations never compete for
+#: the 2 cores (each slowed the other about 2x under ``--dist loadfile``).
+FLOWER_GROUP = "flower"
+
+
+def _group(item: pytest.Item) -> str | None:
+    """The item's xdist group, read as pytest-xdist reads the mark (first argument or ``name``)."""
+    for mark in item.iter_markers("xdist_group"):
+        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a ``--dist loadgroup`` worker only (a plain ``pytest`` run is untouched):
+
+    - a test without a group gets its file as group. ``loadgroup`` alone would hand such tests out one
+      by one, and a module fixture would then be built once on each worker; by file they stay
+      together, as ``--dist loadfile`` kept them;
+    - the scheduler reads the group from a ``@group`` suffix of the node id, which pytest-xdist 3.8
+      writes into ``item._nodeid``: pytest 9.2 keeps node ids in ``item._id`` and ignores that, so
+      every group was silently spread over the workers (pytest-dev/pytest-xdist#1386). Here the
+      suffix is written where this pytest keeps it (older pytest: pytest-xdist's hook still does it);
+    - the Flower group comes first. With ``--no-loadscope-reorder`` (the Makefile) the scheduler hands
+      out groups in collection order, so the longest chain starts at once on one worker."""
+    if not getattr(config.option, "loadgroup", False):  # set by pytest-xdist on its workers
+        return
+    for item in items:
+        group = _group(item)
+        if group is None:
+            group = item.nodeid.split("::", 1)[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+        if hasattr(item, "_id") and not item.nodeid.endswith(f"@{group}"):
+            item._id = type(item._id).parse(f"{item.nodeid}@{group}")
+    items.sort(key=lambda item: _group(item) != FLOWER_GROUP)  # stable: each file stays contiguous, in order

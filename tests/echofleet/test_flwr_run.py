@@ -31,6 +31,7 @@ from fed.config import PHANTOM_DATA, RunConfig
 from server.coordinator.server_app import main, run_federation
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("flower")  # starts a Flower federation: one worker runs them all (tests/conftest.py)
 NO_POLICY = "no site policy: start the SuperNode with --node-config 'policy=\"/path/policy.toml\"'"
 
 

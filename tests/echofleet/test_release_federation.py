@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from echofleet.cli import app
 
+pytestmark = pytest.mark.xdist_group("flower")  # starts a Flower federation: one worker runs them all (tests/conftest.py)
+
 SITE_DATA = "phantom:18?profiles=linear-a,convex-b,linear-c&seed=2"
 PUBLIC_VAL = "phantom:9?seed=9"  # public labelled phantoms for the central gate of this test
 

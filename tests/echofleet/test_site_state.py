@@ -18,6 +18,7 @@ from fed.ledger import PrivacyLedger
 from fed.policy import load_policy
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.xdist_group("flower")  # starts a Flower federation: one worker runs them all (tests/conftest.py)
 DATA = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=0"
 
 
