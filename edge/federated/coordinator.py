@@ -378,16 +378,21 @@ def answer_of(message) -> SiteAnswer:
 
 
 # ------------------------------------------------------------- files (a release over `flwr run`)
-def save_plan(plan: Plan, path: str | Path) -> Path:
-    """The plan as one ``.npz`` (no pickle), written atomically: what the release ServerApp sends."""
+def _write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``arrays`` as one ``.npz`` (no pickle), written atomically, readable by its owner only."""
     import io
 
     from echocare.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez(buf, **plan.to_arrays())
+    np.savez(buf, **arrays)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_bytes(Path(path), buf.getvalue(), 0o600)
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """The plan as one ``.npz`` (no pickle), written atomically: what the release ServerApp sends."""
+    return _write_npz(path, plan.to_arrays())
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -397,16 +402,11 @@ def load_plan(path: str | Path) -> Plan:
 
 def save_answers(answers: Sequence[SiteAnswer], path: str | Path) -> Path:
     """The sites' answers as one ``.npz`` (their fields as JSON bytes, histograms as arrays)."""
-    import io
     import json
 
-    from echocare.atomic import atomic_write_bytes
-
-    buf = io.BytesIO()
     meta = np.frombuffer(json.dumps([a.to_dict() for a in answers]).encode(), np.uint8)
-    np.savez(buf, __answers__=meta, **{f"h/{i}": a.histograms for i, a in enumerate(answers) if a.histograms is not None})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(Path(path), buf.getvalue(), 0o600)
+    return _write_npz(path, {"__answers__": meta,
+                             **{f"h/{i}": a.histograms for i, a in enumerate(answers) if a.histograms is not None}})
 
 
 def load_answers(path: str | Path) -> list[SiteAnswer]:

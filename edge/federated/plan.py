@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +31,65 @@ MAX_POINTS, MAX_BINS, MAX_MODEL_BYTES = 4096, 4096, 2_000_000_000
 
 class PlanError(ValueError):
     """A calibration plan a site cannot run (the message says which part and why)."""
+
+
+# -- shared by both plan kinds (CalibrationPlan, ScalePlan): the checks and the message content ---
+def _points_problem(points: tuple[str, ...]) -> str | None:
+    """Why a plan's quantization points cannot run, or None (the first check of every plan kind)."""
+    if not points or len(points) > MAX_POINTS:
+        return f"a plan needs 1 to {MAX_POINTS} quantization points, got {len(points)}"
+    if len(set(points)) != len(points):
+        return "the quantization points repeat a tensor name"
+    return None
+
+
+def _clip_and_model_problem(clip: float, model: bytes) -> str | None:
+    """Why a plan's clipping bound or model cannot run, or None (the last check of every plan kind)."""
+    if not (math.isfinite(clip) and 0 < clip <= 1e6):
+        return f"the clipping bound must be in (0, 1e6], got {clip}"
+    if not 0 < len(model) <= MAX_MODEL_BYTES:
+        return f"the model must be 1 byte to {MAX_MODEL_BYTES} bytes, got {len(model)}"
+    return None
+
+
+def _text_array(text: str) -> np.ndarray:
+    """A string as message content: its UTF-8 bytes as a uint8 array."""
+    return np.frombuffer(text.encode(), np.uint8)
+
+
+def _points_array(points: tuple[str, ...]) -> np.ndarray:
+    """The quantization points as every plan kind sends them: a JSON list of tensor names."""
+    return _text_array(json.dumps(list(points)))
+
+
+def _read_points(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
+    points = json.loads(np.asarray(arrays["points"], np.uint8).tobytes().decode())
+    if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+        raise PlanError("the quantization points must be a list of tensor names")
+    return tuple(points)
+
+
+def _read_model(arrays: dict[str, np.ndarray]) -> bytes:
+    return np.asarray(arrays["model"], np.uint8).tobytes()
+
+
+def _read_numbers(arrays: dict[str, np.ndarray], key: str, n: int, problem: str) -> np.ndarray:
+    """``arrays[key]`` as ``n`` float64 numbers; :class:`PlanError` ``problem`` when there are not ``n``."""
+    numbers = np.asarray(arrays[key], np.float64).ravel()
+    if numbers.size != n:
+        raise PlanError(problem)
+    return numbers
+
+
+@contextmanager
+def _reading_plan() -> Iterator[None]:
+    """Any malformed message content becomes one :class:`PlanError` naming what was wrong."""
+    try:
+        yield
+    except PlanError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"not a calibration plan ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)
@@ -53,19 +114,14 @@ class CalibrationPlan:
     def problem(self) -> str | None:
         """Why this plan cannot run, or None."""
         e = self.edges
-        if not self.points or len(self.points) > MAX_POINTS:
-            return f"a plan needs 1 to {MAX_POINTS} quantization points, got {len(self.points)}"
-        if len(set(self.points)) != len(self.points):
-            return "the quantization points repeat a tensor name"
+        problem = _points_problem(self.points)
+        if problem:
+            return problem
         if e.ndim != 2 or e.shape[0] != len(self.points) or not 2 <= e.shape[1] - 1 <= MAX_BINS:
             return f"bin edges must be (points, bins + 1) with 2 to {MAX_BINS} bins, got shape {e.shape}"
         if not np.isfinite(e).all() or not (np.diff(e, axis=1) > 0).all():
             return "bin edges must be finite and strictly increasing for every point"
-        if not (math.isfinite(self.clip) and 0 < self.clip <= 1e6):
-            return f"the clipping bound must be in (0, 1e6], got {self.clip}"
-        if not 0 < len(self.model) <= MAX_MODEL_BYTES:
-            return f"the model must be 1 byte to {MAX_MODEL_BYTES} bytes, got {len(self.model)}"
-        return None
+        return _clip_and_model_problem(self.clip, self.model)
 
     kind = "histogram"
 
@@ -101,23 +157,14 @@ class CalibrationPlan:
     # -- as message content: arrays only (no pickle), so the site's request hash covers all of it --
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"model": np.frombuffer(self.model, np.uint8), "edges": np.ascontiguousarray(self.edges),
-                "points": np.frombuffer(json.dumps(list(self.points)).encode(), np.uint8),
-                "clip": np.array([self.clip], np.float64)}
+                "points": _points_array(self.points), "clip": np.array([self.clip], np.float64)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CalibrationPlan:
-        try:
-            points = json.loads(np.asarray(arrays["points"], np.uint8).tobytes().decode())
-            if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
-                raise PlanError("the quantization points must be a list of tensor names")
-            clip = np.asarray(arrays["clip"], np.float64).ravel()
-            if clip.size != 1:
-                raise PlanError("the clipping bound must be one number")
-            return cls(np.asarray(arrays["model"], np.uint8).tobytes(), tuple(points), arrays["edges"], float(clip[0]))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PlanError):
-                raise
-            raise PlanError(f"not a calibration plan ({type(e).__name__}: {e})") from None
+        with _reading_plan():
+            points = _read_points(arrays)
+            clip = _read_numbers(arrays, "clip", 1, "the clipping bound must be one number")
+            return cls(_read_model(arrays), points, arrays["edges"], float(clip[0]))
 
 
 def point_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -217,10 +264,9 @@ class ScalePlan:
     def problem(self) -> str | None:
         """Why this plan cannot run, or None."""
         g, r = self.groups, self.reference
-        if not self.points or len(self.points) > MAX_POINTS:
-            return f"a plan needs 1 to {MAX_POINTS} quantization points, got {len(self.points)}"
-        if len(set(self.points)) != len(self.points):
-            return "the quantization points repeat a tensor name"
+        problem = _points_problem(self.points)
+        if problem:
+            return problem
         if g.shape != (len(self.points), 2) or r.shape != (len(self.points), 2):
             return f"groups and reference must be (points, 2), got {g.shape} and {r.shape}"
         if g.min() < -1 or not 1 <= self.n_groups <= MAX_BINS or set(np.unique(g[g >= 0])) != set(range(self.n_groups)):
@@ -231,11 +277,7 @@ class ScalePlan:
             return f"the width of the log ratio must be in (0, 100], got {self.width}"
         if not (math.isfinite(self.quantile) and 0.5 < self.quantile <= 1):
             return f"the quantile must be in (0.5, 1], got {self.quantile}"
-        if not (math.isfinite(self.clip) and 0 < self.clip <= 1e6):
-            return f"the clipping bound must be in (0, 1e6], got {self.clip}"
-        if not 0 < len(self.model) <= MAX_MODEL_BYTES:
-            return f"the model must be 1 byte to {MAX_MODEL_BYTES} bytes, got {len(self.model)}"
-        return None
+        return _clip_and_model_problem(self.clip, self.model)
 
     @property
     def n_groups(self) -> int:
@@ -295,29 +337,21 @@ class ScalePlan:
         return self.row_of_magnitudes(self.magnitudes(values))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"model": np.frombuffer(self.model, np.uint8), "kind": np.frombuffer(self.kind.encode(), np.uint8),
-                "points": np.frombuffer(json.dumps(list(self.points)).encode(), np.uint8),
-                "groups": np.ascontiguousarray(self.groups), "reference": np.ascontiguousarray(self.reference),
+        return {"model": np.frombuffer(self.model, np.uint8), "kind": _text_array(self.kind),
+                "points": _points_array(self.points), "groups": np.ascontiguousarray(self.groups),
+                "reference": np.ascontiguousarray(self.reference),
                 "numbers": np.array([self.width, self.quantile, self.clip], np.float64)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScalePlan:
-        try:
-            points = json.loads(np.asarray(arrays["points"], np.uint8).tobytes().decode())
-            if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
-                raise PlanError("the quantization points must be a list of tensor names")
-            numbers = np.asarray(arrays["numbers"], np.float64).ravel()
-            if numbers.size != 3:
-                raise PlanError("a scale plan needs three numbers (width, quantile, clip)")
+        with _reading_plan():
+            points = _read_points(arrays)
+            numbers = _read_numbers(arrays, "numbers", 3, "a scale plan needs three numbers (width, quantile, clip)")
             groups = np.asarray(arrays["groups"])
             if groups.dtype.kind not in "iu":
                 raise PlanError("the groups must be integers")
-            return cls(np.asarray(arrays["model"], np.uint8).tobytes(), tuple(points), groups, arrays["reference"],
+            return cls(_read_model(arrays), points, groups, arrays["reference"],
                        float(numbers[0]), float(numbers[1]), float(numbers[2]))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PlanError):
-                raise
-            raise PlanError(f"not a calibration plan ({type(e).__name__}: {e})") from None
 
 
 #: What a coordinator may send: per-point histograms, or one scale per group of points.
