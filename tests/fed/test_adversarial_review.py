@@ -77,15 +77,16 @@ def _site(tmp_path: Path, cache: str, **kw) -> SitePolicy:
     return SitePolicy(data=DATA, site_name="hospital-a", state_dir=str(tmp_path / "state"), cache_dir=cache, **kw)
 
 
-def _plain_head(seed: int = 0) -> dict[str, np.ndarray]:
-    """A linear head without fixed buffers (no projection): enough for training attacks."""
+def _plain_head(seed: int = 0, k: int = 3, **options) -> dict[str, np.ndarray]:
+    """A seeded classification head of ``k`` labels without fixed buffers (no projection): enough for
+    training attacks; ``options``: more head options (``hidden=8``: a hidden layer)."""
     import torch
 
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
 
     torch.manual_seed(seed)
-    head = build_head("classify", get_config("echocare-tiny"), 3, proj_dim=0)
+    head = build_head("classify", get_config("echocare-tiny"), k, proj_dim=0, **options)
     return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
 
 
@@ -191,8 +192,44 @@ def _tripwire_bundles(tmp_path: Path, threshold: float, tag: str, labels: list[s
 
 
 def _acc_site(tmp_path: Path, pub: Path, **kw) -> SitePolicy:
-    return SitePolicy(data="phantom:12?profiles=linear-a&seed=41", site_name="h-acc", release_pubkey=str(pub),
-                      state_dir=str(tmp_path / "site"), **kw)
+    """A site pinning the release key ``pub``; ``kw``: other policy fields (its data too)."""
+    return SitePolicy(**{"data": "phantom:12?profiles=linear-a&seed=41", "site_name": "h-acc", "release_pubkey": str(pub),
+                         "state_dir": str(tmp_path / "site"), **kw})
+
+
+def _accept(policy: SitePolicy, cand: Path, ref: Path, run_key: str):
+    """The site's acceptance reply to a signed candidate and its FP32 reference (half of its data as
+    validation split, one latency run)."""
+    from edge.federated import accept as acc
+
+    return acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=run_key, val_fraction=0.5,
+                                                                  seed=0, latency_runs=1))
+
+
+def _honest_acceptance(tmp_path: Path, tag: str, labels: list[str] = ACC_LABELS, **policy):
+    """(site policy, its reply) for a signed tripwire candidate that trips on no image (an honest model
+    naming ``labels``), asked under run key ``tag``; ``policy``: the site's fields (:func:`_acc_site`)."""
+    pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
+    site = _acc_site(tmp_path, pub, **policy)
+    return site, _accept(site, cand, ref, tag)
+
+
+def _per_patient_phantoms(root: Path) -> str:
+    """The data spec of 18 phantoms (3 profiles) listed in ``root/manifest.csv`` with a patient column:
+    3 images per patient, each patient's images of one label."""
+    import csv
+
+    from echocare.phantom import write_phantoms
+
+    manifest = write_phantoms(root / "images", 18, profiles="linear-a,convex-b,linear-c", seed=0)
+    by_label: dict[str, list[str]] = {}
+    for rel, info in sorted(manifest["files"].items()):
+        by_label.setdefault(info["label"], []).append(rel)
+    rows = [(f"images/{f}", label, f"P-{label}-{i // 3}") for label, files in sorted(by_label.items())
+            for i, f in enumerate(files[:len(files) - len(files) % 3])]
+    with (root / "manifest.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "patient"), *rows])
+    return f"csv:{root / 'manifest.csv'}"
 
 
 def test_a_signed_candidate_that_fails_on_some_images_gets_no_exact_answer(tmp_path):
@@ -202,7 +239,6 @@ def test_a_signed_candidate_that_fails_on_some_images_gets_no_exact_answer(tmp_p
     uncharged: an exact, unlimited oracle. Now an image either model fails on contributes a zero
     row and the reply is the ordinary charged, noisy release whichever images tripped."""
     from edge.build.evaluate import load_eval_set
-    from edge.federated import accept as acc
     from fed.task import site_split
 
     pub, _, _ = _tripwire_bundles(tmp_path, 1e9, "probe")
@@ -215,8 +251,7 @@ def test_a_signed_candidate_that_fails_on_some_images_gets_no_exact_answer(tmp_p
     statuses = []
     for i, t in enumerate((means[-1] + 1.0, (means[-2] + means[-1]) / 2, means[0] / 2)):  # none, one, every image
         _, cand, ref = _tripwire_bundles(tmp_path, t, str(i))
-        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=f"r{i}", val_fraction=0.5,
-                                                                      seed=0, latency_runs=1))
+        reply = _accept(policy, cand, ref, f"r{i}")
         statuses.append((reply.status, reply.reason))
     assert statuses == [("ok", "")] * 3, statuses
     assert [r["kind"] for r in json_ledger(policy)["releases"]] == ["accept"] * 3
@@ -227,14 +262,9 @@ def test_a_candidate_naming_labels_the_site_may_not_have_costs_a_charged_release
     whose labels no validation image has was refused, uncharged, "no labelled validation images":
     a free yes/no answer to "does this site hold any image of diagnosis X?". Accounted acceptance
     now answers it like any other request: charged, noise only."""
-    from edge.federated import accept as acc
-
     statuses = []
     for tag, labels in (("present", ACC_LABELS), ("absent", ["rare-x", "rare-y", "rare-z"])):
-        pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
-        policy = _acc_site(tmp_path, pub, target_epsilon=50.0)
-        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=tag, val_fraction=0.5,
-                                                                      seed=0, latency_runs=1))
+        policy, reply = _honest_acceptance(tmp_path, tag, labels, target_epsilon=50.0)
         statuses.append((reply.status, reply.reason))
     assert statuses == [("ok", "")] * 2, statuses
     assert [r["kind"] for r in json_ledger(policy)["releases"]] == ["accept"] * 2
@@ -244,13 +274,9 @@ def test_exact_acceptance_results_count_against_the_lifetime_limit_of_exact_eval
     """Attack: a site that discloses exact evaluations caps them over its lifetime. Exact acceptance
     results (two models' exact metrics on the same validation split) are exact evaluations too, but
     were counted separately: the coordinator got the limit twice. Now one lifetime count covers both."""
-    from edge.federated import accept as acc
     from fed.task import evaluate_round
 
-    pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, "honest")
-    policy = _acc_site(tmp_path, pub, evaluation="disclosed", disclosed_evaluations_lifetime=1)
-    request = acc.AcceptanceRequest(reference=ref, run_key="r", val_fraction=0.5, seed=0, latency_runs=1)
-    first = acc.accept_at_site(policy, cand, request)
+    policy, first = _honest_acceptance(tmp_path, "honest", evaluation="disclosed", disclosed_evaluations_lifetime=1)
     assert (first.status, first.mode) == ("ok", "disclosed"), first.reason
     from echocare.models.encoder import get_config
     from echocare.models.heads import build_head
@@ -301,26 +327,11 @@ def test_a_per_patient_site_answers_a_bundle_that_skips_one_of_its_labels(tmp_pa
     whenever one validation image was skipped, e.g. because its label is not among the bundle's
     (the coordinator writes the manifest): a free yes/no on whether the split holds that label.
     Now the kept rows are matched to their patients by key and the release is the ordinary one."""
-    import csv
-
-    from echocare.phantom import write_phantoms
-    from edge.federated import accept as acc
-
-    manifest = write_phantoms(tmp_path / "images", 18, profiles="linear-a,convex-b,linear-c", seed=0)
-    by_label: dict[str, list[str]] = {}
-    for rel, info in sorted(manifest["files"].items()):
-        by_label.setdefault(info["label"], []).append(rel)
-    rows = [(f"images/{f}", label, f"P-{label}-{i // 3}") for label, files in sorted(by_label.items())
-            for i, f in enumerate(files[:len(files) - len(files) % 3])]
-    with (tmp_path / "manifest.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("path", "label", "patient"), *rows])
+    data = _per_patient_phantoms(tmp_path)
     statuses = []
     for tag, labels in (("all", ACC_LABELS), ("skips-normal", ["benign", "malignant", "rare-x"])):
-        pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
-        policy = SitePolicy(data=f"csv:{tmp_path / 'manifest.csv'}", site_name="h-pat", release_pubkey=str(pub),
-                            state_dir=str(tmp_path / "site"), target_epsilon=50.0, privacy_unit="patient")
-        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=tag, val_fraction=0.5,
-                                                                      seed=0, latency_runs=1))
+        policy, reply = _honest_acceptance(tmp_path, tag, labels, data=data, site_name="h-pat", target_epsilon=50.0,
+                                           privacy_unit="patient")
         statuses.append((reply.status, reply.reason, reply.unit))
     assert statuses == [("ok", "", "patient")] * 2, statuses
     assert [(r["kind"], r["unit"]) for r in json_ledger(policy)["releases"]] == [("accept", "patient")] * 2

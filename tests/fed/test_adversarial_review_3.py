@@ -8,14 +8,14 @@ sign-off", third review)."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 import pytest
 from test_adversarial_review import (
-    DATA,
+    _accept,
+    _honest_acceptance,
+    _per_patient_phantoms,
     _plain_head,
+    _site,
     _sized_sites,
     _train_cfg,
     _tripwire_bundles,
@@ -32,22 +32,6 @@ ABSENT = ["rare-x", "rare-y", "rare-z"]  # labels no phantom carries
 PRESENT = ["benign", "malignant", "normal"]
 
 
-def _site(tmp_path: Path, cache: str, **kw) -> SitePolicy:
-    return SitePolicy(**{"data": DATA, "site_name": "hospital-a", "state_dir": str(tmp_path / "state"),
-                         "cache_dir": cache, **kw})
-
-
-def _head(k: int = 3, **options) -> dict[str, np.ndarray]:
-    import torch
-
-    from echocare.models.encoder import get_config
-    from echocare.models.heads import build_head
-
-    torch.manual_seed(0)
-    head = build_head("classify", get_config("echocare-tiny"), k, proj_dim=0, **options)
-    return {n: v.detach().numpy().copy() for n, v in head.state_dict().items()}
-
-
 def _releases(policy: SitePolicy) -> list[str]:
     return [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] if policy.ledger_path.exists() else []
 
@@ -60,7 +44,7 @@ def test_a_hidden_head_asking_whether_a_label_exists_through_training_is_charged
     A free yes/no on whether any training image carries a label (repeatable with any label set)."""
     policy = _site(tmp_path, phantom_feature_cache)
     replies = {tag: train_round(policy, _train_cfg(labels=labels, head={"proj_dim": 0, "hidden": 8}, run_key=tag),
-                                _head(hidden=8))
+                                _plain_head(hidden=8))
                for tag, labels in (("present", PRESENT), ("absent", ABSENT))}
     assert {t: r.status for t, r in replies.items()} == {"present": "ok", "absent": "ok"}, \
         {t: r.reason for t, r in replies.items()}
@@ -97,7 +81,7 @@ def test_disclosed_evaluation_counts_the_question_whether_a_label_exists(tmp_pat
     policy = _site(tmp_path, phantom_feature_cache, evaluation="disclosed", disclosed_evaluations_lifetime=2)
     asked = [("absent-1", ABSENT), ("absent-2", ABSENT[::-1]), ("absent-3", ABSENT[1:] + ABSENT[:1]),
              ("present", PRESENT)]
-    replies = {tag: evaluate_round(policy, _train_cfg(labels=labels, run_key=tag), _head())
+    replies = {tag: evaluate_round(policy, _train_cfg(labels=labels, run_key=tag), _plain_head())
                for tag, labels in asked}
     book = PrivacyLedger.load(policy.ledger_path)
     assert book.disclosed() == 2, [r.reason for r in replies.values()]
@@ -109,16 +93,11 @@ def test_disclosed_acceptance_counts_the_question_whether_a_label_exists(tmp_pat
     """Attack: the same question through federated acceptance (the coordinator, as release authority,
     signs a bundle naming labels the site may not have). In disclosed mode the refusal came before the
     disclosure was counted; now it is counted, and the lifetime limit answers the same either way."""
-    from edge.federated import accept as acc
-
     answers = []
     for tag, labels in (("absent-1", ["rare-x", "rare-y", "rare-z"]), ("absent-2", ["rare-p", "rare-q", "rare-r"]),
                         ("present", ["benign", "malignant", "normal"])):
-        pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, tag, labels)
-        policy = SitePolicy(data="phantom:15?seed=3", site_name="h-acc", release_pubkey=str(pub),
-                            state_dir=str(tmp_path / "site"), evaluation="disclosed", disclosed_evaluations_lifetime=1)
-        reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key=tag, val_fraction=0.5,
-                                                                      seed=0, latency_runs=1))
+        policy, reply = _honest_acceptance(tmp_path, tag, labels, data="phantom:15?seed=3", evaluation="disclosed",
+                                           disclosed_evaluations_lifetime=1)
         answers.append((reply.status, reply.reason))
     assert PrivacyLedger.load(policy.ledger_path).disclosed() == 1, answers
     assert answers[1] == answers[2] and "lifetime limit" in answers[2][1], answers
@@ -356,27 +335,17 @@ def test_per_patient_acceptance_skips_an_unreadable_validation_image_inside_a_ch
     uncharged) when a validation image was unreadable (the reader names it by its file, so its rows
     could not be matched to patients): a free answer about the split. Now that image is skipped, as
     per-image acceptance does, and the reply is the ordinary charged per-patient release."""
-    from echocare.phantom import write_phantoms
-    from edge.federated import accept as acc
     from fed.task import site_split
 
-    manifest = write_phantoms(tmp_path / "images", 18, profiles="linear-a,convex-b,linear-c", seed=0)
-    by_label: dict[str, list[str]] = {}
-    for rel, info in sorted(manifest["files"].items()):
-        by_label.setdefault(info["label"], []).append(rel)
-    rows = [(f"images/{f}", label, f"P-{label}-{i // 3}") for label, files in sorted(by_label.items())
-            for i, f in enumerate(files[:len(files) - len(files) % 3])]
-    with (tmp_path / "manifest.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("path", "label", "patient"), *rows])
+    data = _per_patient_phantoms(tmp_path)
     pub, cand, ref = _tripwire_bundles(tmp_path, 1e9, "unreadable", PRESENT)
-    policy = SitePolicy(data=f"csv:{tmp_path / 'manifest.csv'}", site_name="h-pat", release_pubkey=str(pub),
+    policy = SitePolicy(data=data, site_name="h-pat", release_pubkey=str(pub),
                         state_dir=str(tmp_path / "site"), target_epsilon=50.0, privacy_unit="patient")
     val = site_split(policy, RoundConfig(val_fraction=0.5, seed=0), "val")  # the split is made (and kept) first
     broken = next(p for p in (tmp_path / "images").rglob("*") if p.is_file() and
                   any(s.key.endswith(p.name) for s in val.samples))
     broken.write_bytes(b"not an image")  # one validation image becomes unreadable
-    reply = acc.accept_at_site(policy, cand, acc.AcceptanceRequest(reference=ref, run_key="unreadable",
-                                                                  val_fraction=0.5, seed=0, latency_runs=1))
+    reply = _accept(policy, cand, ref, "unreadable")
     assert (reply.status, reply.reason, reply.unit) == ("ok", "", "patient"), reply.reason
     assert [(r.kind, r.unit) for r in PrivacyLedger.load(policy.ledger_path).releases] == [("accept", "patient")]
 
