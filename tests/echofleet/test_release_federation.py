@@ -2,7 +2,7 @@
 edge build with no local data (``edge build RUN --calib sites --accept sites``, no ``--val``): every
 site's lifetime ledger shows the calibration release; the signed manifest records the calibration and
 the sites' acceptance. One shared build (two short simulations: one query round each); the deployment
-variant (TLS SuperLink) is marked slow."""
+variant (TLS SuperLink, driven by `edge build ... --federation NAME`) is marked slow."""
 
 from __future__ import annotations
 
@@ -108,11 +108,14 @@ def test_release_options_are_checked_with_one_error_line(release, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_deployment_calibrates_and_accepts_over_the_tls_superlink(tmp_path):
-    """The deploy-localhost path (echofleet.deploy): TLS SuperLink with SuperNode authentication, 3
-    registered SuperNodes whose policies pin the release key; the build's calibration and acceptance
-    are two `flwr run`s in mode "release"; each hospital's ledger shows both releases (real hospitals
-    keep the accounted default). The training run is skipped: a fresh global model stands in for it."""
+def test_deployment_calibrates_and_accepts_over_the_tls_superlink(tmp_path, monkeypatch):
+    """`echofleet edge build RUN --calib sites --accept sites --federation NAME` against the deploy-localhost
+    SuperLink (echofleet.deploy): TLS with SuperNode authentication, 3 registered SuperNodes whose policies
+    pin the release key; the CLI's calibration and acceptance are two `flwr run`s in mode "release" over
+    the connection the coordinator's FLWR_HOME names; each hospital's ledger shows both releases (real
+    hospitals keep the accounted default). The training run is skipped: a fresh global model and the
+    report.json a training run writes (its run config) stand in for it."""
+    import functools
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -120,12 +123,15 @@ def test_deployment_calibrates_and_accepts_over_the_tls_superlink(tmp_path):
     from test_deploy_localhost import _alive_leftovers, _kill_leftovers
 
     from echocare.bundle import generate_keypair
-    from echofleet.deploy import DeployConfig, Deployment
-    from edge.build.gate import GateBounds
-    from edge.build.pipeline import BuildConfig, build
+    from echofleet.deploy import CONNECTION, DeployConfig, Deployment
+    from edge.build.pipeline import BuildConfig
+    from fed.config import RunConfig
     from fed.ledger import PrivacyLedger
     from fed.policy import load_policy
 
+    # the CLI's build with fewer public phantoms and self-test samples (this is the path, not the accuracy)
+    monkeypatch.setattr(BuildConfig, "__init__", functools.partialmethod(BuildConfig.__init__, public_limit=4,
+                                                                         selftest_samples=1))
     key, pub = generate_keypair(tmp_path / "keys" / "release")
     cfg = DeployConfig(run_dir=tmp_path / "dl", sites=3, data=SITE_DATA, startup_timeout=120, timeout=600, release_pubkey=pub)
     cfg.run_dir.mkdir()
@@ -133,18 +139,27 @@ def test_deployment_calibrates_and_accepts_over_the_tls_superlink(tmp_path):
         with Deployment(cfg) as d:
             d.bring_up()
             fresh_model(d.federation_dir / "global", "classify")
-            summary = build(d.federation_dir, "onnxruntime-cpu", "sites", None, key, tmp_path / "dist",
-                            config=BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1),
-                            sites=d.site_calibration(progress=lambda _m: None),
-                            accept=d.site_acceptance(progress=lambda _m: None))
+            config = RunConfig.from_run_config(d.run_config())  # what the training run would have recorded
+            (d.federation_dir / "report.json").write_text(json.dumps({"config": config.as_run_config()}))
+            r = CliRunner().invoke(app, ["edge", "build", str(d.federation_dir), "--target", "onnxruntime-cpu",
+                                         "--calib", "sites", "--accept", "sites", "--key", str(key),
+                                         "--out", str(tmp_path / "dist"), "--max-auroc-drop", "100",
+                                         "--federation", CONNECTION, "--flwr-home", str(d.flwr_home)])
             hospitals = [(h.name, load_policy(h.policy)) for h in d.hospitals]
     finally:
         _kill_leftovers(cfg.run_dir)
     assert _alive_leftovers(cfg.run_dir) == []
-    assert summary.ok
-    cal = summary.manifest["calibration"]
-    assert sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
-    assert summary.manifest["acceptance"]["method"] == "federated" and summary.manifest["acceptance"]["passed"]
+    assert r.exit_code == 0, r.output
+    for step in ("calibrate", "accept"):  # a progress line per step, and the summary table
+        assert f"[federation {CONNECTION}] release step '{step}': run " in r.output, r.output
+        assert f"release step '{step}': 3 site(s)" in r.output, r.output
+    assert "edge build · onnxruntime-cpu · int8" in r.output and "bundle:" in r.output, r.output
+    bundle = next((tmp_path / "dist").glob("*/manifest.json"))
+    manifest = json.loads(bundle.read_text())
+    cal = manifest["calibration"]
+    assert cal["method"] == "federated" and sorted(cal["contributing_sites"]) == ["site-0", "site-1", "site-2"]
+    assert manifest["acceptance"]["method"] == "federated" and manifest["acceptance"]["passed"]
+    assert sorted(site["site"] for site in manifest["acceptance"]["sites"]) == ["site-0", "site-1", "site-2"]
     for name, policy in hospitals:
         assert policy.release_pubkey and policy.evaluation == "accounted"
         assert [r.kind for r in PrivacyLedger.load(policy.ledger_path).releases] == ["calibrate", "accept"], name
