@@ -12,33 +12,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edge_helpers import (
+    LABELS,
+    busi_spec,
+    fresh_model,
+    run_py,
+    torch_free_env,
+)
 
-from edge.build.pipeline import BuildConfig, build
-from echocare.bundle import BundleError, generate_keypair
+from echocare.bundle import BundleError
 from edge.build.gate import GateBounds, GateFailed
+from edge.build.pipeline import BuildConfig, build
 from edge.device.runtime import load_bundle
-from edge_helpers import LABELS, busi_spec, fake_run_dir, fresh_model, run_py, torch_free_env, trained_classifier
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return generate_keypair(tmp_path_factory.mktemp("keys") / "release")
-
-
-@pytest.fixture(scope="module")
-def cls_build(tmp_path_factory, busi_root, keys):
+def cls_build(tmp_path_factory, busi_root, classifier_run, release_keys):
     tmp = tmp_path_factory.mktemp("build-cls")
-    run = fake_run_dir(tmp / "run", trained_classifier(tmp, busi_root))
-    summary = build(run, "openvino-cpu", busi_spec(busi_root, 24, 5), busi_spec(busi_root, 45, 11), keys[0], tmp / "dist",
+    summary = build(classifier_run, "openvino-cpu", busi_spec(busi_root, 24, 5), busi_spec(busi_root, 45, 11), release_keys[0], tmp / "dist",
                     config=BuildConfig(version="7", device_class="cart"))
     return tmp, summary
 
 
 @pytest.fixture(scope="module")
-def seg_build(tmp_path_factory, busi_root, keys):
+def seg_build(tmp_path_factory, busi_root, release_keys):
     tmp = tmp_path_factory.mktemp("build-seg")
     model = fresh_model(tmp / "seg", "segment")
-    summary = build(model, "onnxruntime-cpu", None, busi_spec(busi_root, 12, 3), keys[0], tmp / "dist",
+    summary = build(model, "onnxruntime-cpu", None, busi_spec(busi_root, 12, 3), release_keys[0], tmp / "dist",
                     config=BuildConfig(precision="fp32", version="1"))
     return tmp, summary
 
@@ -68,14 +68,14 @@ def test_build_summary_manifest_and_model_card(cls_build) -> None:
     assert m["quantization"]["method"] == "nncf" and m["encoder"]["config"] == "echocare-tiny"
 
 
-def test_verify_tampered_bundle_refused_by_cli(cls_build, keys, tmp_path: Path) -> None:
+def test_verify_tampered_bundle_refused_by_cli(cls_build, release_keys, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from echofleet.cli.edge import edge_app
 
     _, s = cls_build
     runner = CliRunner()
-    ok = runner.invoke(edge_app, ["verify", str(s.tarball), "--pubkey", str(keys[1])])
+    ok = runner.invoke(edge_app, ["verify", str(s.tarball), "--pubkey", str(release_keys[1])])
     assert ok.exit_code == 0 and "signature OK" in ok.output, ok.output
     copy = tmp_path / s.bundle_dir.name
     shutil.copytree(s.bundle_dir, copy)
@@ -83,29 +83,29 @@ def test_verify_tampered_bundle_refused_by_cli(cls_build, keys, tmp_path: Path) 
     data = bytearray(weights.read_bytes())
     data[len(data) // 3] ^= 0x80
     weights.write_bytes(bytes(data))
-    bad = runner.invoke(edge_app, ["verify", str(copy), "--pubkey", str(keys[1])])
+    bad = runner.invoke(edge_app, ["verify", str(copy), "--pubkey", str(release_keys[1])])
     assert bad.exit_code == 1 and "REFUSED" in bad.output and "model/model.bin" in bad.output
     with pytest.raises(BundleError):
-        load_bundle(copy, public_key=keys[1])
-    inf = runner.invoke(edge_app, ["infer", str(copy), str(copy / "manifest.json"), "--pubkey", str(keys[1])])
+        load_bundle(copy, public_key=release_keys[1])
+    inf = runner.invoke(edge_app, ["infer", str(copy), str(copy / "manifest.json"), "--pubkey", str(release_keys[1])])
     assert inf.exit_code == 1 and "REFUSED" in inf.output
 
 
-def test_torch_free_infer_on_busi_matches_the_gated_model(cls_build, keys, busi_root, tmp_path: Path) -> None:
+def test_torch_free_infer_on_busi_matches_the_gated_model(cls_build, release_keys, busi_root, tmp_path: Path) -> None:
     """`python -m echofleet.cli.edge infer` with torch blocked: verifies, preprocesses, runs OpenVINO INT8, prints probabilities."""
     _, s = cls_build
     env = torch_free_env(tmp_path)
     sanity = run_py(["-c", "import torch"], env=env)
     assert sanity.returncode != 0 and "torch is blocked" in sanity.stderr
     images = _busi_images(busi_root, 3)
-    res = run_py(["-m", "echofleet.cli.edge", "infer", str(s.tarball), *map(str, images), "--pubkey", str(keys[1]), "--json"], env=env)
+    res = run_py(["-m", "echofleet.cli.edge", "infer", str(s.tarball), *map(str, images), "--pubkey", str(release_keys[1]), "--json"], env=env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["bundle"]["backend"] == "openvino" and out["bundle"]["session"]["inference_precision"] == "f32"
     assert len(out["results"]) == 3
     # Same numbers as the runtime in this (torch-enabled) process. One image per call, as the CLI
     # does: OpenVINO's INT8 outputs shift slightly with the batch an image is run in.
-    with load_bundle(s.tarball, public_key=keys[1]) as rt:
+    with load_bundle(s.tarball, public_key=release_keys[1]) as rt:
         from echocare.data.images import read_image
 
         here = [rt.predict([read_image(p)])[0] for p in images]
@@ -116,11 +116,11 @@ def test_torch_free_infer_on_busi_matches_the_gated_model(cls_build, keys, busi_
             assert r["probabilities"][k] == pytest.approx(h["probabilities"][k], abs=1e-5)
 
 
-def test_full_cli_entry_point_is_torch_free(cls_build, keys, busi_root, tmp_path: Path) -> None:
+def test_full_cli_entry_point_is_torch_free(cls_build, release_keys, busi_root, tmp_path: Path) -> None:
     """`echofleet edge infer` (the whole CLI, every package's commands registered) also runs without torch."""
     _, s = cls_build
     res = run_py(["-m", "echofleet.cli", "edge", "infer", str(s.bundle_dir), str(_busi_images(busi_root, 1)[0]),
-                  "--pubkey", str(keys[1])], env=torch_free_env(tmp_path))
+                  "--pubkey", str(release_keys[1])], env=torch_free_env(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "malignant" in res.stdout and "openvino" in res.stdout
 
@@ -140,13 +140,13 @@ def test_self_test_detects_a_wrong_expected_output(cls_build, tmp_path: Path) ->
     assert not ok and "differ" in msg
 
 
-def test_segment_bundle_infer_writes_dice_ready_masks(seg_build, keys, busi_root, tmp_path: Path) -> None:
+def test_segment_bundle_infer_writes_dice_ready_masks(seg_build, release_keys, busi_root, tmp_path: Path) -> None:
     from echocare.data.images import read_image
 
     _, s = seg_build
     assert s.ok and s.manifest["precision"] == "fp32" and s.selftest[0]
     images = _busi_images(busi_root, 2)
-    res = run_py(["-m", "echofleet.cli.edge", "infer", str(s.tarball), *map(str, images), "--pubkey", str(keys[1]),
+    res = run_py(["-m", "echofleet.cli.edge", "infer", str(s.tarball), *map(str, images), "--pubkey", str(release_keys[1]),
                   "--masks-dir", str(tmp_path / "masks"), "--json"], env=torch_free_env(tmp_path))
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -159,10 +159,10 @@ def test_segment_bundle_infer_writes_dice_ready_masks(seg_build, keys, busi_root
         assert r["foreground_fraction"][0] == pytest.approx((mask > 0).mean(), abs=1e-6)
 
 
-def test_gate_failure_stops_the_build(tmp_path: Path, busi_root, keys) -> None:
+def test_gate_failure_stops_the_build(tmp_path: Path, busi_root, release_keys) -> None:
     model = fresh_model(tmp_path / "m", "classify")
     with pytest.raises(GateFailed, match="gate FAILED") as e:
-        build(model, "onnxruntime-cpu", None, busi_spec(busi_root, 15, 2), keys[0], tmp_path / "dist",
+        build(model, "onnxruntime-cpu", None, busi_spec(busi_root, 15, 2), release_keys[0], tmp_path / "dist",
               config=BuildConfig(precision="fp32", bounds=GateBounds(auroc_points=-50.0), version="1"))
     assert [st.name for st in e.value.summary.steps][-1] == "gate"
     assert not list((tmp_path / "dist").glob("*.tar.gz"))  # nothing bundled past a failed gate

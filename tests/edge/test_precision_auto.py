@@ -12,26 +12,26 @@ import shutil
 from pathlib import Path
 
 import pytest
+from edge_helpers import busi_spec
 
-from echocare.bundle import FORMAT, BundleError, candidates_of, generate_keypair, verify_bundle, write_bundle
+from echocare.bundle import (
+    FORMAT,
+    BundleError,
+    candidates_of,
+    verify_bundle,
+    write_bundle,
+)
 from edge.build import pipeline
 from edge.build.gate import GateBounds
 from edge.build.pipeline import BuildConfig, build
 from edge.device.runtime import BundleRuntime, load_bundle
-from edge_helpers import busi_spec, fake_run_dir, trained_classifier
 
 FAILED = "fp32"  # the candidate this file's build forces through a failing gate
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return generate_keypair(tmp_path_factory.mktemp("keys") / "release")
-
-
-@pytest.fixture(scope="module")
-def auto_build(tmp_path_factory, busi_root, keys):
+def auto_build(tmp_path_factory, busi_root, classifier_run, release_keys):
     tmp = tmp_path_factory.mktemp("build-auto")
-    run = fake_run_dir(tmp / "run", trained_classifier(tmp, busi_root))
     real_gate = pipeline.run_gate
 
     def gate(*args, candidate_name=None, **kw):  # the real gate; one candidate gets a bound it cannot meet
@@ -43,14 +43,14 @@ def auto_build(tmp_path_factory, busi_root, keys):
     mp = pytest.MonkeyPatch()
     mp.setattr(pipeline, "run_gate", gate)
     try:
-        summary = build(run, "openvino-cpu", busi_spec(busi_root, 16, 5), busi_spec(busi_root, 30, 11), keys[0], tmp / "dist",
+        summary = build(classifier_run, "openvino-cpu", busi_spec(busi_root, 16, 5), busi_spec(busi_root, 30, 11), release_keys[0], tmp / "dist",
                         config=BuildConfig(precision="auto", version="3", calib_limit=16, candidate_seconds=0.1))
     finally:
         mp.undo()
     return tmp, summary
 
 
-def test_auto_build_ships_every_gated_candidate_signed(auto_build, keys, tmp_path: Path) -> None:
+def test_auto_build_ships_every_gated_candidate_signed(auto_build, release_keys, tmp_path: Path) -> None:
     _, s = auto_build
     assert s.ok, s.selftest
     m = s.manifest
@@ -75,7 +75,7 @@ def test_auto_build_ships_every_gated_candidate_signed(auto_build, keys, tmp_pat
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=str(models[cands[-1].path]["weights"])):
-        verify_bundle(copy, keys[1])
+        verify_bundle(copy, release_keys[1])
 
 
 def test_a_candidate_failing_the_gate_is_left_out_with_the_reason(auto_build) -> None:
@@ -119,7 +119,7 @@ def test_runtime_times_the_candidates_picks_the_fastest_and_records_it(auto_buil
         assert timed == [] and rt.candidate.name == names[0] and "recorded in" in rt.choice.reason
 
 
-def test_the_cli_says_which_candidate_ran_and_why(auto_build, keys, busi_root, tmp_path: Path) -> None:
+def test_the_cli_says_which_candidate_ran_and_why(auto_build, release_keys, busi_root, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from echofleet.cli.edge import edge_app
@@ -127,16 +127,16 @@ def test_the_cli_says_which_candidate_ran_and_why(auto_build, keys, busi_root, t
     _, s = auto_build
     image = next(p for p in sorted((busi_root / "benign").glob("*.png")) if "_mask" not in p.name)
     choice = ["--choice-file", str(tmp_path / "device" / "precision.json")]
-    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(keys[1]), "--json", *choice])
+    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(release_keys[1]), "--json", *choice])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)["bundle"]
     assert info["candidate"] in [c.name for c in candidates_of(s.manifest)] and "fastest" in info["choice"]["reason"]
-    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(keys[1]), *choice])
+    res = CliRunner().invoke(edge_app, ["infer", str(s.bundle_dir), str(image), "--pubkey", str(release_keys[1]), *choice])
     assert res.exit_code == 0 and f"precision candidate {info['candidate']}: fastest on this CPU" in res.output, res.output
     assert "recorded" in res.output  # the second run reused the first one's choice
 
 
-def test_an_old_single_model_bundle_still_runs(auto_build, keys, tmp_path: Path) -> None:
+def test_an_old_single_model_bundle_still_runs(auto_build, release_keys, tmp_path: Path) -> None:
     """A format /1 bundle (no candidates) as builds before issue 13 wrote it: verified, run, self-tested."""
     _, s = auto_build
     m = json.loads((s.bundle_dir / "manifest.json").read_text())
@@ -151,24 +151,24 @@ def test_an_old_single_model_bundle_still_runs(auto_build, keys, tmp_path: Path)
                         {"path": "selftest/input.npy", "role": "selftest"}]
     files = {"model/model.xml": s.bundle_dir / model["path"], "model/model.bin": s.bundle_dir / model["weights"],
              "selftest/input.npy": s.bundle_dir / "selftest/input.npy"}
-    tarball = write_bundle(tmp_path, old, files, keys[0])
-    with load_bundle(tarball, public_key=keys[1]) as rt:
+    tarball = write_bundle(tmp_path, old, files, release_keys[0])
+    with load_bundle(tarball, public_key=release_keys[1]) as rt:
         assert rt.candidate is None and rt.choice is None and rt.artifact["path"] == "model/model.xml"
         assert rt.self_test()[0] and "candidate" not in rt.describe()
     # a bundle of a format this runtime does not know is refused with the reason
     newer = {**old, "format": "echofleet-bundle/9", "version": "newer"}
     with pytest.raises(BundleError, match="newer than this runtime reads"):
-        load_bundle(write_bundle(tmp_path, newer, files, keys[0]), public_key=keys[1])
+        load_bundle(write_bundle(tmp_path, newer, files, release_keys[0]), public_key=release_keys[1])
 
 
-def test_auto_is_refused_where_it_cannot_be_gated_per_candidate(tmp_path: Path, keys) -> None:
+def test_auto_is_refused_where_it_cannot_be_gated_per_candidate(tmp_path: Path, release_keys) -> None:
     with pytest.raises(ValueError, match="has no precision candidates"):
-        build(tmp_path, "onnxruntime-cpu", "phantom:4", "phantom:4", keys[0], tmp_path / "o", config=BuildConfig(precision="auto"))
+        build(tmp_path, "onnxruntime-cpu", "phantom:4", "phantom:4", release_keys[0], tmp_path / "o", config=BuildConfig(precision="auto"))
     with pytest.raises(ValueError, match="needs --val"):
-        build(tmp_path, "openvino-cpu", "phantom:4", None, keys[0], tmp_path / "o", config=BuildConfig(precision="auto"),
+        build(tmp_path, "openvino-cpu", "phantom:4", None, release_keys[0], tmp_path / "o", config=BuildConfig(precision="auto"),
               accept=lambda *_: [])
     with pytest.raises(ValueError, match="each candidate has its own inference precision"):
-        build(tmp_path, "openvino-cpu", "phantom:4", "phantom:4", keys[0], tmp_path / "o",
+        build(tmp_path, "openvino-cpu", "phantom:4", "phantom:4", release_keys[0], tmp_path / "o",
               config=BuildConfig(precision="auto", inference_precision="bf16"))
 
 
@@ -210,12 +210,12 @@ def test_build_summary_lists_every_candidate(auto_build) -> None:
     assert [c["name"] for c in d["candidates"]] == [c["name"] for c in s.candidates] and d["candidates_left_out"]
 
 
-def test_cli_refuses_auto_where_it_does_not_apply(tmp_path: Path, keys) -> None:
+def test_cli_refuses_auto_where_it_does_not_apply(tmp_path: Path, release_keys) -> None:
     from typer.testing import CliRunner
 
     from echofleet.cli.edge import edge_app
 
-    common = [str(tmp_path), "--key", str(keys[0]), "--out", str(tmp_path / "o"), "--precision", "auto", "--calib", "phantom:4"]
+    common = [str(tmp_path), "--key", str(release_keys[0]), "--out", str(tmp_path / "o"), "--precision", "auto", "--calib", "phantom:4"]
     res = CliRunner().invoke(edge_app, ["build", *common, "--target", "onnxruntime-cpu", "--val", "phantom:4"])
     assert res.exit_code == 2 and "--precision" in res.output and "auto" in res.output, res.output
     res = CliRunner().invoke(edge_app, ["build", *common, "--target", "openvino-cpu", "--accept", "sites"])
