@@ -439,8 +439,7 @@ class AcceptanceRecord:
     def from_dict(cls, d: Any, where: str = "manifest") -> "AcceptanceRecord":
         """Parse and check ``d``; :class:`BundleError` names the field and the reason."""
         w = f"{where}: {ACCEPTANCE}"
-        if not isinstance(d, dict):
-            raise BundleError(f"{w} is a {type(d).__name__}, expected an object")
+        _require_object(d, w)
         method = _field(d, "method", str, w)
         if method not in ("federated", "central"):
             raise BundleError(f"{w}.method {method!r}: expected 'federated' or 'central'")
@@ -448,8 +447,7 @@ class AcceptanceRecord:
         sites = []
         for i, s in enumerate(raw_sites):
             sw = f"{w}.sites[{i}]"
-            if not isinstance(s, dict):
-                raise BundleError(f"{sw} is a {type(s).__name__}, expected an object")
+            _require_object(s, sw)
             sites.append(SiteAcceptance(
                 site=_field(s, "site", str, sw), metric=_field(s, "metric", str, sw),
                 delta=_number(s, "delta", sw, optional=True), bound=_number(s, "bound", sw),
@@ -487,6 +485,12 @@ def acceptance_of(manifest: dict, where: str = "manifest") -> AcceptanceRecord |
     """The manifest's acceptance record, None when it has none; :class:`BundleError` when malformed."""
     raw = manifest.get(ACCEPTANCE)
     return None if raw is None else AcceptanceRecord.from_dict(raw, where)
+
+
+def _require_object(d: Any, where: str) -> None:
+    """:class:`BundleError` naming ``where`` and what it is instead, unless ``d`` is a JSON object."""
+    if not isinstance(d, dict):
+        raise BundleError(f"{where} is a {type(d).__name__}, expected an object")
 
 
 def _field(d: dict, key: str, kind: type, where: str) -> Any:
@@ -563,15 +567,13 @@ class Provenance:
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "Provenance":
         w = f"{where}: {PROVENANCE}"
-        if not isinstance(d, dict):
-            raise BundleError(f"{w} is a {type(d).__name__}, expected an object")
+        _require_object(d, w)
         apps = None
         if d.get("apps") is not None:
             apps = []
             for i, a in enumerate(_field(d, "apps", list, w)):
                 aw = f"{w}.apps[{i}]"
-                if not isinstance(a, dict):
-                    raise BundleError(f"{aw} is a {type(a).__name__}, expected an object")
+                _require_object(a, aw)
                 kind = _field(a, "kind", str, aw)
                 if kind not in ("fab", "source"):
                     raise BundleError(f"{aw}.kind {kind!r}: expected 'fab' or 'source'")
@@ -661,8 +663,7 @@ def candidates_of(manifest: dict, where: str = "manifest") -> tuple[ModelCandida
     out, seen = [], set()
     for i, c in enumerate(raw):
         cw = f"{w}[{i}]"
-        if not isinstance(c, dict):
-            raise BundleError(f"{cw} is a {type(c).__name__}, expected an object")
+        _require_object(c, cw)
         name, path = _field(c, "name", str, cw), _field(c, "path", str, cw)
         if name in seen:
             raise BundleError(f"{cw}.name {name!r} is listed twice")
