@@ -33,7 +33,7 @@ import numpy as np
 
 from edge.device.backends import TensorRTSession, backend_installed, default_engine_path, open_session
 from edge.bench.peak import SHAPES, compute_precision, matmul_peak_gflops
-from edge.device.runtime import load_bundle
+from edge.device.runtime import cpu_model_name, load_bundle
 from edge.device.timing import seconds_of
 from edge.targets import FORMAT_BACKENDS
 
@@ -368,13 +368,9 @@ def profile_candidates(candidates: list[Candidate], report: BenchReport, size: i
 def machine_info(num_threads: int | None = None) -> dict:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count(), "threads": num_threads or "default"}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model_name()
+    if cpu is not None:
+        info["cpu"] = cpu
     for mod in ("openvino", "onnxruntime"):
         if backend_installed(mod):
             info[mod] = __import__(mod).__version__

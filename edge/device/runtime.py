@@ -102,15 +102,21 @@ def time_p50_ms(run: Callable[[np.ndarray], Any], x: np.ndarray, *, duration: fl
     return median_seconds(run, x, duration=duration, min_runs=min_runs, warmup=warmup) * 1e3
 
 
-def cpu_name() -> str:
-    """This CPU's model name (the choice is only valid on the CPU that timed it)."""
+def cpu_model_name() -> str | None:
+    """The CPU model name ``/proc/cpuinfo`` gives, or None (not Linux, or unreadable)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """This CPU's model name (the choice is only valid on the CPU that timed it)."""
+    name = cpu_model_name()
+    return name if name is not None else platform.processor() or platform.machine()
 
 
 def manifest_digest(manifest: dict) -> str:
