@@ -486,7 +486,7 @@ class FlowerFederation:
             found = load_answers(answers)
             if not found:
                 raise DeployError(f"federation {self.name!r}: release step 'calibrate': run {run_id} got no answer "
-                                  "from any SuperNode (none connected?)")
+                                  f"from any SuperNode (none connected?); ServerApp log: {Path(self.workdir) / 'serverapp.log'}")
             progress(f"release step 'calibrate': {len(found)} site(s) answered: "
                      + ", ".join(f"{a.site} {a.status}" for a in found))
             return found
@@ -513,7 +513,7 @@ class FlowerFederation:
             found = [AcceptanceReply.from_fields(d) for d in json.loads(replies.read_text())]
             if not found:
                 raise DeployError(f"federation {self.name!r}: release step 'accept': run {run_id} got no reply "
-                                  "from any SuperNode (none connected?)")
+                                  f"from any SuperNode (none connected?); ServerApp log: {Path(self.workdir) / 'serverapp.log'}")
             progress(f"release step 'accept': {len(found)} site(s) replied: "
                      + ", ".join(f"{r.site} {r.status}" for r in found))
             return found

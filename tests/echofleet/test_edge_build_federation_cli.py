@@ -187,8 +187,9 @@ def test_a_calibration_no_site_answered_is_refused_naming_the_federation_and_ste
     monkeypatch.setattr(FlowerFederation, "run_until", run_until)
     plan = _tiny_plan(tmp_path)
     with pytest.raises(DeployError, match="federation 'hospitals': release step 'calibrate': run 13 got no answer "
-                                          "from any SuperNode"):
+                                          "from any SuperNode") as e:
         link.site_calibration(lambda _t: None)(plan)
+    assert f"ServerApp log: {run / 'release' / 'serverapp.log'}" in str(e.value)
     assert (run / "release" / "plan.npz").is_file()
     assert json.loads((run / "release" / "step.json").read_text()) == {"step": "calibrate"}
 
