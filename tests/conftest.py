@@ -74,6 +74,7 @@ def one_ray():
 
 
 
+
 # ------------------------------------------------------------------ two pytest workers (`make test`)
 #: The xdist group of every test file that starts a Flower federation (a SuperLink, SuperNodes or a
 #: Ray simulation): such a file says ``pytestmark = pytest.mark.xdist_group("flower")``. Under
@@ -90,26 +91,37 @@ def _group(item: pytest.Item) -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a ``--dist loadgroup`` worker only (a plain ``pytest`` run is untouched):
 
-    - a test without a group gets its file as group. ``loadgroup`` alone would hand such tests out one
-      by one, and a module fixture would then be built once on each worker; by file they stay
-      together, as ``--dist loadfile`` kept them;
-    - the scheduler reads the group from a ``@group`` suffix of the node id, which pytest-xdist 3.8
-      writes into ``item._nodeid``: pytest 9.2 keeps node ids in ``item._id`` and ignores that, so
-      every group was silently spread over the workers (pytest-dev/pytest-xdist#1386). Here the
-      suffix is written where this pytest keeps it (older pytest: pytest-xdist's hook still does it);
+    - the scheduler reads an item's group from a ``@group`` suffix of its node id, which pytest-xdist
+      3.8 writes into ``item._nodeid``; pytest 9.2 keeps node ids in ``item._id`` and ignores that, so
+      every group was silently spread over the workers (pytest-dev/pytest-xdist#1386). The suffix is
+      written here where this pytest keeps it (with an older pytest, pytest-xdist's hook does it);
     - the Flower group comes first. With ``--no-loadscope-reorder`` (the Makefile) the scheduler hands
       out groups in collection order, so the longest chain starts at once on one worker."""
     if not getattr(config.option, "loadgroup", False):  # set by pytest-xdist on its workers
         return
     for item in items:
         group = _group(item)
-        if group is None:
-            group = item.nodeid.split("::", 1)[0]
-            item.add_marker(pytest.mark.xdist_group(group))
-        if hasattr(item, "_id") and not item.nodeid.endswith(f"@{group}"):
+        if group is not None and hasattr(item, "_id") and not item.nodeid.endswith(f"@{group}"):
             item._id = type(item._id).parse(f"{item.nodeid}@{group}")
     items.sort(key=lambda item: _group(item) != FLOWER_GROUP)  # stable: each file stays contiguous, in order
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown (and unused) where xdist is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` with one change: a test without a group is scheduled with its file, as
+    ``--dist loadfile`` does (plain loadgroup hands such tests out one by one, and a module fixture
+    shared by tests of one file would then be built on both workers)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class GroupOrFile(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)  # the group after "@", else the node id itself
+            return nodeid.split("::", 1)[0] if scope == nodeid else scope
+
+    return GroupOrFile(config, log)
