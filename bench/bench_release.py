@@ -41,6 +41,8 @@ two together: a 90 % interval, i.e. two one-sided tests). Results are written af
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -62,6 +64,37 @@ def _policies(pool: str, root: Path, sites: int, partition: str, seed: int = 0):
                        partition_index=k, partition_count=sites, partition_seed=seed) for k in range(sites)]
 
 
+class ArrayCache(dict):
+    """Sample key -> array, in memory and, given a folder, on disk (one ``.npy`` a key, written
+    atomically) so that a resumed ``--splits`` run neither preprocesses nor encodes an image again."""
+
+    def __init__(self, folder: Path | None = None):
+        super().__init__()
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+
+    def __contains__(self, key: object) -> bool:
+        if super().__contains__(key):
+            return True
+        if self.folder is None or not isinstance(key, str) or not self._file(key).is_file():
+            return False
+        super().__setitem__(key, np.load(self._file(key), allow_pickle=False))
+        return True
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        super().__setitem__(key, value)
+        if self.folder is not None:
+            from echocare.atomic import atomic_write_bytes
+
+            buf = io.BytesIO()
+            np.save(buf, value, allow_pickle=False)
+            atomic_write_bytes(self._file(key), buf.getvalue())
+
+
 def _images(policy, cfg, which: str, cache: dict[str, np.ndarray] | None = None):
     """(preprocessed images, labels, sample keys) of the site's split; ``cache`` (key -> image) is
     shared between splits of the same pool so that an image is preprocessed once."""
@@ -71,7 +104,8 @@ def _images(policy, cfg, which: str, cache: dict[str, np.ndarray] | None = None)
     cache = {} if cache is None else cache
     data = site_split(policy, cfg, which)
     for s, im in data.iter_images() if any(s.key not in cache for s in data.samples) else ():
-        cache.setdefault(s.key, preprocess_image(im, PreprocessSpec())[0])
+        if s.key not in cache:
+            cache[s.key] = preprocess_image(im, PreprocessSpec())[0]
     keys = [s.key for s in data.samples if s.key in cache]
     labels = {s.key: s.label for s in data.samples}
     return np.stack([cache[k] for k in keys]), np.array([LABELS.index(labels[k]) for k in keys]), keys
@@ -92,7 +126,8 @@ def _features(x: np.ndarray, keys: list[str] | None = None, cache: dict[str, np.
             for j in range(0, len(todo), 16):
                 idx = todo[j:j + 16]
                 f = pooled_features(encode(encoder, torch.from_numpy(x[idx]))).numpy().astype(np.float64)
-                cache.update({keys[i]: row for i, row in zip(idx, f)})
+                for i, row in zip(idx, f):
+                    cache[keys[i]] = row
     return np.stack([cache[k] for k in keys])
 
 
@@ -113,19 +148,26 @@ def _fit_model(f: np.ndarray, y: np.ndarray, out: Path) -> Path:
     return out
 
 
-def _logits(model: Path, x: np.ndarray) -> np.ndarray:
+def _logits(model: Path, x: np.ndarray, threads: int = 0) -> np.ndarray:
+    """The model's logits on ``x`` (ONNX Runtime CPU); ``threads`` 0: ONNX Runtime's default."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if threads:  # a busy shared machine: one thread that sleeps when idle wastes no core on spinning
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     return np.concatenate([sess.run(None, {"input": x[i:i + 8]})[0] for i in range(0, len(x), 8)])
 
 
-def _scores(model: Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray | None = None) -> dict:
-    """AUROC (macro, one-vs-rest) and, given the FP32 logits, the RMSE of the logits against them
-    and the share of images whose top-1 class is FP32's (``top1_agreement``)."""
+def _scores(model: Path | np.ndarray, x: np.ndarray, y: np.ndarray, reference: np.ndarray | None = None,
+            threads: int = 0) -> dict:
+    """AUROC (macro, one-vs-rest) of ``model`` (or of logits already computed) and, given the FP32
+    logits, the RMSE of the logits against them and the share of images whose top-1 class is FP32's
+    (``top1_agreement``)."""
     from echocare.metrics import auroc_macro_ovr
 
-    logits = _logits(model, x)
+    logits = model if isinstance(model, np.ndarray) else _logits(model, x, threads)
     p = np.exp(logits - logits.max(1, keepdims=True))
     out = {"auroc": float(auroc_macro_ovr(y, p / p.sum(1, keepdims=True), len(LABELS)))}
     if reference is not None:
@@ -243,6 +285,7 @@ def paired_summary(d: np.ndarray, bound: float) -> dict:
 def paired_split(k: int, pool: str, args, root: Path, images: dict, features: dict, public: np.ndarray) -> dict:
     """Split ``k`` (partition seed k, train/val seed k): FP32, central and federated INT8 (and the
     public phantoms' ranges) scored on the same validation images; the paired differences."""
+    from edge.federated.plan import ScalePlan
     from fed.task import RoundConfig
 
     t0 = time.perf_counter()
@@ -250,13 +293,17 @@ def paired_split(k: int, pool: str, args, root: Path, images: dict, features: di
     policies = _policies(pool, root / "sites", args.sites, args.partition, seed=k)
     xt, yt, ft, xv, yv, sizes = _split_data(policies, cfg, images, features)
     fp32, prepared = _model(ft, yt, xv, root)
-    reference = _logits(fp32, xv)
-    base = _scores(fp32, xv, yv)["auroc"]
+    reference = _logits(fp32, xv, threads=1)
+    base = _scores(reference, xv, yv)["auroc"]
     central, central_s = _central(prepared, xt, root / "central")
-    fed, fed_row, plan, _ = _federated(prepared, policies, cfg, public, args.release, args.grouping, root / "federated")
-    rows = {"central": {**_scores(central, xv, yv, reference), "seconds": central_s},
-            "federated": {**_scores(fed, xv, yv, reference), **fed_row},
-            "public": _scores(_public_only(prepared, plan, root / "public"), xv, yv, reference)}
+    fed, fed_row, plan, ranges = _federated(prepared, policies, cfg, public, args.release, args.grouping, root / "federated")
+    rows = {"central": {**_scores(central, xv, yv, reference, threads=1), "seconds": central_s},
+            "federated": {**_scores(fed, xv, yv, reference, threads=1), **fed_row}}
+    # the public phantoms' ranges: the federated model itself when the sites' release changed no range
+    same = set(ranges.public_fallback) == set(plan.points) or not any(ranges.scales)
+    rows["public"] = dict(rows["federated"]) if same and isinstance(plan, ScalePlan) else \
+        _scores(_public_only(prepared, plan, root / "public"), xv, yv, reference, threads=1)
+    rows["public"] = {k: rows["public"][k] for k in ("auroc", "logit_rmse", "top1_agreement")}
     for row in rows.values():
         row["drop_points"] = 100 * (base - row["auroc"])
     c, f = rows["central"], rows["federated"]
@@ -292,8 +339,8 @@ def run_splits(args, pool: str, console: Console) -> None:
         done, earlier_s = old["splits"], float(old["wall_seconds"])
         console.print(f"resuming: splits {[r['split'] for r in done]} already in {args.json}")
     root = Path(tempfile.mkdtemp(prefix="bench-release-splits-"))
-    images: dict[str, np.ndarray] = {}
-    features: dict[str, np.ndarray] = {}
+    images = ArrayCache(args.cache_dir / "images" if args.cache_dir else None)
+    features = ArrayCache(args.cache_dir / "features" if args.cache_dir else None)
     public = _public_images()
     t0 = time.perf_counter() - earlier_s
     for k in range(args.first_split, args.first_split + args.splits):
@@ -312,16 +359,21 @@ def run_splits(args, pool: str, console: Console) -> None:
         if args.json:
             atomic_write_bytes(args.json, json.dumps({**settings, "wall_seconds": time.perf_counter() - t0, "splits": done,
                                                       "paired": summary}, indent=1, default=str).encode())
+    report_splits(done, args.bound, time.perf_counter() - t0, console)
+
+
+def report_splits(done: list[dict], bound: float, wall_s: float, console: Console) -> None:
+    """The table per split and the paired summary."""
     table = Table("split", "train (sites)", "val", "FP32 AUROC", "drop central", "drop federated", "d (fed - central)",
                   "RMSE central / fed", "top-1 agree central / fed", "scales applied")
-    for r in done:
+    for r in sorted(done, key=lambda r: r["split"]):
         c, f = r["central"], r["federated"]
         table.add_row(str(r["split"]), "/".join(map(str, r["train_images"])), str(r["val_images"]), f"{r['fp32_auroc']:.4f}",
                       f"{c['drop_points']:+.2f}", f"{f['drop_points']:+.2f}", f"{r['d_drop_points']:+.2f}",
                       f"{c['logit_rmse']:.3f} / {f['logit_rmse']:.3f}", f"{c['top1_agreement']:.3f} / {f['top1_agreement']:.3f}",
                       str(f["scales_applied"]))
     console.print(table)
-    summary = _summaries(done, args.bound)
+    summary = _summaries(done, bound)
     table = Table("paired difference (federated - central)", "mean", "SE", "one-sided 95 % lower", "one-sided 95 % upper")
     for name, s in summary.items():
         if "se" in s:
@@ -330,8 +382,33 @@ def run_splits(args, pool: str, console: Console) -> None:
     s = summary["drop_points"]
     if "se" in s:
         console.print(f"AUROC drop, {s['splits']} splits: federated - central = {s['mean']:+.2f} +- {s['se']:.2f} points; "
-                      f"90 % interval [{s['lower95']:+.2f}, {s['upper95']:+.2f}]: within +-{args.bound:g}: {s['within']}; "
-                      f"not worse by more than {args.bound:g} (upper bound): {s['not_worse']}; wall {time.perf_counter() - t0:.0f} s")
+                      f"90 % interval [{s['lower95']:+.2f}, {s['upper95']:+.2f}]: within +-{bound:g}: {s['within']}; "
+                      f"not worse by more than {bound:g} (upper bound): {s['not_worse']}; wall {wall_s:.0f} s")
+
+
+def merge_splits(files: list[Path], out: Path | None, console: Console) -> None:
+    """``--merge``: the splits of several ``--splits`` results files made with the same settings (e.g.
+    two processes over disjoint seeds), reported together and written to ``out``."""
+    from echocare.atomic import atomic_write_bytes
+
+    runs = []
+    for f in files:
+        try:
+            runs.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --merge {f}: not a --splits results file ({e})") from None
+    keys = ("pool", "sites", "partition", "release", "grouping", "val_fraction", "bound_points")
+    for f, r in zip(files[1:], runs[1:]):
+        changed = [k for k in keys if r.get(k) != runs[0].get(k)]
+        if changed:
+            raise SystemExit(f"error: --merge {f}: made with other settings than {files[0]} ({', '.join(changed)})")
+    done = list({r["split"]: r for run in runs for r in run["splits"]}.values())
+    wall = sum(float(r["wall_seconds"]) for r in runs)
+    report_splits(done, runs[0]["bound_points"], wall, console)
+    if out:
+        atomic_write_bytes(out, json.dumps({**{k: runs[0][k] for k in keys}, "merged_from": [str(f) for f in files],
+                                            "wall_seconds_summed": wall, "splits": done,
+                                            "paired": _summaries(done, runs[0]["bound_points"])}, indent=1, default=str).encode())
 
 
 def main() -> None:
@@ -348,10 +425,17 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=0, help="paired design over this many independent splits (module docstring)")
     ap.add_argument("--first-split", type=int, default=0, help="--splits: seed of the first split")
     ap.add_argument("--bound", type=float, default=0.5, help="--splits: the target bound on the paired AUROC difference, points")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="--splits: keep the preprocessed images and their features here (reused by a resumed run)")
     ap.add_argument("--resume", action="store_true", help="--splits: keep the splits already in --json (same settings) and run the rest")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="report the splits of these --splits results files together (written to --json)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     console = Console()
+    if args.merge:
+        merge_splits(args.merge, args.json, console)
+        return
     busi = SHARED / "busi" / "Dataset_BUSI_with_GT"
     if not busi.is_dir():
         raise SystemExit(f"error: BUSI not found at {busi} (set ECHOFLEET_SHARED_DATA)")
