@@ -24,8 +24,12 @@ from echofleet.simulation import SimulationConfig, simulate
 from dp_helpers import independent_epsilon
 
 warnings.filterwarnings("ignore")
-pytestmark = pytest.mark.usefixtures("one_ray")
+# one Ray for every simulation; one worker runs every file that starts a Flower federation (tests/conftest.py)
+pytestmark = [pytest.mark.usefixtures("one_ray"), pytest.mark.xdist_group("flower")]
 PHANTOMS = "phantom:600?profiles=linear-a,convex-b,linear-c&seed=0"
+# The first 90 of PHANTOMS (their features are in the shared cache once phantom_run ran): for runs whose
+# subject is not what the head learns.
+SMALL = PHANTOMS.replace("phantom:600", "phantom:90")
 # For runs whose subject is not the model: no public projection, so no virtual hospital regenerates the
 # 300 reference phantoms to recompute it (25-60 ms of CPU each, in every Ray worker of every run).
 NO_PROJECTION = {"feature-projection": 0}
@@ -176,10 +180,11 @@ def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, phantom_r
 
 def test_budget_exhausted_site_is_excluded_and_nan_update_rejected(tmp_path, shared_cache):
     # site-2's policy allows epsilon 0.5: with a fixed noise multiplier (2.0) its first round already
-    # costs more (about 2.8); the other sites (budget 8) can afford both rounds.
-    # site-1 is a broken hospital that sends NaNs.
+    # costs more (one local epoch over its 30 phantoms: above 0.9 whatever its sampling rate and delta);
+    # the other sites (budget 8) can afford both rounds (below 3.2). site-1 is a broken hospital that sends NaNs.
     log = tmp_path / "replies.jsonl"
-    cfg = _cfg(tmp_path, "run", shared_cache, site_epsilons=[8.0, 8.0, 0.5], noise_multiplier=2.0, extra=NO_PROJECTION)
+    cfg = _cfg(tmp_path, "run", shared_cache, data=SMALL, local_epochs=1, site_epsilons=[8.0, 8.0, 0.5],
+               noise_multiplier=2.0, extra=NO_PROJECTION)
     report = simulate(cfg, client_app=_watching_client_app(log, nan_site=1))
     rounds = {r["round"]: r for r in report["rounds"]}
     assert rounds[1]["excluded"] == ["site-2"]
@@ -196,11 +201,14 @@ def test_budget_exhausted_site_is_excluded_and_nan_update_rejected(tmp_path, sha
     assert sum(1 for t in trains if t["configs"]["site"] == "site-2") == 1
 
 
-def test_two_runs_with_the_same_seed_give_different_heads(tmp_path, phantom_run):
-    """The coordinator's seed does not fix a site's DP noise (OS entropy): same config, different heads.
-    The first run is the module's phantom federation; the second repeats its configuration."""
-    a = phantom_run.cfg
+def test_two_runs_with_the_same_seed_give_different_heads(tmp_path, shared_cache):
+    """The coordinator's seed does not fix a site's DP noise (OS entropy): the same configuration run
+    twice gives different heads. Small runs (2 sites, 1 round, 1 local epoch, 90 phantoms, no
+    projection): the subject is where the noise comes from, not what the head learns. With the (NOT
+    PRIVATE) deterministic-noise switch these two runs give identical heads (tried: the test fails)."""
+    a = _cfg(tmp_path, "a", shared_cache, data=SMALL, sites=2, rounds=1, local_epochs=1, extra=NO_PROJECTION)
     b = replace(a, out=str(tmp_path / "b"))
+    simulate(a)
     simulate(b)
     wa, wb = _weights(Path(a.out)), _weights(Path(b.out))
     assert wa.keys() == wb.keys()
@@ -210,13 +218,15 @@ def test_two_runs_with_the_same_seed_give_different_heads(tmp_path, phantom_run)
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_checkpoint(tmp_path, shared_cache):
     """Bitwise comparison of two separate runs needs the (NOT PRIVATE) deterministic-noise switch; the
     resumed run itself is exact without it (identical re-deliveries get the sites' stored replies)."""
-    full = _cfg(tmp_path, "full", shared_cache, rounds=3, insecure_deterministic_noise=True)
+    # 90 phantoms, 1 local epoch: how much the head learns does not matter, only that the resumed run
+    # ends bitwise where the uninterrupted one did (the default projection stays: the CLI has no option for it)
+    full = _cfg(tmp_path, "full", shared_cache, data=SMALL, rounds=3, local_epochs=1, insecure_deterministic_noise=True)
     simulate(full)
     reference = _weights(Path(full.out))
 
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "echofleet.cli", "simulate", "--data", PHANTOMS, "--sites", "3", "--rounds", "3",
-           "--encoder", "echocare-tiny", "--local-epochs", "5", "--batch-size", "64", "--lr", "0.5",
+    cmd = [sys.executable, "-m", "echofleet.cli", "simulate", "--data", SMALL, "--sites", "3", "--rounds", "3",
+           "--encoder", "echocare-tiny", "--local-epochs", "1", "--batch-size", "64", "--lr", "0.5",
            "--out", str(run_dir), "--seed", "0", "--cache-dir", shared_cache, "--insecure-deterministic-noise"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -264,7 +274,7 @@ def test_hc_federation_trains_a_segmentation_head_with_dp(tmp_path, hc18_root):
 
 def test_central_user_level_dp_through_flowers_fixed_clipping_wrapper(tmp_path, shared_cache):
     # the first 90 of PHANTOMS: their features are in the shared cache already
-    cfg = _cfg(tmp_path, "cdp", shared_cache, data=PHANTOMS.replace("phantom:600", "phantom:90"),
+    cfg = _cfg(tmp_path, "cdp", shared_cache, data=SMALL, local_epochs=1,
                extra={"central-dp-noise": 1.0, "central-dp-clip": 1.0, **NO_PROJECTION})
     report = simulate(cfg)
     cdp = {r["round"]: r.get("central_dp") for r in report["rounds"]}
