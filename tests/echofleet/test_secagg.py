@@ -31,6 +31,7 @@ from server.coordinator.secagg import (QUANTIZATION_RANGE, MeteredGrid, SecAggSe
 from server.coordinator.strategy import SiteGuard, build_strategy
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.xdist_group("flower")  # starts a Flower federation: one worker runs them all (tests/conftest.py)
 BOUND = 2.0
 SHAPES = {"net.weight": (3, 16), "net.bias": (3,)}
 KEYS = list(SHAPES)
@@ -276,7 +277,7 @@ def test_plain_messages_pass_through_the_mod_unchanged():
 
 # -- a whole federation in Flower's simulation engine ------------------------------------------------
 
-PHANTOMS = "phantom:150?profiles=linear-a,convex-b,linear-c&seed=0"  # a prefix of test_federation's phantoms
+PHANTOMS = "phantom:90?profiles=linear-a,convex-b,linear-c&seed=0"  # a prefix of test_federation's phantoms (cached)
 
 
 def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2, sites: int = 3,
@@ -306,7 +307,7 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
                                 allowed_tasks=["classify"], target_epsilon=8.0, partition="iid", partition_index=k,
                                 partition_count=sites, cache_dir=cache), sites_dir / f"site-{k}" / "policy.toml")
     cfg = RunConfig(num_server_rounds=rounds, labels=",".join(open_data(PHANTOMS).classes), encoder_config="echocare-tiny",
-                    feature_projection=feature_projection, local_epochs=2, batch_size=16, lr=0.5,
+                    feature_projection=feature_projection, local_epochs=1, batch_size=16, lr=0.5,
                     run_dir=str(out / "run"), num_sites=sites, sim_sites_dir=str(sites_dir), public_cache_dir=cache)
     result: dict = {}
 
