@@ -355,6 +355,9 @@ SWEEP = {  # name -> changes from SWEEP_BASE. Keys that are not run-config field
     # local epochs at 10 rounds, lr re-scaled so that lr x epochs (the distance a round can move) is the protocol's
     "epochs1-lr0.4": {"local_epochs": 1, "lr": 0.4},
     "epochs4-lr0.1": {"local_epochs": 4, "lr": 0.1},
+    "epochs1-lr0.2": {"local_epochs": 1, "lr": 0.2},
+    "epochs1-lr0.6": {"local_epochs": 1, "lr": 0.6},
+    "clip0.3-lr1": {"max_grad_norm": 0.3, "lr": 1.0},  # lr * C = 0.3
     "pooling-last": {"pooling": "last"},
     "phantom-pretrain": {"pretrain": True},
     "proj256": {"feature_projection": 256},
