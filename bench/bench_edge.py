@@ -226,13 +226,17 @@ def main(
     console.print(f"rewritten export: {rewritten.parity.describe()}")
     stock_q = timed("quantize stock nncf (defaults)", lambda: stock_nncf(plain.onnx_path, cal, work / "stock-nncf.xml"))
     ours_q = timed("quantize echofleet nncf", lambda: quantize(rewritten.onnx_path, cal, work / "echofleet-nncf", QuantizeConfig("nncf")))
+    # NNCF's PERFORMANCE preset (symmetric activations): faster INT8 kernels; it counts only if it passes the gate.
+    perf_q = timed("quantize echofleet nncf (performance preset)", lambda: quantize(
+        rewritten.onnx_path, cal, work / "echofleet-nncf-perf", QuantizeConfig("nncf", preset="performance")))
 
     # Accuracy: FP32 reference on OpenVINO f32 (plain export), each INT8 model as it ships.
     fp32 = timed("evaluate fp32", lambda: evaluate(open_session(plain.onnx_path, "openvino", inference_precision="f32").run, ev, 4))
     acc = {"fp32": fp32}
-    for key, path in (("stock nncf", stock_q), ("echofleet nncf", ours_q.model_path)):
+    quantized = {"stock nncf": stock_q, "echofleet nncf": ours_q.model_path, "echofleet nncf perf": perf_q.model_path}
+    for key, path in quantized.items():
         acc[key] = timed(f"evaluate {key}", lambda p=path: evaluate(open_session(p, "openvino", inference_precision="f32", graph_precision="int8").run, ev, 4))
-    gates = {k: check_gate("classify", fp32, acc[k]) for k in ("stock nncf", "echofleet nncf")}
+    gates = {k: check_gate("classify", fp32, acc[k]) for k in quantized}
 
     spec = [
         ("stock onnxruntime fp32", plain.onnx_path, "onnxruntime", "fp32", None, "stock"),
@@ -245,10 +249,17 @@ def main(
         ("echofleet openvino bf16", rewritten.onnx_path, "openvino", "fp32", "bf16", "echofleet"),
         ("echofleet int8 (f32 rest)", ours_q.model_path, "openvino", "int8", "f32", "echofleet"),
         ("echofleet int8 (bf16 rest)", ours_q.model_path, "openvino", "int8", "bf16", "echofleet"),
+        ("echofleet int8 perf (f32 rest)", perf_q.model_path, "openvino", "int8", "f32", "echofleet"),
+        ("echofleet int8 perf (bf16 rest)", perf_q.model_path, "openvino", "int8", "bf16", "echofleet"),
     ]
     cand_spec = [{"label": l, "path": str(p), "backend": b, "graph_precision": g, "inference_precision": i} for l, p, b, g, i, _ in spec]
     kinds = {l: k for l, *_, k in spec}
-    drops = {l: gates["stock nncf" if k == "stock" else "echofleet nncf"].drop for l, _, _, g, _, k in spec if g == "int8"}
+    gate_of = {l: "stock nncf" if k == "stock" else "echofleet nncf perf" if " perf " in l else "echofleet nncf"
+               for l, _, _, g, _, k in spec if g == "int8"}
+    drops = {l: gates[g].drop for l, g in gate_of.items()}
+    # An echofleet INT8 build that fails the unchanged gate would not ship, so it cannot be "the best echofleet
+    # build"; stock builds count whatever their accuracy (the comparison is against what a user gets).
+    kinds.update({l: "echofleet (gate fails)" for l, g in gate_of.items() if kinds[l] == "echofleet" and not gates[g].passed})
     flops = rewritten.info["flops_per_image"]
     report = timed("latency / throughput / peaks", lambda: bench_candidates(
         _candidates(cand_spec), pre.size, flops=flops, batch=batch, iters=iters, warmup=2, torch_model=model_dir))
@@ -290,11 +301,10 @@ def main(
         console.print(table)
         no_amx_result["rows"] = no_amx_rows
 
-    ok_gate = gates["echofleet nncf"].passed
     checks = [((f"best echofleet build >= 1.3x the best stock build (batch 1): {result['best_echofleet']} "
                 f"{result['best_echofleet_ms']:.1f} ms vs {result['best_stock']} {result['best_stock_ms']:.1f} ms = {result['ratio']:.2f}x"),
-               result["ratio"] >= 1.3),
-              (f"echofleet INT8 accuracy gate: {gates['echofleet nncf'].reason}", ok_gate)]
+               result["ratio"] >= 1.3)]
+    checks += [(f"{key} INT8 accuracy gate: {gates[key].reason}", gates[key].passed) for key in ("echofleet nncf", "echofleet nncf perf")]
     if no_amx_result:
         checks.append((f"AMX disabled: {no_amx_result['best_echofleet']} vs {no_amx_result['best_stock']} = {no_amx_result['ratio']:.2f}x",
                        no_amx_result["ratio"] >= 1.3))

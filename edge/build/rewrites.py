@@ -16,7 +16,10 @@ model in which every 2-D Swin stage (MONAI's ``BasicLayer``) is replaced by a
   OpenVINO fuses: the ``head_dim**-0.5`` scale is folded into the query rows of the qkv weights,
   the relative position bias (``table[index]``) is a precomputed constant, and for shifted
   blocks MONAI's shift mask (-100 between regions) is added to that constant once, at export.
-  One transpose splits q/k/v into heads, one merges the heads back (MONAI: three).
+  q, k and v are three linears (the rows of MONAI's one qkv linear), so each head split and the
+  head merge is a 4-D transpose ``(B*nW, n, heads, d) -> (B*nW, heads, n, d)``: with one qkv
+  linear the split is a 6-D transpose, which OpenVINO's CPU plugin runs with a slow generic
+  kernel (``split_qkv=False`` keeps that form, for comparison).
 
 MONAI's ``use_v2`` is SwinUNETR-v2 (a residual conv block before each stage), not Swin-v2's
 cosine attention: the attention here is Swin-v1's scaled dot product, so there is no logit scale
@@ -78,6 +81,19 @@ def _scaled_qkv(attn: "nn.Module") -> "nn.Module":
     return qkv
 
 
+def _rows(linear: "nn.Module", start: int, stop: int) -> "nn.Module":
+    """A new linear computing output rows ``start:stop`` of ``linear``."""
+    import torch
+    from torch import nn
+
+    out = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[start:stop])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[start:stop])
+    return out
+
+
 def _block_module():
     """The rewritten block class (defined lazily: torch is imported only when rewriting)."""
     import torch
@@ -86,14 +102,21 @@ def _block_module():
     class WindowOrderBlock(nn.Module):
         """One MONAI ``SwinTransformerBlock`` on tokens already in its window order: ``(B, L, C) -> (B, L, C)``."""
 
-        def __init__(self, blk: nn.Module, h: int, w: int, window: tuple[int, int], shift: tuple[int, int]) -> None:
+        def __init__(self, blk: nn.Module, h: int, w: int, window: tuple[int, int], shift: tuple[int, int],
+                     split: bool = False) -> None:
             super().__init__()
             attn = blk.attn
             self.heads, self.dim = attn.num_heads, attn.dim
             self.n = window[0] * window[1]
             self.windows = (h // window[0]) * (w // window[1])
             self.norm1, self.norm2, self.mlp = blk.norm1, blk.norm2, blk.mlp
-            self.qkv, self.proj = _scaled_qkv(attn), attn.proj
+            self.proj = attn.proj
+            self.split = split
+            if split:  # three linears: each head split / merge is a 4-D transpose
+                qkv = _scaled_qkv(attn)
+                self.q, self.k, self.v = (_rows(qkv, i * self.dim, (i + 1) * self.dim) for i in range(3))
+            else:
+                self.qkv = _scaled_qkv(attn)
             bias = _attention_bias(attn, self.n)  # (heads, n, n)
             if any(shift):
                 mask = torch.from_numpy(shift_mask(h, w, window, shift)).to(bias.dtype)  # (nW, n, n)
@@ -103,14 +126,22 @@ def _block_module():
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             c, heads, n, nw = self.dim, self.heads, self.n, self.windows
-            qkv = self.qkv(self.norm1(x))  # (B, L, 3C), L = nW * n, window order
-            qkv = qkv.reshape(-1, nw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, n, d)
+            d = c // heads
+            t = self.norm1(x)  # (B, L, C), L = nW * n, window order
             # 4-D attention (the form OpenVINO's attention fusion takes): windows in the batch axis
             # when every window shares the bias, else windows x heads as the "heads" axis.
-            qkv = qkv.reshape(3, -1, self.groups, n, c // heads)
-            q, k, v = qkv[0], qkv[1], qkv[2]
+            if self.split:
+                q, k, v = (lin(t).reshape(-1, n, heads, d).transpose(1, 2).reshape(-1, self.groups, n, d)
+                           for lin in (self.q, self.k, self.v))  # (B*nW, heads, n, d), regrouped
+            else:
+                qkv = self.qkv(t).reshape(-1, nw, n, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, n, d)
+                qkv = qkv.reshape(3, -1, self.groups, n, d)
+                q, k, v = qkv[0], qkv[1], qkv[2]
             attn = torch.softmax(q @ k.transpose(-2, -1) + self.bias, dim=-1)  # scale already in q
-            o = (attn @ v).reshape(-1, nw, heads, n, c // heads).permute(0, 1, 3, 2, 4).reshape(-1, nw * n, c)
+            if self.split:
+                o = (attn @ v).reshape(-1, heads, n, d).transpose(1, 2).reshape(-1, nw * n, c)
+            else:
+                o = (attn @ v).reshape(-1, nw, heads, n, d).permute(0, 1, 3, 2, 4).reshape(-1, nw * n, c)
             x = x + self.proj(o)
             return x + self.mlp(self.norm2(x))
 
@@ -131,9 +162,10 @@ def _stage_module():
         the first ``(h, w)`` seen and rebuilt when it changes (an export traces one fixed size).
         """
 
-        def __init__(self, layer: nn.Module) -> None:
+        def __init__(self, layer: nn.Module, split_qkv: bool = False) -> None:
             super().__init__()
             self.layer = layer  # MONAI's own, for its parameters and the fallback
+            self.split_qkv = split_qkv
             self._size: tuple[int, int] | None = None
             self.blocks = nn.ModuleList()
             self.gathers: list[torch.Tensor | None] = []
@@ -147,7 +179,7 @@ def _stage_module():
                 window, shift = get_window_size((h, w), blk.window_size, blk.shift_size)
                 order = window_order(h, w, tuple(window), tuple(shift))
                 self.gathers.append(_gather_index(position, order))
-                self.blocks.append(block_cls(blk, h, w, tuple(window), tuple(shift)))
+                self.blocks.append(block_cls(blk, h, w, tuple(window), tuple(shift), self.split_qkv))
                 position = order
             self.gathers.append(_gather_index(position, np.arange(h * w)))
             self._size = (h, w)
@@ -193,7 +225,7 @@ def rewritable_stages(model: "nn.Module") -> list[str]:
             if isinstance(m, BasicLayer) and not getattr(m, "use_hyena", False) and len(m.window_size) == 2]
 
 
-def rewrite_for_export(model: "nn.Module", size: int, in_chans: int = 3) -> "nn.Module":
+def rewrite_for_export(model: "nn.Module", size: int, in_chans: int = 3, split_qkv: bool = True) -> "nn.Module":
     """A deep copy of ``model`` (eval mode) with every 2-D MONAI Swin stage in its window-order
     form, built for ``(size, size)`` inputs (one forward at batch 1 builds the constants, so the
     exporter's trace sees a fixed module); the original is left untouched. Raises ValueError
@@ -210,9 +242,9 @@ def rewrite_for_export(model: "nn.Module", size: int, in_chans: int = 3) -> "nn.
         parent = out.get_submodule(parent_name) if parent_name else out
         layer = parent.get_submodule(child)
         if child.isdigit():
-            parent[int(child)] = stage_cls(layer)
+            parent[int(child)] = stage_cls(layer, split_qkv)
         else:
-            setattr(parent, child, stage_cls(layer))
+            setattr(parent, child, stage_cls(layer, split_qkv))
     with torch.no_grad():
         out(torch.zeros(1, in_chans, size, size))
     return out

@@ -107,7 +107,29 @@ def test_exported_graph_is_leaner_and_passes_parity(swin, tmp_path: Path) -> Non
     plain, rw = counts[False], counts[True]
     assert rw["Softmax"] == plain["Softmax"] == 8
     assert rw["Transpose"] < plain["Transpose"] and rw["Concat"] < plain["Concat"], counts
+    # q, k and v as three linears: every head split / merge is a 4-D transpose (one qkv linear
+    # needs a 6-D one per block, MONAI's window partition 6-D ones too)
+    assert _transpose_ranks(tmp_path / "rewrite-False.onnx") - {4}
+    assert _transpose_ranks(tmp_path / "rewrite-True.onnx") == {4}
     _assert_openvino_fuses_attention(tmp_path / "rewrite-True.onnx")
+
+
+def test_one_qkv_linear_needs_a_6d_transpose(swin, tmp_path: Path) -> None:
+    """The form before the split (``split_qkv=False``) equals MONAI too but keeps a 6-D transpose per block:
+    the check above would notice a rewrite that went back to it."""
+    from edge.build.export import torch_to_onnx
+
+    rw = R.rewrite_for_export(swin, 64, split_qkv=False)
+    assert _max_diff(swin, rw, torch.rand(2, 3, 64, 64)) < 1e-5
+    torch_to_onnx(rw, tmp_path / "one-qkv.onnx", 64)
+    assert 6 in _transpose_ranks(tmp_path / "one-qkv.onnx")
+
+
+def _transpose_ranks(path: Path) -> set[int]:
+    import onnx
+
+    return {len(next(a.ints for a in n.attribute if a.name == "perm"))
+            for n in onnx.load(str(path)).graph.node if n.op_type == "Transpose"}
 
 
 def _assert_openvino_fuses_attention(path: Path) -> None:
