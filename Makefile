@@ -22,14 +22,13 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # --durations: the 25 slowest steps end the output, so a test that grows the suite past ~12 min on
-# 2 cores (issue 11) is seen in the CI log that added it. -n 2 --dist loadgroup: two pytest workers;
-# every file that starts a Flower federation (SuperLink/SuperNodes/Ray) is in the xdist group "flower",
-# which one worker runs first and alone, one federation after the other, while the other worker takes
-# the other files, each file on one worker (module fixtures stay shared; tests/conftest.py). Two
-# federations on 2 cores slowed each other about 2x under --dist loadfile (15:28 wall).
-# --no-loadscope-reorder: groups are handed out in collection order (the "flower" group first).
+# 2 cores (issue 11) is seen in the CI log that added it. -n 2 --dist loadfile: two pytest workers,
+# each test file on one of them (module fixtures stay shared). Measured on a fresh clone, 2026-11-30:
+# `--dist loadgroup` with every Flower file in the xdist group "flower" (tests/conftest.py) took 17:29,
+# because that group alone, one federation after the other, is the critical path (~17 min); loadfile
+# took 15:28 before the federation tests were made lighter.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --durations=25
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
