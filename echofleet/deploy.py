@@ -483,15 +483,17 @@ class FlowerFederation:
             answers = answers_path(self.run_dir, plan)
             answers.unlink(missing_ok=True)
             run_id = self._release_step("calibrate", answers, progress)
-            found = load_answers(answers)
-            if not found:
-                raise DeployError(f"federation {self.name!r}: release step 'calibrate': run {run_id} got no answer "
-                                  f"from any SuperNode (none connected?); ServerApp log: {Path(self.workdir) / 'serverapp.log'}")
-            progress(f"release step 'calibrate': {len(found)} site(s) answered: "
-                     + ", ".join(f"{a.site} {a.status}" for a in found))
-            return found
+            return self._answered("calibrate", run_id, load_answers(answers), "answer", "answered", progress)
 
         return ask
+
+    def _answered(self, step: str, run_id, found: list, noun: str, verb: str, progress: Callable[[str], None]) -> list:
+        """The sites' answers to a release step, or one error line naming the federation, step, run and log."""
+        if not found:
+            raise DeployError(f"federation {self.name!r}: release step '{step}': run {run_id} got no {noun} "
+                              f"from any SuperNode (none connected?); ServerApp log: {Path(self.workdir) / 'serverapp.log'}")
+        progress(f"release step '{step}': {len(found)} site(s) {verb}: " + ", ".join(f"{x.site} {x.status}" for x in found))
+        return found
 
     def site_acceptance(self, progress: Callable[[str], None] = print):
         """Federated acceptance over this federation (``edge.build.pipeline.build(accept=...)``): the
@@ -511,12 +513,7 @@ class FlowerFederation:
             replies.unlink(missing_ok=True)
             run_id = self._release_step("accept", replies, progress)
             found = [AcceptanceReply.from_fields(d) for d in json.loads(replies.read_text())]
-            if not found:
-                raise DeployError(f"federation {self.name!r}: release step 'accept': run {run_id} got no reply "
-                                  f"from any SuperNode (none connected?); ServerApp log: {Path(self.workdir) / 'serverapp.log'}")
-            progress(f"release step 'accept': {len(found)} site(s) replied: "
-                     + ", ".join(f"{r.site} {r.status}" for r in found))
-            return found
+            return self._answered("accept", run_id, found, "reply", "replied", progress)
 
         return ask
 
