@@ -123,14 +123,16 @@ def one_ray():
 #: that chain alone is longer than the whole run under ``--dist loadfile`` (the Makefile's comment).
 FLOWER_GROUP = "flower"
 
-#: The test files that take minutes on 2 cores, slowest first (``--durations``, `make test`, 2026-11-30).
-#: Under ``--dist loadfile --no-loadscope-reorder`` (the Makefile) the workers take them first, each
-#: the next one when it is free, and the short files fill in at the end: the run does not end with one
-#: worker on a long federation while the other idles. Other files keep their collection order.
+#: The test files that take minutes on 2 cores (``--durations``, `make test`, 2026-11-30), longest first,
+#: except that the second is one that needs no feature warm-up (``warm_phantom_features``): the second
+#: worker starts it instead of waiting for the first worker's warm-up. Under ``--dist loadfile
+#: --no-loadscope-reorder`` (the Makefile) the workers take these first, each the next one when it is
+#: free, and the short files fill in at the end: the run does not end with one worker on a long
+#: federation while the other idles. Other files keep their collection order.
 SLOW_FILES = (
     "tests/echofleet/test_federation.py",  # phantom_run (600 phantoms, 2 rounds), BUSI, HC18
-    "tests/echofleet/test_federation_small.py",  # killed and resumed (two 3-round runs), same seed, ...
     "tests/echofleet/test_deploy_localhost.py",  # a TLS SuperLink, SuperNodes, a SecAgg+ round
+    "tests/echofleet/test_federation_small.py",  # killed and resumed (two 3-round runs), same seed, ...
     "tests/echofleet/test_release_federation.py",
     "tests/echofleet/test_flwr_run.py",
     "tests/echofleet/test_site_state.py",
@@ -155,8 +157,8 @@ def _group(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On a ``--dist loadfile`` worker (the Makefile): :data:`SLOW_FILES` first. On a ``--dist loadgroup``
-    worker (a plain ``pytest`` run is untouched):
+    """On a pytest-xdist worker only (a plain ``pytest`` run is untouched): :data:`SLOW_FILES` first
+    (``--dist loadfile``, the Makefile), except on a ``--dist loadgroup`` worker, where
 
     - the scheduler reads an item's group from a ``@group`` suffix of its node id, which pytest-xdist
       3.8 writes into ``item._nodeid``; pytest 9.2 keeps node ids in ``item._id`` and ignores that, so
@@ -164,10 +166,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
       written here where this pytest keeps it (with an older pytest, pytest-xdist's hook does it);
     - the Flower group comes first. With ``--no-loadscope-reorder`` (the Makefile) the scheduler hands
       out groups in collection order, so the longest chain starts at once on one worker."""
-    if getattr(config, "workerinput", None) is not None and config.getvalue("dist") == "loadfile":
-        items.sort(key=_slow_rank)  # stable: each file stays contiguous; see SLOW_FILES
+    if getattr(config, "workerinput", None) is None:  # not a pytest-xdist worker
         return
-    if not getattr(config.option, "loadgroup", False):  # set by pytest-xdist on its workers
+    if not getattr(config.option, "loadgroup", False):  # set by pytest-xdist on its workers (its "dist" is "no")
+        items.sort(key=_slow_rank)  # stable: each file stays contiguous; see SLOW_FILES
         return
     for item in items:
         group = _group(item)
