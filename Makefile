@@ -23,12 +23,13 @@ demo: $(STAMP)
 
 # --durations: the 25 slowest steps end the output, so a test that grows the suite past ~12 min on
 # 2 cores (issue 11) is seen in the CI log that added it. -n 2 --dist loadfile: two pytest workers,
-# each test file on one of them (module fixtures stay shared). Measured on a fresh clone, 2026-11-30:
-# `--dist loadgroup` with every Flower file in the xdist group "flower" (tests/conftest.py) took 17:29,
-# because that group alone, one federation after the other, is the critical path (~17 min); loadfile
-# took 15:29 (670 tests, the federation tests lighter): still over the ~12 min goal.
+# each test file on one of them (module fixtures stay shared). --no-loadscope-reorder: files are handed
+# out in the order tests/conftest.py gives them (SLOW_FILES first, the federation tests split over two
+# files), each to the worker that is free, and the workers share one phantom feature cache. Before
+# (2026-11-30, fresh clone): loadfile 15:29 (user 12:53, sys 1:48: the 2 cores ~50 % busy); loadgroup
+# with every Flower file in one group 17:29 (that group alone is the critical path).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests --durations=25
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
