@@ -403,7 +403,7 @@ def merge_splits(files: list[Path], out: Path | None, console: Console) -> None:
         if changed:
             raise SystemExit(f"error: --merge {f}: made with other settings than {files[0]} ({', '.join(changed)})")
     done = list({r["split"]: r for run in runs for r in run["splits"]}.values())
-    wall = sum(float(r["wall_seconds"]) for r in runs)
+    wall = sum(float(r.get("wall_seconds", r.get("wall_seconds_summed", 0.0))) for r in runs)  # a merged file can be merged again
     report_splits(done, runs[0]["bound_points"], wall, console)
     if out:
         atomic_write_bytes(out, json.dumps({**{k: runs[0][k] for k in keys}, "merged_from": [str(f) for f in files],
