@@ -30,7 +30,10 @@ demo: $(STAMP)
 # with every Flower file in one group 17:29 (that group alone is the critical path). This line's only
 # full run so far (2026-11-30 11:38, shared checkout, 3 other benchmarks running, load average 5-16):
 # 42:02 wall, user 30:53, sys 3:34, 669 passed, 1 failed (test_registry's serve stop, 20 s timeout under
-# load; passes alone in 3 s): NOT comparable with the figures above; to be measured on an idle machine.
+# load; passes alone in 3 s): NOT comparable with the figures above. Fresh clone, 2026-11-30 13:24, the
+# machine otherwise idle for its first 14 min (then `make demo` ran beside it): 18:48 wall, user 15:10,
+# sys 2:08; 669 passed, 1 failed (the privacy audit smoke test, see the session note), 1 skipped. Slower
+# than loadfile's 15:29: the shared warm-up put test_federation's setup at 457 s (226 s before).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests --durations=25
 
