@@ -24,16 +24,10 @@ demo: $(STAMP)
 # --durations: the 25 slowest steps end the output, so a test that grows the suite past ~12 min on
 # 2 cores (issue 11) is seen in the CI log that added it. -n 2 --dist loadfile: two pytest workers,
 # each test file on one of them (module fixtures stay shared). --no-loadscope-reorder: files are handed
-# out in the order tests/conftest.py gives them (SLOW_FILES first, the federation tests split over two
-# files), each to the worker that is free, and the workers share one phantom feature cache. Before
-# (2026-11-30, fresh clone): loadfile 15:29 (user 12:53, sys 1:48: the 2 cores ~50 % busy); loadgroup
-# with every Flower file in one group 17:29 (that group alone is the critical path). This line's only
-# full run so far (2026-11-30 11:38, shared checkout, 3 other benchmarks running, load average 5-16):
-# 42:02 wall, user 30:53, sys 3:34, 669 passed, 1 failed (test_registry's serve stop, 20 s timeout under
-# load; passes alone in 3 s): NOT comparable with the figures above. Fresh clone, 2026-11-30 13:24, the
-# machine otherwise idle for its first 14 min (then `make demo` ran beside it): 18:48 wall, user 15:10,
-# sys 2:08; 669 passed, 1 failed (the privacy audit smoke test, see the session note), 1 skipped. Slower
-# than loadfile's 15:29: the shared warm-up put test_federation's setup at 457 s (226 s before).
+# out in the order tests/conftest.py gives them (SLOW_FILES first), each to the worker that is free;
+# the workers share one phantom feature cache. Fresh clone, 2026-11-30: 18:48 wall (user 15:10, sys
+# 2:08; `make demo` overlapped the last 5 min), over the ~12 min goal and slower than this line without
+# the ordering and shared cache (15:29); loadgroup (every Flower file on one worker) took 17:29.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests --durations=25
 
