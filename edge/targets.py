@@ -67,14 +67,22 @@ class EdgeTarget:
     # "module:function" of a step that runs on the device itself before the first inference
     # (a TensorRT engine only runs on the GPU and TensorRT version that built it); None = none
     device_build: str | None = None
-    # --precision auto: (candidate name, graph precision, inference precision) built, gated and shipped
-    # together; the scanner runs the fastest on its own CPU. () = the target has no auto build.
+    # --precision auto: (candidate name, file, inference precision) built, gated and shipped together;
+    # the scanner runs the fastest on its own CPU. () = the target has no auto build.
     auto_candidates: tuple[tuple[str, str, str], ...] = ()
+    # --precision auto: the files those candidates run, by name (their folder ``model/<file>/`` in the
+    # bundle): (graph precision, QuantizeConfig keyword arguments over the row's ``quantize[graph
+    # precision]``; None for the exported FP32 graph as is)
+    auto_files: Mapping[str, tuple[str, Mapping[str, Any] | None]] = field(default_factory=dict, hash=False)
 
     @property
     def build_precisions(self) -> tuple[str, ...]:
         """What ``--precision`` accepts for this target (its graph precisions, plus ``auto`` where it has candidates)."""
         return self.precisions + ((AUTO,) if self.auto_candidates else ())
+
+    def file_precision(self, file: str) -> str:
+        """The graph precision of the ``--precision auto`` file ``file``."""
+        return self.auto_files[file][0]
 
     def quantize_kwargs(self, precision: str) -> dict[str, Any] | None:
         """QuantizeConfig keyword arguments for ``precision`` (None: the FP32 graph ships as is)."""
@@ -99,10 +107,16 @@ TARGETS: Mapping[str, EdgeTarget] = MappingProxyType({t.name: t for t in (
         compile="edge.build.compile_openvino:compile_for_bundle",
         runs_on="OpenVINO CPU plugin",
         inference_precisions=("f32", "bf16", "f16"),
-        # issue 13: bf16 wins on AMX, INT8 (bf16 rest) without it; fp32 as the exact fallback.
-        # Two files: the INT8 IR and the FP32 IR, each run at two inference precisions.
+        # issue 13: bf16 wins on AMX, INT8 (bf16 rest) without it; fp32 as the exact fallback. Three
+        # files: NNCF's MIXED INT8 IR (symmetric weights, asymmetric activations), its PERFORMANCE
+        # INT8 IR (symmetric activations too: faster kernels, more accuracy at risk, so it ships only
+        # where it passes the gate on its own) and the FP32 IR; INT8 at two inference precisions.
         auto_candidates=(("int8-f32", "int8", "f32"), ("int8-bf16", "int8", "bf16"),
+                         ("int8-perf-f32", "int8-perf", "f32"), ("int8-perf-bf16", "int8-perf", "bf16"),
                          ("bf16", "fp32", "bf16"), ("fp32", "fp32", "f32")),
+        auto_files=MappingProxyType({"int8": ("int8", MappingProxyType({})),
+                                     "int8-perf": ("int8", MappingProxyType({"preset": "performance"})),
+                                     "fp32": ("fp32", None)}),
     ),
     EdgeTarget(
         name="onnxruntime-cpu",

@@ -114,14 +114,14 @@ def _selftest_expectations(files: dict[str, Path], desc: list[dict], x: np.ndarr
 
 
 def candidate_artifacts(compiled: dict[str, CompiledModel]) -> tuple[dict[str, Path], list[dict]]:
-    """The layout of an auto bundle: each compiled file under ``model/<graph precision>/`` (the INT8
-    IR and the FP32 IR); its candidates (which inference precision runs which file) are listed in
+    """The layout of an auto bundle: each compiled file under ``model/<file>/`` (``EdgeTarget.auto_files``:
+    the INT8 IRs and the FP32 IR); its candidates (which inference precision runs which file) are listed in
     ``manifest["candidates"]``, not on the artifact."""
     files: dict[str, Path] = {}
     descs: list[dict] = []
-    for gp, c in compiled.items():
+    for key, c in compiled.items():
         f, d = bundle_artifacts(c)
-        rename = {rel: rel.replace("model/", f"model/{gp}/", 1) if rel.startswith("model/") else f"{gp}-{rel}" for rel in f}
+        rename = {rel: rel.replace("model/", f"model/{key}/", 1) if rel.startswith("model/") else f"{key}-{rel}" for rel in f}
         for entry in d:
             entry = {**entry, "path": rename[entry["path"]]}
             entry.pop("inference_precision", None)

@@ -23,15 +23,17 @@ happened:
 6. **verify**: the tarball is checked with the public key, loaded by the torch-free runtime and
    its self-test run.
 
-``precision="auto"`` (targets with ``auto_candidates``: ``openvino-cpu``): steps 3-4 become
-:func:`build_candidates`: the INT8 IR and the FP32 IR are compiled, every candidate (INT8 with f32
-or bf16 for the rest, bf16, fp32) is gated on ``val_spec`` on its own inference precision and timed
+``precision="auto"`` (targets with ``auto_candidates``: ``openvino-cpu``): step 2 also makes the
+target's INT8 variants (:func:`quantize_auto_files`: NNCF's PERFORMANCE preset beside MIXED), and
+steps 3-4 become :func:`build_candidates`: the INT8 IRs and the FP32 IR are compiled, every
+candidate (each INT8 IR with f32 or bf16 for the rest, bf16, fp32) is gated on ``val_spec`` on its
+own inference precision and timed
 here; those that pass ship together (format ``echofleet-bundle/2``, all files signed) and the
 scanner runs the fastest on its own CPU (:mod:`edge.device.runtime`). One that fails the gate,
 or that this machine cannot run at its precision (so cannot be gated), is left out and the
 manifest's ``candidates_left_out`` says why. Auto needs the central gate (``--val``): the sites'
 acceptance gates one model per charged release, and a release per candidate would spend each
-site's privacy budget four times (docs/edge.md).
+site's privacy budget once per candidate (docs/edge.md).
 
 The intermediate files live in ``out/.work-<name>/`` (kept for inspection; safe to delete).
 """
@@ -41,7 +43,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -218,21 +220,27 @@ class CandidateBuild:
 
 def build_candidates(t: EdgeTarget, task: str, files: dict[str, Path], fp32_onnx: Path, ev: EvalSet, bounds: GateBounds,
                      work: Path, *, input_chw: tuple[int, int, int], batch: int = 8, seconds: float = 1.0,
-                     say: Callable[[str], None] = lambda _m: None) -> CandidateBuild:
-    """Compile each file of ``files`` (graph precision -> model), then gate and time every candidate
-    of ``t.auto_candidates`` on the compiled file at its own inference precision.
+                     not_built: Mapping[str, str] | None = None, say: Callable[[str], None] = lambda _m: None) -> CandidateBuild:
+    """Compile each file of ``files`` (a name of ``t.auto_files`` -> model), then gate and time every
+    candidate of ``t.auto_candidates`` on the compiled file at its own inference precision.
 
     A candidate ships when it passes the gate; it is left out (with the reason) when it fails it,
-    or when this machine runs another inference precision than it names (it could not be gated)."""
+    when this machine runs another inference precision than it names (it could not be gated), or
+    when its file was not built (``not_built``: file -> why)."""
     from edge.device.runtime import cpu_name, time_p50_ms
 
-    compiled = {gp: compile_model(t, path, work / f"{t.name}-{gp}", CompileOptions(
-        graph_precision=gp, inference_precision="f32", input_chw=input_chw)) for gp, path in files.items()}
+    compiled = {f: compile_model(t, path, work / f"{t.name}-{f}", CompileOptions(
+        graph_precision=t.file_precision(f), inference_precision="f32", input_chw=input_chw)) for f, path in files.items()}
     fp32 = fp32_metrics_of(fp32_onnx, ev, batch)
     x1 = np.ascontiguousarray(ev.inputs[:1], np.float32)
-    shipped, left_out, worst = [], [], None
-    for name, gp, ip in t.auto_candidates:
-        c = compiled[gp]
+    shipped, left_out, worst, used = [], [], None, set()
+    for name, f, ip in t.auto_candidates:
+        gp = t.file_precision(f)
+        if f not in compiled:
+            left_out.append({"name": name, "precision": gp, "inference_precision": ip,
+                             "reason": (not_built or {}).get(f, f"file {f} was not built")})
+            continue
+        c = compiled[f]
         say(f"gate: candidate {name} ({gp} graph, {ip} inference)")
         sess = gate_session(c.model_path, c.format, gp, ip)
         effective = sess.info.details.get("inference_precision", ip)
@@ -248,14 +256,44 @@ def build_candidates(t: EdgeTarget, task: str, files: dict[str, Path], fp32_onnx
             continue
         say(f"time: candidate {name}")
         p50 = time_p50_ms(sess.run, x1, duration=seconds)
-        path = f"model/{gp}/model{t.suffix}"  # candidate_artifacts' layout
+        path = f"model/{f}/model{t.suffix}"  # candidate_artifacts' layout
+        used.add(f)
         shipped.append({"name": name, "path": path, "precision": gp, "inference_precision": ip,
                         "gate": g.result.to_dict(), "metrics": g.candidate_metrics, "build_p50_ms": round(p50, 3),
                         "build_cpu": cpu_name()})
         if worst is None or g.result.drop > worst.result.drop:
             worst = g
-    return CandidateBuild({gp: compiled[gp] for gp in {c["precision"] for c in shipped}} if shipped else compiled,
+    return CandidateBuild({f: compiled[f] for f in compiled if f in used} if shipped else compiled,
                           shipped, left_out, fp32, worst)
+
+
+def quantize_auto_files(t: EdgeTarget, exported: Path, quantized: Path, qcfg: QuantizeConfig, calib, work: Path, *,
+                        federated: bool, say: Callable[[str], None] = lambda _m: None
+                        ) -> tuple[dict[str, Path], dict[str, str], dict[str, dict]]:
+    """The files of ``t.auto_files`` for a ``--precision auto`` build: the exported FP32 graph, the INT8
+    model already ``quantized`` with ``qcfg``, and each variant (``qcfg`` with the file's overrides,
+    e.g. NNCF's PERFORMANCE preset) quantized here from the same calibration images.
+
+    Returns (file -> model path, file -> why it was not built, file -> its quantization config). A
+    variant is not built from the sites' ranges (``federated``: the presets are NNCF's, and the
+    sites answered one calibration plan) nor when it equals ``qcfg``."""
+    files, not_built, configs = {}, {}, {}
+    for f, (gp, over) in t.auto_files.items():
+        variant = None if over is None else replace(qcfg, **over)
+        if variant is None:
+            files[f] = exported
+        elif not over:
+            files[f], configs[f] = quantized, qcfg.to_dict()
+        elif variant == qcfg:
+            not_built[f] = f"{dict(over)} is what the INT8 file already has"
+        elif federated:
+            not_built[f] = (f"{dict(over)} is an NNCF setting for calibration on images here; a federated build "
+                            "quantizes once, from the sites' ranges")
+        else:
+            say(f"quantize: {variant.method} {gp} {f} ({', '.join(f'{k}={v}' for k, v in over.items())})")
+            q = quantize(exported, calib, work / f"quantized-{f}", variant)
+            files[f], configs[f] = q.model_path, q.config
+    return files, not_built, configs
 
 
 # ------------------------------------------------------------------------------------ build
@@ -384,9 +422,13 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     cands: CandidateBuild | None = None
     if auto:  # 3 + 4 per candidate: compile, gate, time
         t0 = time.perf_counter()
-        files = {"int8": candidate_path, "fp32": exp.onnx_path}
+        files, not_built, auto_quantization = quantize_auto_files(t, exp.onnx_path, candidate_path, qcfg, calib, work,
+                                                                  federated=federated, say=say)
+        if len(auto_quantization) > 1:
+            step("quantize", t0, "auto files: " + ", ".join(f"{f} (preset {c.get('preset')})" for f, c in auto_quantization.items()))
+            t0 = time.perf_counter()
         cands = build_candidates(t, spec.task, files, exp.onnx_path, ev, cfg.bounds, work, input_chw=(3, pre.size, pre.size),
-                                 batch=cfg.batch_size, seconds=cfg.candidate_seconds, say=say)
+                                 batch=cfg.batch_size, seconds=cfg.candidate_seconds, not_built=not_built, say=say)
         g, fp32_metrics = cands.worst, cands.fp32_metrics
         step("gate", t0, f"{len(cands.shipped)} of {len(t.auto_candidates)} candidates pass: "
              + ", ".join(f"{c['name']} {c['build_p50_ms']:.1f} ms" for c in cands.shipped)
@@ -444,6 +486,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
                                           "gate": {**gate.to_dict(), "reason": f"{gate.reason} (the largest drop of the "
                                                    f"{len(cands.shipped)} shipped candidates)"}, "gate_backend": g.backend}
         extra["candidates_left_out"] = cands.left_out
+        extra["quantization_files"] = {f: c for f, c in auto_quantization.items() if f in cands.compiled}
     elif ev is not None:
         extra["model_card_validation"] = {"data": _public_spec(val_spec), "samples": len(ev), "fp32": fp32_metrics,
                                           cfg.precision: cand_metrics, "gate": gate.to_dict(), "gate_backend": g.backend}

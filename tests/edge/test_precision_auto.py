@@ -235,3 +235,39 @@ def test_bench_times_each_candidate_and_names_the_runtimes_choice(auto_build, mo
     labels = [r.label for r in report.rows if r.backend == "openvino"]
     assert [lab.split(" ")[0] for lab in labels] == names
     assert any(n.startswith("the runtime runs precision candidate ") and "fastest on this CPU" in n for n in report.notes), report.notes
+
+
+def test_the_performance_preset_is_a_file_of_its_own_gated_per_candidate(auto_build) -> None:
+    """NNCF's PERFORMANCE preset (issue 13: the fastest INT8 on the AMX bench) is quantized beside the
+    MIXED one from the same images, ships under model/int8-perf/ where a candidate on it passes the
+    gate, and the manifest says how each shipped file was quantized."""
+    _, s = auto_build
+    m = s.manifest
+    shipped = {c.name: c for c in candidates_of(m)}
+    left = {c["name"]: c["reason"] for c in m["candidates_left_out"]}
+    perf = ("int8-perf-f32", "int8-perf-bf16")
+    assert all((n in shipped) != (n in left) for n in perf), (shipped, left)  # each either ships or says why not
+    q = m["quantization_files"]
+    assert q["int8"]["preset"] == "mixed" and q["int8"]["method"] == "nncf"
+    if any(n in shipped for n in perf):
+        assert q["int8-perf"]["preset"] == "performance"
+        assert {shipped[n].path for n in perf if n in shipped} == {"model/int8-perf/model.xml"}
+        digests = {a["path"]: a["sha256"] for a in m["artifacts"]}
+        assert digests["model/int8-perf/model.bin"] != digests["model/int8/model.bin"]
+    else:
+        assert "int8-perf" not in q and all("gate" in left[n] or "runs" in left[n] for n in perf), left
+
+
+def test_auto_variants_are_not_built_twice_nor_from_the_sites_ranges(tmp_path: Path) -> None:
+    from edge.build.pipeline import federated_quantize_config, quantize_auto_files
+    from edge.build.quantize import QuantizeConfig
+    from edge.targets import get_target
+
+    t = get_target("openvino-cpu")
+    exported, quantized = tmp_path / "model.onnx", tmp_path / "q.xml"
+    files, not_built, configs = quantize_auto_files(t, exported, quantized, federated_quantize_config(QuantizeConfig("nncf")),
+                                                    None, tmp_path, federated=True)
+    assert files == {"int8": quantized, "fp32": exported} and "sites' ranges" in not_built["int8-perf"]
+    files, not_built, configs = quantize_auto_files(t, exported, quantized, QuantizeConfig("nncf", preset="performance"),
+                                                    None, tmp_path, federated=False)
+    assert "int8-perf" not in files and "already has" in not_built["int8-perf"] and configs["int8"]["preset"] == "performance"
