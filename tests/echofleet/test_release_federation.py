@@ -49,7 +49,7 @@ def release(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("release")
     run = _run_dir(root)
     key, pub = generate_keypair(root / "keys" / "release")
-    sites = SimulatedSites(run)
+    sites = SimulatedSites(run, cpus_per_site=2.0)  # one Ray actor (tests/echofleet/test_federation.py: _cfg says why)
     sites.pin_release_key(pub.read_bytes())  # simulation only: the virtual hospitals pin the release key
     # a fresh head: the bound is wide on purpose (this is the path, not the accuracy: bench/bench_release.py)
     cfg = BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1)

@@ -352,7 +352,7 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
         return handle_evaluate(msg, context, str(sites_dir))
 
     run_simulation(server_app=server, client_app=client, num_supernodes=sites,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": 2.0, "num_gpus": 0.0},  # one Ray actor (test_federation.py: _cfg)
                                    "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                                                  "log_to_driver": False}})
     assert "report" in result, "the federation did not complete"

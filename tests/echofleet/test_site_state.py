@@ -25,7 +25,8 @@ DATA = "phantom:24?profiles=linear-a,convex-b,linear-c&seed=0"
 def _cfg(tmp_path: Path, out: str, cache: str | None = None, **kw) -> SimulationConfig:
     base = dict(data=DATA, sites=2, rounds=1, epsilon=8.0, encoder="echocare-tiny", local_epochs=1, batch_size=8,
                 lr=0.5, out=str(tmp_path / out), seed=0, cache_dir=cache or str(tmp_path / "cache"), quiet=True,
-                extra={"feature-projection": 0})  # a plain linear head: no public projection of 300 reference phantoms to compute
+                extra={"feature-projection": 0},  # a plain linear head: no public projection of 300 reference phantoms to compute
+                cpus_per_site=2.0)  # one Ray actor (tests/echofleet/test_federation.py: _cfg says why)
     return SimulationConfig(**{**base, **kw})
 
 
