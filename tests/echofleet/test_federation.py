@@ -34,14 +34,6 @@ REPLY_METRICS = {"num-examples", "dp-weight", "train_loss", "epsilon", "delta", 
 REPLY_SITE_KEYS = {"site", "status", "reason", "accountant"}  # always there; "privacy-unit" and "device" may be
 
 
-@pytest.fixture(scope="module")
-def shared_cache(warm_phantom_features) -> str:
-    """One feature cache for the federations: same images, same encoder, computed once (exactly
-    what the cache is for; keys are content hashes, so sites never see wrong features). It already
-    holds the 300 public reference phantoms and the first 90 of PHANTOMS (tests/conftest.py)."""
-    return warm_phantom_features
-
-
 def _cfg(tmp_path: Path, name: str, cache: str | None = None, **kw) -> SimulationConfig:
     """A test federation. ``cpus_per_site=2``: Ray runs the sites one after the other in one ClientApp
     actor instead of two actors side by side; each actor is a fresh process that imports torch, MONAI
@@ -127,10 +119,10 @@ class PhantomRun:
 
 
 @pytest.fixture(scope="module")
-def phantom_run(tmp_path_factory, shared_cache) -> PhantomRun:
+def phantom_run(tmp_path_factory, warm_phantom_features) -> PhantomRun:
     """The module's reference federation: 600 phantoms, 3 sites, 2 rounds, every reply logged."""
     tmp = tmp_path_factory.mktemp("phantom-run")
-    cfg = _cfg(tmp, "run", shared_cache)
+    cfg = _cfg(tmp, "run", warm_phantom_features)
     log = tmp / "replies.jsonl"
     return PhantomRun(cfg, simulate(cfg, client_app=_watching_client_app(log)), log)
 
@@ -180,10 +172,10 @@ def test_phantom_federation_learns_with_dp_and_leaks_nothing(tmp_path, phantom_r
             assert forbidden not in text, (forbidden, text)
 
 
-def test_busi_subset_federation(tmp_path, busi_root, shared_cache):
+def test_busi_subset_federation(tmp_path, busi_root, warm_phantom_features):
     # the shared cache holds the public reference phantoms' features (the coordinator's projection,
     # which each site recomputes): only the 90 BUSI images are encoded here
-    cfg = _cfg(tmp_path, "busi", shared_cache, data=f"busi:{busi_root}?limit=90&seed=0", partition="dirichlet:1.0")
+    cfg = _cfg(tmp_path, "busi", warm_phantom_features, data=f"busi:{busi_root}?limit=90&seed=0", partition="dirichlet:1.0")
     report = simulate(cfg)
     _check_report(report, Path(cfg.out))
     assert report["labels"] == ["benign", "malignant", "normal"]
