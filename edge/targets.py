@@ -71,9 +71,14 @@ class EdgeTarget:
     # the scanner runs the fastest on its own CPU. () = the target has no auto build.
     auto_candidates: tuple[tuple[str, str, str], ...] = ()
     # --precision auto: the files those candidates run, by name (their folder ``model/<file>/`` in the
-    # bundle): (graph precision, QuantizeConfig keyword arguments over the row's ``quantize[graph
-    # precision]``; None for the exported FP32 graph as is)
+    # bundle): (graph precision, QuantizeConfig keyword arguments over the build's INT8 config, {} for
+    # that config itself; None for the exported FP32 graph as is)
     auto_files: Mapping[str, tuple[str, Mapping[str, Any] | None]] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted({f for _, f, _ in self.auto_candidates} - set(self.auto_files))
+        if unknown:
+            raise ValueError(f"target {self.name}: auto_candidates run file(s) {unknown} that auto_files does not name")
 
     @property
     def build_precisions(self) -> tuple[str, ...]:

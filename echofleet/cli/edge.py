@@ -503,7 +503,7 @@ def build(
     quorum: Optional[int] = typer.Option(None, "--quorum", help="--accept sites: how many sites must pass (default: every participating site)."),
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (from `edge keygen`)."),
     out: Path = typer.Option(..., "--out", help="Output folder for NAME-VERSION/ and NAME-VERSION.tar.gz."),
-    precision: str = typer.Option("int8", help="int8 (default), fp16, fp32, or auto (openvino-cpu: NNCF INT8 with the MIXED and the PERFORMANCE preset, each with f32/bf16 rest, bf16 and fp32, each gated on --val, all that pass signed into one bundle; the scanner times them and runs the fastest. Bundle ~5x an INT8 one: docs/edge.md)."),
+    precision: str = typer.Option("int8", help="int8 (default), fp16, fp32, or auto (openvino-cpu: NNCF INT8 with the MIXED and the PERFORMANCE preset (one INT8 file with --calib sites), each with f32/bf16 rest, bf16 and fp32, each gated on --val, all that pass signed into one bundle; the scanner times them and runs the fastest. Bundle ~5x an INT8 one: docs/edge.md)."),
     inference_precision: str = typer.Option("f32", help="openvino-cpu: OpenVINO inference precision f32 | bf16 | f16 (explicit; recorded; auto: per candidate)."),
     ignore_op: List[str] = typer.Option([], "--ignore-op", help=_IGNORE_OP_HELP),
     ignore_name: List[str] = typer.Option([], "--ignore-name", help=_IGNORE_NAME_HELP),

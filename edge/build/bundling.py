@@ -140,14 +140,14 @@ def assemble_bundle(out: Path, key: str | Path, *, info: dict, compiled: Compile
     ``info`` is the export's ``export.json``; ``extra`` may carry ``quantization``, ``source`` and
     ``model_card_validation`` (FP32 vs candidate metrics and the gate result). Returns the tarball path.
 
-    ``candidates`` (``--precision auto``): ``compiled`` maps each graph precision to its compiled
+    ``candidates`` (``--precision auto``): ``compiled`` maps each file (``EdgeTarget.auto_files``) to its compiled
     model, laid out by :func:`candidate_artifacts`; each candidate dict (name, path, precision,
     inference_precision, gate, metrics, build_p50_ms: :class:`echocare.bundle.ModelCandidate`) names
     one of those files by its bundle path; the manifest is format ``echofleet-bundle/2``.
     """
     extra = dict(extra or {})
     if candidates:
-        assert isinstance(compiled, dict), "candidates need one compiled model per graph precision"
+        assert isinstance(compiled, dict), "candidates need one compiled model per file"
         first = next(iter(compiled.values()))
         target = get_target(first.target)
         files, desc = candidate_artifacts(compiled)

@@ -211,7 +211,7 @@ class CandidateBuild:
     """What :func:`build_candidates` made: the compiled files, the candidates that passed (manifest
     entries), those left out with the reason, and the worst gate among the shipped ones."""
 
-    compiled: dict  # graph precision -> CompiledModel
+    compiled: dict  # file (EdgeTarget.auto_files) -> CompiledModel
     shipped: list[dict]
     left_out: list[dict]
     fp32_metrics: dict
@@ -276,7 +276,8 @@ def quantize_auto_files(t: EdgeTarget, exported: Path, quantized: Path, qcfg: Qu
 
     Returns (file -> model path, file -> why it was not built, file -> its quantization config). A
     variant is not built from the sites' ranges (``federated``: the presets are NNCF's, and the
-    sites answered one calibration plan) nor when it equals ``qcfg``."""
+    sites answered one calibration plan), nor for another method than NNCF (the overrides are NNCF's),
+    nor when it equals ``qcfg``."""
     files, not_built, configs = {}, {}, {}
     for f, (gp, over) in t.auto_files.items():
         variant = None if over is None else replace(qcfg, **over)
@@ -284,11 +285,13 @@ def quantize_auto_files(t: EdgeTarget, exported: Path, quantized: Path, qcfg: Qu
             files[f] = exported
         elif not over:
             files[f], configs[f] = quantized, qcfg.to_dict()
-        elif variant == qcfg:
-            not_built[f] = f"{dict(over)} is what the INT8 file already has"
         elif federated:
             not_built[f] = (f"{dict(over)} is an NNCF setting for calibration on images here; a federated build "
                             "quantizes once, from the sites' ranges")
+        elif qcfg.method != "nncf":
+            not_built[f] = f"{dict(over)} is an NNCF setting; this build quantizes with {qcfg.method}"
+        elif variant == qcfg:
+            not_built[f] = f"{dict(over)} is what the INT8 file already has"
         else:
             say(f"quantize: {variant.method} {gp} {f} ({', '.join(f'{k}={v}' for k, v in over.items())})")
             q = quantize(exported, calib, work / f"quantized-{f}", variant)
@@ -462,7 +465,7 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
 
     # 4. compile ------------------------------------------------------------------------------
     if cands is not None:
-        compiled = cands.compiled  # compiled per graph precision in build_candidates
+        compiled = cands.compiled  # compiled per file (EdgeTarget.auto_files) in build_candidates
     else:
         t0 = time.perf_counter()
         say(f"compile: {t.name}")
@@ -481,12 +484,16 @@ def build(run_dir: str | Path, target: str, calib_spec: str | None, val_spec: st
     }
     if cands is not None:
         # the acceptance record is the worst shipped candidate's gate: every candidate the scanner may run passed it
+        # "fp32": the ONNX Runtime reference; each shipped candidate's metrics under its name (one is named fp32 too)
         extra["model_card_validation"] = {"data": _public_spec(val_spec), "samples": len(ev), "fp32": fp32_metrics,
-                                          **{c["name"]: c["metrics"] for c in cands.shipped},
+                                          "candidates": {c["name"]: c["metrics"] for c in cands.shipped},
                                           "gate": {**gate.to_dict(), "reason": f"{gate.reason} (the largest drop of the "
                                                    f"{len(cands.shipped)} shipped candidates)"}, "gate_backend": g.backend}
         extra["candidates_left_out"] = cands.left_out
+        # how each shipped INT8 file was quantized; "quantization" (what release_chain and `edge explain`
+        # show) is the first of them in the target's order, None when only the FP32 file ships
         extra["quantization_files"] = {f: c for f, c in auto_quantization.items() if f in cands.compiled}
+        extra["quantization"] = next(iter(extra["quantization_files"].values()), None)
     elif ev is not None:
         extra["model_card_validation"] = {"data": _public_spec(val_spec), "samples": len(ev), "fp32": fp32_metrics,
                                           cfg.precision: cand_metrics, "gate": gate.to_dict(), "gate_backend": g.backend}

@@ -249,6 +249,9 @@ def test_the_performance_preset_is_a_file_of_its_own_gated_per_candidate(auto_bu
     assert all((n in shipped) != (n in left) for n in perf), (shipped, left)  # each either ships or says why not
     q = m["quantization_files"]
     assert q["int8"]["preset"] == "mixed" and q["int8"]["method"] == "nncf"
+    assert m["quantization"] == q["int8"]  # what release_chain and `edge explain` show: a file the bundle has
+    v = m["model_card"]["validation"]  # the FP32 reference stays apart from the candidate named fp32
+    assert set(v["candidates"]) == set(shipped) and v["fp32"] == s.fp32_metrics
     if any(n in shipped for n in perf):
         assert q["int8-perf"]["preset"] == "performance"
         assert {shipped[n].path for n in perf if n in shipped} == {"model/int8-perf/model.xml"}
@@ -271,3 +274,15 @@ def test_auto_variants_are_not_built_twice_nor_from_the_sites_ranges(tmp_path: P
     files, not_built, configs = quantize_auto_files(t, exported, quantized, QuantizeConfig("nncf", preset="performance"),
                                                     None, tmp_path, federated=False)
     assert "int8-perf" not in files and "already has" in not_built["int8-perf"] and configs["int8"]["preset"] == "performance"
+    # the preset is NNCF's: a build quantizing with ONNX Runtime QDQ gets no second (identical) file
+    files, not_built, configs = quantize_auto_files(t, exported, quantized, QuantizeConfig("qdq"), None, tmp_path, federated=False)
+    assert set(files) == {"int8", "fp32"} and "NNCF setting" in not_built["int8-perf"] and "qdq" in not_built["int8-perf"]
+
+
+def test_every_auto_candidate_runs_a_file_the_target_names() -> None:
+    from edge.targets import EdgeTarget, get_target
+
+    t = get_target("openvino-cpu")
+    with pytest.raises(ValueError, match="int8-typo"):
+        EdgeTarget(**{**{f: getattr(t, f) for f in t.__dataclass_fields__},
+                      "auto_candidates": (*t.auto_candidates, ("x", "int8-typo", "f32"))})
