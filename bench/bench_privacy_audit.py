@@ -182,18 +182,19 @@ def _correct(order: np.ndarray, member: np.ndarray, k_in: int, k_out: int) -> in
     return int(member[order[m - k_in:]].sum()) + int((~member[order[:k_out]]).sum())
 
 
-def split_guess(scores: np.ndarray, member: np.ndarray, delta: float, rng: np.random.Generator) -> dict:
+def split_guess(scores: np.ndarray, member: np.ndarray, delta: float, rng: np.random.Generator,
+                level: float = 1 - CONFIDENCE) -> dict:
     """Guess on half of the canaries with the rule that did best on the other half.
 
     The auditor splits the canaries at random: on the selection half it picks the (k+, k-) rule
     with the highest bound; on the test half it applies that rule once, and only that bound is
-    reported (at 95 %, with m = the test half). The test half's coin flips are independent of the
+    reported (at significance ``level``, 5 % by default, with m = the test half; the rule is chosen for
+    that level too: a stricter level favours more guesses). The test half's coin flips are independent of the
     selection half, so the rule is a fixed post-processing of the output given them: no multiple
     testing, and a 2 m delta term over half the canaries. Ties are broken at random."""
     m = len(scores)
     half = rng.permutation(m)
     sel, test = half[: m // 2], half[m // 2:]
-    level = 1 - CONFIDENCE
     best, best_eps = (GUESS_FRACTIONS[0], 0.0), -1.0
     ms = len(sel)
     order = np.lexsort((rng.random(ms), scores[sel]))
@@ -210,11 +211,11 @@ def split_guess(scores: np.ndarray, member: np.ndarray, delta: float, rng: np.ra
             "k_out": k_out, "r": k_in + k_out, "v": v, "selection_eps_lb": best_eps}
 
 
-def ceiling(m_test: int, sampled_fraction: float, delta: float) -> float:
+def ceiling(m_test: int, sampled_fraction: float, delta: float, level: float = 1 - CONFIDENCE) -> float:
     """What a perfect attacker certifies on ``m_test`` canaries: every "in" guess right, on the
     members sampled at least once (``sampled_fraction`` of all canaries, in expectation)."""
     ks = [int(f * m_test) for f in GUESS_FRACTIONS if f <= sampled_fraction]
-    return max((epsilon_lower_bound(m_test, k, k, delta, 1 - CONFIDENCE) for k in ks if k > 0), default=0.0)
+    return max((epsilon_lower_bound(m_test, k, k, delta, level) for k in ks if k > 0), default=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +237,7 @@ class AuditConfig:
     budget_epsilon: float = 8.0  # the site's policy budget for the run ...
     planned_rounds: int = 10  # ... spread over this many rounds, as train_round calibrates sigma
     seed: int = 0  # the auditor's coin flips and the synthetic data (not the site's noise)
+    level: float = 1 - CONFIDENCE  # significance of the reported lower bound (and of the guessing rule's choice)
 
 
 @dataclass
@@ -353,12 +355,12 @@ def audit_case(case: str, cfg: AuditConfig, rng: np.random.Generator) -> dict:
     direction = direction / direction.norm(dim=1, keepdim=True)
     cols = change[:, DATA_DIM:]  # (K, m): one column per canary
     scores = (cols.T * direction[torch.from_numpy(site.canary_label)]).sum(1).double().numpy()
-    guess = split_guess(scores, site.member, delta, rng)
+    guess = split_guess(scores, site.member, delta, rng, cfg.level)
     sampled = 0.5 * (1 - (1 - q_used) ** steps_used)  # expected fraction of canaries in and sampled at least once
     return {"case": case, "budget_epsilon": cfg.budget_epsilon, "planned_rounds": cfg.planned_rounds,
             "noise_source": source, "site_says_private": out.get("private"), "sigma_accounted": sigma, "sigma_run": run_sigma, "sample_rate": q_used,
             "steps": steps_used, "n_train": n, "n_units": n_units, "n_public": n_public, "delta": delta, "m": cfg.canaries, "members": int(site.member.sum()),
-            **guess, "eps_accounted": epsilon_of([(sigma, q_used, steps_used)], delta), "ceiling": ceiling(guess["m_test"], sampled, delta),
+            **guess, "eps_accounted": epsilon_of([(sigma, q_used, steps_used)], delta), "ceiling": ceiling(guess["m_test"], sampled, delta, cfg.level),
             "train_s": train_s, "wall_s": time.perf_counter() - t0}
 
 
