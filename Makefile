@@ -26,8 +26,8 @@ demo: $(STAMP)
 # each test file on one of them (module fixtures stay shared). --no-loadscope-reorder: files are handed
 # out in the order tests/conftest.py gives them (SLOW_FILES first), each to the worker that is free;
 # the workers share one phantom feature cache, and the simulated federations run their sites in one
-# Ray actor. Fresh clone, idle machine, 2026-11-30 (af8ec22): tests 11:52 (672 passed, 1 skipped);
-# 17:44 before the one-actor change.
+# Ray actor. Fresh clone, idle machine, 2026-11-30: tests 11:52 at af8ec22 (672 passed, 1 skipped)
+# and 13:42 at 690a862 (673 passed; the VM's speed varies); 17:44 before the one-actor change.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests --durations=25
 
