@@ -18,6 +18,7 @@ import pytest
 
 from echofleet.simulation import SimulationConfig, simulate
 from dp_helpers import independent_epsilon
+from sim_helpers import SITE_CPUS
 
 warnings.filterwarnings("ignore")
 # one Ray for every simulation; one worker runs every file that starts a Flower federation (tests/conftest.py)
@@ -35,13 +36,10 @@ REPLY_SITE_KEYS = {"site", "status", "reason", "accountant"}  # always there; "p
 
 
 def _cfg(tmp_path: Path, name: str, cache: str | None = None, **kw) -> SimulationConfig:
-    """A test federation. ``cpus_per_site=2``: Ray runs the sites one after the other in one ClientApp
-    actor instead of two actors side by side; each actor is a fresh process that imports torch, MONAI
-    and Flower, and on 2 cores (shared with the other pytest worker) that start-up, not the sites'
-    work, was most of a small federation: the 600-phantom run took 96 s instead of 129 s alone."""
+    """A test federation (its sites in one Ray actor: ``SITE_CPUS``)."""
     base = dict(data=PHANTOMS, sites=3, rounds=2, epsilon=8.0, encoder="echocare-tiny", local_epochs=5,
                 batch_size=64, lr=0.5, out=str(tmp_path / name), partition="iid", seed=0, cache_dir=cache,
-                cpus_per_site=2.0)
+                cpus_per_site=SITE_CPUS)
     base.update(kw)
     return SimulationConfig(**base)
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from sim_helpers import SITE_CPUS
 from typer.testing import CliRunner
 
 from echofleet.cli import app
@@ -49,7 +50,7 @@ def release(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("release")
     run = _run_dir(root)
     key, pub = generate_keypair(root / "keys" / "release")
-    sites = SimulatedSites(run, cpus_per_site=2.0)  # one Ray actor (tests/echofleet/test_federation.py: _cfg says why)
+    sites = SimulatedSites(run, cpus_per_site=SITE_CPUS)
     sites.pin_release_key(pub.read_bytes())  # simulation only: the virtual hospitals pin the release key
     # a fresh head: the bound is wide on purpose (this is the path, not the accuracy: bench/bench_release.py)
     cfg = BuildConfig(public_limit=4, bounds=GateBounds(auroc_points=100.0), selftest_samples=1)

@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from sim_helpers import SITE_CPUS
 
 from fed.config import RunConfig, RunConfigError
 from fed.secagg import NonFiniteUpdate, bound_update, check_unmask_request, secure_aggregation_mod
@@ -352,7 +353,7 @@ def run_phantom_federation(out: Path, secure: bool, cache: str, rounds: int = 2,
         return handle_evaluate(msg, context, str(sites_dir))
 
     run_simulation(server_app=server, client_app=client, num_supernodes=sites,
-                   backend_config={"client_resources": {"num_cpus": 2.0, "num_gpus": 0.0},  # one Ray actor (test_federation.py: _cfg)
+                   backend_config={"client_resources": {"num_cpus": SITE_CPUS, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                                                  "log_to_driver": False}})
     assert "report" in result, "the federation did not complete"

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from sim_helpers import SITE_CPUS
 
 from echofleet.simulation import SimulationConfig, SimulationConfigError, check, simulate
 from fed.ledger import PrivacyLedger
@@ -26,7 +27,7 @@ def _cfg(tmp_path: Path, out: str, cache: str | None = None, **kw) -> Simulation
     base = dict(data=DATA, sites=2, rounds=1, epsilon=8.0, encoder="echocare-tiny", local_epochs=1, batch_size=8,
                 lr=0.5, out=str(tmp_path / out), seed=0, cache_dir=cache or str(tmp_path / "cache"), quiet=True,
                 extra={"feature-projection": 0},  # a plain linear head: no public projection of 300 reference phantoms to compute
-                cpus_per_site=2.0)  # one Ray actor (tests/echofleet/test_federation.py: _cfg says why)
+                cpus_per_site=SITE_CPUS)
     return SimulationConfig(**{**base, **kw})
 
 
